@@ -1,0 +1,26 @@
+"""Kernels for anytime reasoning: response-tree packing, fused log-probs, BRPO advantages.
+
+Every op has a public function here that checks its arguments and dispatches to a Triton kernel
+(CUDA), the compiled C++ op (CPU) or a pure-torch reference (``backend=`` forces one).
+"""
+
+from anytime_kernels._extension import ops
+from anytime_kernels.tree import (
+    IGNORE_INDEX,
+    ResponseTreeLayout,
+    TokenKind,
+    pack_response_trees,
+    tree_attention_mask,
+    tree_mask_mod,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ResponseTreeLayout",
+    "TokenKind",
+    "ops",
+    "pack_response_trees",
+    "tree_attention_mask",
+    "tree_mask_mod",
+]
+__version__ = "0.1.0"

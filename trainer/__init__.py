@@ -1,0 +1,1 @@
+"""The lean anytime-reasoning trainer: budgets, rollout engines, rewards, loss and loop."""
