@@ -1,0 +1,240 @@
+"""Packed tree forward: log-probs and parameter gradients equal per-branch re-forwards.
+
+The reference runs every branch as its own ordinary sequence (prompt + z[:c] + inserted +
+summary) and the full trace as its own sequence, through the same weights with transformers' own
+SDPA attention and a plain log-softmax over the full logits.
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from anytime_kernels import pack_response_trees
+from anytime_kernels.attention import (
+    _flex_block_mask,
+    dense_tree_mask,
+    prepare_tree_attention,
+    resolve_backend,
+)
+from trainer.policy import TreePolicy, plan_micro_batches
+
+VOCAB = 96
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    model.set_attn_implementation("sdpa")
+    return model.float().eval()
+
+
+def random_rollouts(seed: int, num_traces: int = 3, num_slots: int = 3, num_summaries: int = 2):
+    rng = random.Random(seed)
+    budgets = [4 * (s + 1) for s in range(num_slots)]
+    prompts, thinking, cuts, inserted, summaries = [], [], [], [], []
+    for n in range(num_traces):
+        length = budgets[-1] if n == 0 else rng.randint(1, budgets[-1])  # later traces may stop early
+        trace_cuts = [min(b, length) for b in budgets]
+        prompts.append([rng.randrange(VOCAB) for _ in range(rng.randint(2, 5))])
+        thinking.append([rng.randrange(VOCAB) for _ in range(length)])
+        cuts.append(trace_cuts)
+        inserted.append([[rng.randrange(VOCAB) for _ in range(rng.randint(1, 3))] for _ in sorted(set(trace_cuts))])
+        summaries.append(
+            [[[rng.randrange(VOCAB) for _ in range(rng.randint(1, 5))] for _ in range(num_summaries)] for _ in budgets]
+        )
+    return prompts, thinking, cuts, inserted, summaries
+
+
+def reference_logprobs(model, rollouts, layout) -> torch.Tensor:
+    """Per-target log-probs from ordinary per-branch and per-trace sequences, in layout order."""
+    prompts, thinking, cuts, inserted, summaries = rollouts
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def sequence_logprobs(key, ids):
+        if key not in cache:
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            cache[key] = torch.log_softmax(logits, -1)
+        return cache[key]
+
+    positions = layout.loss_mask.nonzero().flatten()
+    values = []
+    for t in positions.tolist():
+        n, s, a = int(layout.seq_ids[t]), int(layout.slot[t]), int(layout.summary_index[t])
+        position, target = int(layout.position_ids[t]), int(layout.labels[t])
+        if a < 0:  # trunk position: the full trace
+            ids = prompts[n] + thinking[n]
+            table = sequence_logprobs((n,), ids)
+        else:
+            cut = cuts[n][s]
+            delimiter = inserted[n][sorted(set(cuts[n])).index(cut)]
+            ids = prompts[n] + thinking[n][:cut] + delimiter + summaries[n][s][a]
+            table = sequence_logprobs((n, s, a), ids)
+        assert ids[position + 1] == target
+        values.append(table[position, target])
+    return positions, torch.stack(values)
+
+
+def grads_of(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("backend", ["sdpa", "reference_varlen"])
+def test_tree_logprobs_and_gradients_equal_per_branch_forwards(family, backend):
+    rollouts = random_rollouts(seed=1)
+    layout = pack_response_trees(*rollouts)
+    reference_model = tiny_model(family)
+    tree_model = copy.deepcopy(reference_model)
+    policy = TreePolicy(tree_model, attention_backend=backend, micro_batch_tokens=10_000)
+
+    got = policy.forward(layout)
+    positions, expected = reference_logprobs(reference_model, rollouts, layout)
+    assert torch.equal(got.positions, positions)
+    torch.testing.assert_close(got.logprobs, expected, rtol=1e-5, atol=1e-5)
+
+    weights = torch.randn(positions.numel(), generator=torch.Generator().manual_seed(0))
+    tree_grads = grads_of(tree_model, (got.logprobs * weights).sum())
+    reference_grads = grads_of(reference_model, (expected * weights).sum())
+    assert tree_grads.keys() == reference_grads.keys()
+    for name in reference_grads:
+        torch.testing.assert_close(tree_grads[name], reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_micro_batching_packs_whole_trees_without_leaking_between_them():
+    rollouts = random_rollouts(seed=2, num_traces=4)
+    layout = pack_response_trees(*rollouts)
+    model = tiny_model("qwen2")
+    one_per_tree = TreePolicy(copy.deepcopy(model), attention_backend="sdpa", micro_batch_tokens=1)
+    all_in_one = TreePolicy(copy.deepcopy(model), attention_backend="sdpa", micro_batch_tokens=10_000)
+    assert len(one_per_tree.micro_batches(layout)) == 4 and len(all_in_one.micro_batches(layout)) == 1
+    with torch.no_grad():
+        separate, packed = one_per_tree.forward(layout), all_in_one.forward(layout)
+    torch.testing.assert_close(separate.logprobs, packed.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_micro_batches_respects_the_token_budget():
+    layout = pack_response_trees(*random_rollouts(seed=3, num_traces=6))
+    lens = layout.row_lens.tolist()
+    budget = max(lens) + 3
+    batches = plan_micro_batches(layout, budget)
+    assert [r for mb in batches for r in mb.rows] == list(range(6))
+    for mb in batches:
+        assert mb.num_tokens == sum(lens[r] for r in mb.rows)
+        assert len(mb.rows) == 1 or mb.num_tokens <= budget
+    with pytest.raises(ValueError, match="micro_batch_tokens must be >= 1, got 0"):
+        plan_micro_batches(layout, 0)
+
+
+def test_branch_cannot_see_later_thinking_or_sibling_branches():
+    rollouts = random_rollouts(seed=4, num_traces=1, num_slots=3, num_summaries=2)
+    layout = pack_response_trees(*rollouts)
+    policy = TreePolicy(tiny_model("qwen2"), attention_backend="sdpa")
+    with torch.no_grad():
+        base = policy.forward(layout)
+    cuts = rollouts[2][0]
+    prompt_len = len(rollouts[0][0])
+    # Perturb the thinking after the first cut and the summary of branch (0, 1).
+    perturbed = copy.copy(layout)
+    perturbed.input_ids = layout.input_ids.clone()
+    later_thinking = torch.arange(prompt_len + cuts[0], prompt_len + len(rollouts[1][0]))
+    perturbed.input_ids[later_thinking] = (perturbed.input_ids[later_thinking] + 7) % VOCAB
+    sibling = ((layout.slot == 0) & (layout.summary_index == 1)).nonzero().flatten()
+    perturbed.input_ids[sibling] = (perturbed.input_ids[sibling] + 5) % VOCAB
+    with torch.no_grad():
+        after = policy.forward(perturbed)
+    # Targets predicted inside branch (0, 0) are unchanged; the trunk after the cut did change.
+    branch = (layout.slot[base.positions] == 0) & (layout.summary_index[base.positions] == 0)
+    torch.testing.assert_close(after.logprobs[branch], base.logprobs[branch], rtol=0, atol=1e-6)
+    trunk_late = (layout.summary_index[base.positions] < 0) & (base.positions > prompt_len + cuts[0])
+    assert not torch.allclose(after.logprobs[trunk_late], base.logprobs[trunk_late])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    rollouts = random_rollouts(seed=5)
+    layout = pack_response_trees(*rollouts)
+    model = tiny_model("llama")
+    plain = TreePolicy(copy.deepcopy(model), attention_backend="sdpa")
+    checkpointed = TreePolicy(copy.deepcopy(model), attention_backend="sdpa", gradient_checkpointing=True)
+    checkpointed.model.train()
+    plain.model.train()
+    grads = [grads_of(p.model, p.forward(layout).logprobs.sum()) for p in (plain, checkpointed)]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    layout = pack_response_trees(*random_rollouts(seed=6))
+    model = tiny_model("qwen2")
+    fp32 = TreePolicy(copy.deepcopy(model), attention_backend="sdpa")
+    bf16 = TreePolicy(copy.deepcopy(model), attention_backend="sdpa", autocast_dtype=torch.bfloat16)
+    with torch.no_grad():
+        full, half = fp32.forward(layout, return_entropy=True), bf16.forward(layout, return_entropy=True)
+    assert half.logprobs.dtype == torch.float32
+    torch.testing.assert_close(half.logprobs, full.logprobs, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(half.entropy, full.entropy, rtol=0.05, atol=0.05)
+
+
+def test_flex_block_mask_reproduces_the_dense_tree_rule_on_cpu():
+    """flex_attention has no CPU backward, but its eager forward checks the BlockMask here."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    layout = pack_response_trees(*random_rollouts(seed=7, num_traces=3))
+    spec = prepare_tree_attention(layout.seq_ids, layout.prefix_end, layout.branch_start, "sdpa")
+    block_mask = _flex_block_mask(layout.seq_ids, layout.prefix_end, layout.branch_start)
+    length, padded = spec.length, block_mask.shape[-2]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, padded, 8) for _ in range(3))
+    flex = flex_attention(q, k, v, block_mask=block_mask)[:, :, :length]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :length], k[:, :, :length], v[:, :, :length], attn_mask=spec.dense_mask
+    )
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    assert torch.equal(spec.dense_mask[0, 0], dense_tree_mask(layout.seq_ids, layout.prefix_end, layout.branch_start))
+
+
+def test_unavailable_backends_raise_clear_errors():
+    with pytest.raises(RuntimeError, match="'flash_attn' is not available on cpu: it needs a CUDA device"):
+        resolve_backend("flash_attn", "cpu")
+    with pytest.raises(RuntimeError, match="'flex' is not available on cpu"):
+        resolve_backend("flex", "cpu")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        resolve_backend("eager", "cpu")
+    assert resolve_backend("auto", "cpu") == "sdpa"
+
+
+def test_model_without_tree_keyword_raises():
+    policy = TreePolicy(tiny_model("qwen2"), attention_backend="sdpa")
+    with pytest.raises(ValueError, match="needs the `tree_attention=` keyword"):
+        policy.model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "auto"])
+def test_cuda_backends_match_sdpa(backend):
+    rollouts = random_rollouts(seed=8, num_traces=4)
+    layout = pack_response_trees(*rollouts)
+    model = tiny_model("qwen2").cuda()
+    reference = TreePolicy(copy.deepcopy(model), attention_backend="sdpa")
+    candidate = TreePolicy(copy.deepcopy(model), attention_backend=backend)
+    outputs = [p.forward(layout.to("cuda")) for p in (reference, candidate)]
+    torch.testing.assert_close(outputs[1].logprobs, outputs[0].logprobs, rtol=1e-4, atol=1e-4)
+    grads = [grads_of(p.model, o.logprobs.sum()) for p, o in zip((reference, candidate), outputs, strict=True)]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-4, msg=name)
