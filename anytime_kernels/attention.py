@@ -317,12 +317,13 @@ _COMPILED_FLEX = None
 
 
 def _compiled_flex():
-    """flex_attention compiled once per process (shapes are padded to the block size)."""
+    """flex_attention compiled once per process; lengths are padded to the block size, and after a
+    second length torch.compile switches to a dynamic-shape kernel instead of recompiling again."""
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        _COMPILED_FLEX = torch.compile(flex_attention)
     return _COMPILED_FLEX
 
 
