@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from trainer.budgets import Delimiters
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
@@ -48,6 +49,46 @@ class _Prefilled:
     values: list[torch.Tensor]
     logits: torch.Tensor
     cached: int
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes into a buffer sized for the whole decode.
+
+    ``DynamicLayer`` concatenates on every step, copying the whole cache each token; here ``keys``
+    and ``values`` are views of the first ``length`` columns of preallocated buffers.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        rows, heads, length, head_dim = keys.shape
+        self._key_buffer = keys.new_zeros(rows, heads, capacity, head_dim)
+        self._value_buffer = torch.zeros_like(self._key_buffer)
+        self._key_buffer[:, :, :length] = keys
+        self._value_buffer[:, :, :length] = values
+        self._length = length
+        self._publish()
+
+    def _publish(self) -> None:
+        self.keys = self._key_buffer[:, :, : self._length]
+        self.values = self._value_buffer[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:
+            raise RuntimeError(f"decode cache overflow: {end} columns for a buffer of {self._key_buffer.shape[-2]}")
+        self._key_buffer[:, :, self._length : end] = key_states
+        self._value_buffer[:, :, self._length : end] = value_states
+        self._length = end
+        self._publish()
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor, first: int) -> None:
+        """Keep ``rows`` and drop the columns before ``first``."""
+        self._key_buffer = self._key_buffer[rows, :, first:]
+        self._value_buffer = self._value_buffer[rows, :, first:]
+        self._length -= first
+        self._publish()
 
 
 class EmbeddedEngine(RolloutEngine):
@@ -182,7 +223,10 @@ class EmbeddedEngine(RolloutEngine):
                 keys[row, :, width - input_lens[row] :] = prefilled[i].keys[layer]
                 values[row, :, width - input_lens[row] :] = prefilled[i].values[layer]
             layers.append((keys, values))
-        cache = DynamicCache(ddp_cache_data=layers)
+        capacity = width + max(request.max_new_tokens for request in batch)
+        cache = DynamicCache()
+        cache.layers = [_PreallocatedLayer(keys, values, capacity) for keys, values in layers]
+        del layers
         mask = torch.zeros(num_rows, width, dtype=torch.long, device=self.device)
         for row, length in enumerate(input_lens):
             mask[row, width - length :] = 1
@@ -190,11 +234,14 @@ class EmbeddedEngine(RolloutEngine):
 
         outputs: list[list[int]] = [[] for _ in range(num_rows)]
         reasons: list[str | None] = [None] * num_rows
-        live = list(range(num_rows))  # batch position -> row
-        while live:
-            tokens = self._sample(logits, [batch[row_request[row]] for row in live], [len(outputs[r]) for r in live])
-            keep = []
-            for position, (row, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
+        present = list(range(num_rows))  # batch position -> row; finished rows leave in bulk
+        while True:
+            tokens = self._sample(
+                logits, [batch[row_request[row]] for row in present], [len(outputs[r]) for r in present]
+            )
+            for position, (row, token) in enumerate(zip(present, tokens.tolist(), strict=True)):
+                if reasons[row] is not None:
+                    continue
                 request = batch[row_request[row]]
                 outputs[row].append(token)
                 if token in request.stop_token_ids:
@@ -202,19 +249,20 @@ class EmbeddedEngine(RolloutEngine):
                 elif len(outputs[row]) >= request.max_new_tokens:
                     reasons[row] = "length"
                 else:
-                    keep.append(position)
                     continue
                 if request.cache_output and self.prefix_sharing:
                     self._store(cache, position, mask, request.input_ids, outputs[row])
+            keep = [position for position, row in enumerate(present) if reasons[row] is None]
             if not keep:
                 break
-            if len(keep) < len(live):
+            # Compacting copies the cache: do it once a quarter of the batch has finished.
+            if 4 * (len(present) - len(keep)) >= len(present):
                 mask = self._select_rows(cache, mask, keep)
                 tokens = tokens[keep]
-                live = [live[p] for p in keep]
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                present = [present[p] for p in keep]
+            mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
             positions = torch.tensor(
-                [[input_lens[row] + len(outputs[row]) - 1] for row in live], dtype=torch.long, device=self.device
+                [[input_lens[row] + len(outputs[row]) - 1] for row in present], dtype=torch.long, device=self.device
             )
             logits = self._forward(tokens[:, None], positions, cache, attention_mask=mask)
         per_request: list[tuple[list[list[int]], list[str]]] = [([], []) for _ in batch]
@@ -240,8 +288,7 @@ class EmbeddedEngine(RolloutEngine):
         mask = mask[index]
         first = int(mask.any(dim=0).nonzero()[0])
         for layer in cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            layer.select(index, first)
         return mask[:, first:]
 
     def _sample(self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int]) -> torch.Tensor:
