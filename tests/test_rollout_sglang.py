@@ -1,0 +1,157 @@
+"""The SGLang client against the protocol server (SGLang's endpoints over the embedded engine)."""
+
+import socket
+import time
+
+import pytest
+import torch
+from fixtures.tiny_policy import tiny_policy
+
+from trainer.budgets import BudgetSchedule
+from trainer.rollout import EmbeddedEngine, ProtocolServer, SamplingParams, SGLangEngine, SGLangServerError
+from trainer.rollout.sglang_server import SGLangInProcessEngine, sglang_server_command, wait_for_health
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy(seed=5)
+
+
+@pytest.fixture
+def server(policy):
+    model, tokenizer = policy
+    with ProtocolServer(EmbeddedEngine(model, tokenizer), tokenizer) as running:
+        yield running
+
+
+def client(url, tokenizer, **kwargs):
+    options = {"timeout_s": 5.0, "connect_timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.01} | kwargs
+    return SGLangEngine(url, tokenizer, **options)
+
+
+def rollout(engine, tokenizer, group_size=2):
+    prompts = [
+        tokenizer.encode("Compute 3*4.", add_special_tokens=False),
+        tokenizer.encode("x", add_special_tokens=False),
+    ]
+    traces = engine.think(prompts, group_size, 16, SamplingParams(temperature=0, min_new_tokens=10))
+    return traces, engine.summarize(traces, BudgetSchedule(16, 2), 2, GREEDY, max_new_tokens=6)
+
+
+def test_client_over_http_matches_the_embedded_engine_and_records_cached_tokens(policy, server):
+    model, tokenizer = policy
+    # One trace per prompt: greedy traces of one prompt would be identical, and the server (like
+    # SGLang) also caches finished summaries, which a later identical fork would then reuse.
+    remote = client([server.url, server.url], tokenizer)
+    traces, batch = rollout(remote, tokenizer, group_size=1)
+    local = EmbeddedEngine(model, tokenizer)
+    local_traces, local_batch = rollout(local, tokenizer, group_size=1)
+    assert traces.thinking_ids == local_traces.thinking_ids
+    assert batch.summary_ids == local_batch.summary_ids
+    assert torch.equal(batch.cut_lens, local_batch.cut_lens)
+    # meta_info.cached_tokens of every sample, as the server reported them, equal the in-process counts.
+    for phase in ("think", "summarize"):
+        got, want = getattr(remote.stats, phase), getattr(local.stats, phase)
+        assert (got.samples, got.prompt_tokens, got.cached_tokens) == (
+            want.samples,
+            want.prompt_tokens,
+            want.cached_tokens,
+        )
+    assert remote.stats.summarize.cached_tokens > 0
+    assert server.generate_served == 2 + sum(len(set(c)) for c in batch.cut_lens.tolist())
+
+
+def test_model_info_flush_and_weight_sync_from_disk(policy, server, tmp_path):
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer, weights_dir=tmp_path)
+    assert remote.model_info()["is_generation"] is True
+    remote.think([[5, 6, 7]], 1, 4, GREEDY)
+    assert server.engine.cached_sequences == 1
+    remote.flush_cache()
+    assert server.engine.cached_sequences == 0
+
+    new_policy, _ = tiny_policy(seed=6)
+    remote.think([[5, 6, 7]], 1, 4, GREEDY)
+    remote.update_weights(new_policy)
+    assert (tmp_path / "policy" / "model.safetensors").exists()
+    assert torch.equal(server.engine.model.model.embed_tokens.weight, new_policy.model.embed_tokens.weight)
+    assert server.engine.cached_sequences == 0
+    assert server.model_info()["weight_version"] == "1"
+
+
+@pytest.mark.parametrize("faults", [["500"], ["malformed"], ["drop"], ["500", "malformed"]])
+def test_transient_faults_are_retried_and_nothing_is_lost_or_duplicated(policy, server, faults):
+    _, tokenizer = policy
+    reference = rollout(client(server.url, tokenizer), tokenizer)
+    server.inject_faults(faults)
+    remote = client(server.url, tokenizer)
+    traces, batch = rollout(remote, tokenizer)
+    assert traces.thinking_ids == reference[0].thinking_ids
+    assert batch.summary_ids == reference[1].summary_ids
+    assert remote.stats.think.requests == 2 and remote.stats.summarize.requests == reference[1].cut_lens.shape[0] * 2
+
+
+def test_a_hung_request_times_out_and_is_retried(policy, server):
+    _, tokenizer = policy
+    server.hang_seconds = 1.5
+    server.inject_faults(["hang"])
+    remote = client(server.url, tokenizer, timeout_s=0.5)
+    start = time.perf_counter()
+    out = remote.think([[8, 9]], 2, 3, GREEDY)
+    assert out.num_traces == 2 and time.perf_counter() - start >= 0.5
+
+
+def test_persistent_faults_raise_a_clear_error(policy, server):
+    _, tokenizer = policy
+    server.inject_faults(["500"] * 3)
+    with pytest.raises(SGLangServerError, match=r"/generate failed after 3 attempts; last error: HTTP 500"):
+        client(server.url, tokenizer).think([[8, 9]], 1, 3, GREEDY)
+    server.inject_faults(["malformed"] * 3)
+    with pytest.raises(SGLangServerError, match="failed after 3 attempts; last error: malformed response"):
+        client(server.url, tokenizer).think([[8, 9]], 1, 3, GREEDY)
+
+
+def test_connection_refused_raises_after_the_retries(policy):
+    _, tokenizer = policy
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(SGLangServerError, match=rf"127.0.0.1:{port}/generate failed after 3 attempts.*ConnectionError"):
+        client(f"http://127.0.0.1:{port}", tokenizer).think([[8, 9]], 1, 3, GREEDY)
+
+
+def test_a_bad_request_is_not_retried(policy, server):
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer)
+    with pytest.raises(SGLangServerError, match="answered 400"):
+        remote._call(server.url, "/generate", body={"text": "no ids"})
+    assert server.generate_served == 0
+
+
+def test_server_command_health_wait_and_missing_sglang(policy, server):
+    command = sglang_server_command("/models/policy", 31000, dp_size=2)
+    assert command[1:] == [
+        "-m", "sglang.launch_server", "--model-path", "/models/policy", "--host", "127.0.0.1", "--port", "31000",
+        "--schedule-policy", "lpm", "--skip-tokenizer-init", "--dp-size", "2",
+    ]  # fmt: skip
+    assert "--disable-radix-cache" not in command
+    wait_for_health(server.url, timeout_s=5)
+    with pytest.raises(TimeoutError, match="was not healthy within 1s"):
+        wait_for_health("http://127.0.0.1:9", timeout_s=1, poll_s=0.2)
+    with pytest.raises(ValueError, match="must start with http"):
+        SGLangEngine("localhost:30000", policy[1])
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs the sglang package"):
+            SGLangInProcessEngine("/models/policy", policy[1])

@@ -1,0 +1,307 @@
+"""The rollout engine interface: think (G traces per prompt), then fork summaries from every cut.
+
+An engine implements one primitive, :meth:`RolloutEngine.generate`, with SGLang's request shape
+(token ids in, ``n`` samples out, ``meta_info``-style accounting). The two phases of a rollout
+are built on it here, identically for every engine:
+
+- :meth:`RolloutEngine.think` samples G thinking traces per prompt, at most ``b_max`` tokens,
+  stopping at ``</think>`` (kept) or EOS (kept);
+- :meth:`RolloutEngine.summarize` cuts every trace at its budget slots (``trainer/budgets.py``)
+  and forks ``k * A`` summaries from every distinct cut shared by k slots, from the prompt
+  ``prompt + z[:c] + inserted``; the engine serves ``prompt + z[:c]`` from its prefix cache.
+
+The engine, the reward oracle and the learner exchange the plain dataclasses defined here.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.budgets import BudgetSchedule, Delimiters
+from trainer.rollout.forks import deal_summaries, plan_forks
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_MAX_NEW_TOKENS = 118  # the authors' 128 - 10 (ARCHITECTURE.md)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings shared by both phases. ``temperature == 0`` is greedy decoding.
+
+    ``min_new_tokens`` suppresses the stop tokens until that many tokens were generated (as
+    SGLang's field of the same name); ``seed`` makes sampling reproducible.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    min_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, ``n`` samples of at most ``max_new_tokens`` that stop at ``stop_token_ids``.
+
+    ``cache_output`` asks an engine that manages its own prefix cache to keep the finished
+    sequences (the traces that summaries fork from); SGLang's radix cache keeps everything.
+    ``routing_key`` sends requests with the same key to the same data-parallel server (the think
+    request of a prompt and all its forks share the prompt's key).
+    """
+
+    input_ids: tuple[int, ...]
+    n: int
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    cache_output: bool = False
+    routing_key: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) == 0:
+            raise ValueError("a generation request needs at least one input token")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationOutput:
+    """The ``n`` samples of one request, with SGLang's per-sample accounting.
+
+    ``finish_reasons[i]`` is ``"stop"`` (a stop token, kept as the last output id) or ``"length"``;
+    ``cached_tokens[i]`` is ``meta_info.cached_tokens``, the prompt tokens served from cache.
+    ``prefilled_tokens`` is the number of prompt tokens the engine actually computed for the
+    request (its n samples share one prefill).
+    """
+
+    output_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_tokens: int
+    cached_tokens: list[int]
+    prefilled_tokens: int
+
+
+@dataclass
+class PhaseStats:
+    """Token and time accounting of one phase; token counts sum over every returned sample."""
+
+    requests: int = 0
+    samples: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, outputs: Sequence[GenerationOutput], seconds: float) -> None:
+        for out in outputs:
+            self.requests += 1
+            self.samples += len(out.output_ids)
+            self.prompt_tokens += out.prompt_tokens * len(out.output_ids)
+            self.cached_tokens += sum(out.cached_tokens)
+            self.prefilled_tokens += out.prefilled_tokens
+            self.generated_tokens += sum(len(ids) for ids in out.output_ids)
+        self.seconds += seconds
+
+    @property
+    def cache_hit_share(self) -> float:
+        """Prompt tokens served from cache / all prompt tokens (0 when there were none)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class RolloutStats:
+    """Accounting per phase since the last :meth:`RolloutEngine.reset_stats`."""
+
+    think: PhaseStats = field(default_factory=PhaseStats)
+    summarize: PhaseStats = field(default_factory=PhaseStats)
+    weight_sync_seconds: float = 0.0
+
+
+@dataclass
+class ThinkingBatch:
+    """G thinking traces per prompt; the traces of one prompt are consecutive (n = p * G + g).
+
+    Attributes:
+        prompt_ids: ``[N]`` prompt token lists (repeated for the G traces of a prompt).
+        thinking_ids: ``[N]`` trace token lists z; a closed trace ends in ``</think>``, one that
+            stopped at EOS ends in EOS.
+        finish: ``[N]`` ``"think_end"`` | ``"eos"`` | ``"length"``.
+        group_size: G.
+    """
+
+    prompt_ids: list[list[int]]
+    thinking_ids: list[list[int]]
+    finish: list[str]
+    group_size: int
+
+    @property
+    def num_traces(self) -> int:
+        return len(self.thinking_ids)
+
+    @property
+    def thinking_lens(self) -> list[int]:
+        return [len(z) for z in self.thinking_ids]
+
+
+@dataclass
+class SummaryBatch:
+    """Everything :func:`anytime_kernels.pack_response_trees` takes, in its argument order.
+
+    Attributes:
+        prompt_ids: ``[N]`` prompt token lists.
+        thinking_ids: ``[N]`` trace token lists.
+        cut_lens: ``[N, S]`` int64 cut of every slot, ``min(b_s, L_n)``.
+        inserted_ids: ``[N][D_n]`` inserted delimiter ids per distinct cut, in cut order.
+        summary_ids: ``[N][S][A]`` summary token lists (EOS kept when sampled).
+        summary_finish: ``[N][S][A]`` ``"stop"`` | ``"length"``.
+    """
+
+    prompt_ids: list[list[int]]
+    thinking_ids: list[list[int]]
+    cut_lens: torch.Tensor
+    inserted_ids: list[list[tuple[int, ...]]]
+    summary_ids: list[list[list[list[int]]]]
+    summary_finish: list[list[list[str]]]
+
+    def pack_arguments(self) -> tuple:
+        """``(prompt_ids, thinking_ids, cut_lens, inserted_ids, summary_ids)`` for tree packing."""
+        inserted = [[list(ids) for ids in per_trace] for per_trace in self.inserted_ids]
+        return self.prompt_ids, self.thinking_ids, self.cut_lens, inserted, self.summary_ids
+
+
+def prompt_key(prompt: Sequence[int]) -> int:
+    """Routing key of a prompt (stable across processes: hashes of int tuples are not salted)."""
+    return hash(tuple(int(t) for t in prompt))
+
+
+class RolloutEngine(abc.ABC):
+    """Base of every engine: subclasses implement ``generate``, ``update_weights`` and ``flush_cache``.
+
+    Args:
+        delimiters: the inserted delimiters encoded with the policy's tokenizer.
+        eos_token_id: the policy's end-of-sequence id.
+    """
+
+    def __init__(self, delimiters: Delimiters, eos_token_id: int) -> None:
+        if not isinstance(eos_token_id, int) or eos_token_id < 0:
+            raise ValueError(f"eos_token_id must be a non-negative int, got {eos_token_id!r}")
+        if eos_token_id == delimiters.think_end_id:
+            raise ValueError(f"eos_token_id {eos_token_id} equals the </think> id; they must differ")
+        self.delimiters = delimiters
+        self.eos_token_id = eos_token_id
+        self.stats = RolloutStats()
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        """One output per request, in request order; raises rather than drop a request."""
+
+    @abc.abstractmethod
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Load the policy's current weights into the engine and invalidate its prefix cache."""
+
+    @abc.abstractmethod
+    def flush_cache(self) -> None:
+        """Drop every cached prefix."""
+
+    def reset_stats(self) -> RolloutStats:
+        """Return the accounting so far and start a fresh one."""
+        stats, self.stats = self.stats, RolloutStats()
+        return stats
+
+    def think(
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int,
+        max_tokens: int,
+        sampling: SamplingParams,
+    ) -> ThinkingBatch:
+        """Sample ``group_size`` traces of at most ``max_tokens`` (b_max) tokens per prompt."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        stop_ids = (self.delimiters.think_end_id, self.eos_token_id)
+        requests = [
+            GenerationRequest(
+                input_ids=tuple(int(t) for t in prompt),
+                n=group_size,
+                max_new_tokens=max_tokens,
+                stop_token_ids=stop_ids,
+                sampling=sampling,
+                cache_output=True,
+                routing_key=prompt_key(prompt),
+            )
+            for prompt in prompts
+        ]
+        start = time.perf_counter()
+        outputs = self.generate(requests)
+        self.stats.think.add(outputs, time.perf_counter() - start)
+        prompt_ids, thinking_ids, finish = [], [], []
+        for request, out in zip(requests, outputs, strict=True):
+            for trace in out.output_ids:
+                prompt_ids.append(list(request.input_ids))
+                thinking_ids.append(list(trace))
+                finish.append(self._trace_finish(trace))
+        return ThinkingBatch(prompt_ids, thinking_ids, finish, group_size)
+
+    def summarize(
+        self,
+        traces: ThinkingBatch,
+        schedule: BudgetSchedule,
+        num_summaries: int,
+        sampling: SamplingParams,
+        max_new_tokens: int = SUMMARY_MAX_NEW_TOKENS,
+    ) -> SummaryBatch:
+        """Fork ``num_summaries`` (A) summaries per budget slot from every distinct cut of every trace."""
+        if num_summaries < 1:
+            raise ValueError(f"num_summaries must be >= 1, got {num_summaries}")
+        cut_lens = schedule.cuts(traces.thinking_lens)
+        forks = plan_forks(traces.prompt_ids, traces.thinking_ids, cut_lens, self.delimiters, num_summaries)
+        requests = [
+            GenerationRequest(
+                input_ids=fork.input_ids,
+                n=fork.num_samples,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=(self.eos_token_id,),
+                sampling=sampling,
+                routing_key=prompt_key(traces.prompt_ids[fork.trace]),
+            )
+            for fork in forks
+        ]
+        start = time.perf_counter()
+        outputs = self.generate(requests)
+        self.stats.summarize.add(outputs, time.perf_counter() - start)
+        summary_ids, summary_finish = deal_summaries(forks, outputs, cut_lens, num_summaries)
+        inserted_ids = [[] for _ in range(traces.num_traces)]
+        for fork in forks:
+            inserted_ids[fork.trace].append(fork.inserted_ids)
+        return SummaryBatch(
+            prompt_ids=[list(p) for p in traces.prompt_ids],
+            thinking_ids=[list(z) for z in traces.thinking_ids],
+            cut_lens=cut_lens,
+            inserted_ids=inserted_ids,
+            summary_ids=summary_ids,
+            summary_finish=summary_finish,
+        )
+
+    def _trace_finish(self, trace: Sequence[int]) -> str:
+        if trace and trace[-1] == self.delimiters.think_end_id:
+            return "think_end"
+        if trace and trace[-1] == self.eos_token_id:
+            return "eos"
+        return "length"

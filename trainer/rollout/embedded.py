@@ -1,0 +1,313 @@
+"""The embedded engine: a Hugging Face causal LM with a key/value cache, in this process.
+
+The default engine on one machine and the CPU path. Requests are served in chunks of at most
+``max_batch_rows`` sampled rows:
+
+1. prefill: each request looks up the longest prefix of its input among the finished traces in
+   the radix index, rebuilds the cache from the stored keys/values cropped to that prefix, and
+   runs the model over the rest only (a summary fork prefills just its delimiter);
+2. decode: the prefilled caches, repeated for the ``n`` samples of each request, are stacked
+   left-padded into one batch (padding masked out, true position ids) and decoded together;
+   rows that finish leave the batch;
+3. a finished row of a request with ``cache_output`` stores its keys/values (input and output
+   except the last sampled token, which was never fed) under its token ids in the radix index.
+
+With ``prefix_sharing=False`` nothing is stored or looked up: every request prefills its whole
+input (the baseline of ``benchmarks/bench_rollout.py`` and the reference of the tests).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from trainer.budgets import Delimiters
+from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
+from trainer.rollout.radix import RadixIndex
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _StoredSequence:
+    """Keys and values ``[H_kv, T, D]`` per layer of one finished sequence."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@dataclass
+class _Prefilled:
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+    cached: int
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes into a buffer sized for the whole decode.
+
+    ``DynamicLayer`` concatenates on every step, copying the whole cache each token; here ``keys``
+    and ``values`` are views of the first ``length`` columns of preallocated buffers.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        rows, heads, length, head_dim = keys.shape
+        self._key_buffer = keys.new_zeros(rows, heads, capacity, head_dim)
+        self._value_buffer = torch.zeros_like(self._key_buffer)
+        self._key_buffer[:, :, :length] = keys
+        self._value_buffer[:, :, :length] = values
+        self._length = length
+        self._publish()
+
+    def _publish(self) -> None:
+        self.keys = self._key_buffer[:, :, : self._length]
+        self.values = self._value_buffer[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:
+            raise RuntimeError(f"decode cache overflow: {end} columns for a buffer of {self._key_buffer.shape[-2]}")
+        self._key_buffer[:, :, self._length : end] = key_states
+        self._value_buffer[:, :, self._length : end] = value_states
+        self._length = end
+        self._publish()
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor, first: int) -> None:
+        """Keep ``rows`` and drop the columns before ``first``."""
+        self._key_buffer = self._key_buffer[rows, :, first:]
+        self._value_buffer = self._value_buffer[rows, :, first:]
+        self._length -= first
+        self._publish()
+
+
+class EmbeddedEngine(RolloutEngine):
+    """Rollouts from a Hugging Face causal LM (CPU or CUDA) with prefix-shared summary forks.
+
+    Args:
+        model: a ``*ForCausalLM`` whose forward takes ``position_ids``, ``attention_mask`` and a
+            ``DynamicCache`` (Qwen2/Llama-style decoders).
+        tokenizer: the policy's tokenizer (delimiter ids and EOS come from it).
+        prefix_sharing: serve cached prefixes from the radix index of finished traces.
+        max_batch_rows: most sampled rows decoded together.
+        seed: seed of the sampling generator (a request's ``sampling.seed`` reseeds it).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        prefix_sharing: bool = True,
+        max_batch_rows: int = 64,
+        seed: int = 0,
+    ) -> None:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
+        super().__init__(Delimiters.from_tokenizer(tokenizer), int(eos))
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        self.model = model.eval()
+        self.prefix_sharing = prefix_sharing
+        self.max_batch_rows = max_batch_rows
+        self.device = next(model.parameters()).device
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._index: RadixIndex[_StoredSequence] = RadixIndex()
+        parameters = inspect.signature(model.forward).parameters
+        # transformers renamed `past_key_values` to `cache` after 5.17.
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def cached_sequences(self) -> int:
+        """Number of finished sequences held in the prefix index."""
+        return len(self._index)
+
+    def flush_cache(self) -> None:
+        self._index.clear()
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        start = time.perf_counter()
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+        self.flush_cache()
+        self.stats.weight_sync_seconds += time.perf_counter() - start
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput | None] = [None] * len(requests)
+        chunk: list[int] = []
+        rows = 0
+        with torch.inference_mode():
+            for i, request in enumerate(requests):
+                if chunk and rows + request.n > self.max_batch_rows:
+                    self._serve(requests, chunk, outputs)
+                    chunk, rows = [], 0
+                chunk.append(i)
+                rows += request.n
+            if chunk:
+                self._serve(requests, chunk, outputs)
+        return outputs
+
+    def _serve(self, requests: Sequence[GenerationRequest], chunk: list[int], outputs: list) -> None:
+        batch = [requests[i] for i in chunk]
+        seed = batch[0].sampling.seed
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        prefilled = [self._prefill(request) for request in batch]
+        samples = self._decode(batch, prefilled)
+        for i, request, pre, (ids, reasons) in zip(chunk, batch, prefilled, samples, strict=True):
+            outputs[i] = GenerationOutput(
+                output_ids=ids,
+                finish_reasons=reasons,
+                prompt_tokens=len(request.input_ids),
+                cached_tokens=[pre.cached] * request.n,
+                prefilled_tokens=len(request.input_ids) - pre.cached,
+            )
+
+    def _forward(self, input_ids, position_ids, cache, attention_mask=None) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_argument: cache},
+        )
+        return out.logits[:, -1].float()
+
+    def _prefill(self, request: GenerationRequest) -> _Prefilled:
+        ids = request.input_ids
+        stored, cached = self._index.match(ids) if self.prefix_sharing else (None, 0)
+        # At least one token is computed: its logits give the first sample.
+        cached = min(cached, len(ids) - 1)
+        if stored is None or cached == 0:
+            cache, cached = DynamicCache(), 0
+        else:
+            layers = [
+                (k[None, :, :cached], v[None, :, :cached]) for k, v in zip(stored.keys, stored.values, strict=True)
+            ]
+            cache = DynamicCache(ddp_cache_data=layers)
+        suffix = torch.tensor([ids[cached:]], dtype=torch.long, device=self.device)
+        positions = torch.arange(cached, len(ids), device=self.device)[None]
+        logits = self._forward(suffix, positions, cache)[0]
+        return _Prefilled(
+            keys=[layer.keys[0] for layer in cache.layers],
+            values=[layer.values[0] for layer in cache.layers],
+            logits=logits,
+            cached=cached,
+        )
+
+    def _decode(
+        self, batch: list[GenerationRequest], prefilled: list[_Prefilled]
+    ) -> list[tuple[list[list[int]], list[str]]]:
+        row_request = [i for i, request in enumerate(batch) for _ in range(request.n)]
+        input_lens = [len(batch[i].input_ids) for i in row_request]
+        width = max(input_lens)
+        num_rows = len(row_request)
+        layers = []
+        for layer in range(len(prefilled[0].keys)):
+            heads, _, head_dim = prefilled[0].keys[layer].shape
+            keys = prefilled[0].keys[layer].new_zeros(num_rows, heads, width, head_dim)
+            values = torch.zeros_like(keys)
+            for row, i in enumerate(row_request):
+                keys[row, :, width - input_lens[row] :] = prefilled[i].keys[layer]
+                values[row, :, width - input_lens[row] :] = prefilled[i].values[layer]
+            layers.append((keys, values))
+        capacity = width + max(request.max_new_tokens for request in batch)
+        cache = DynamicCache()
+        cache.layers = [_PreallocatedLayer(keys, values, capacity) for keys, values in layers]
+        del layers
+        mask = torch.zeros(num_rows, width, dtype=torch.long, device=self.device)
+        for row, length in enumerate(input_lens):
+            mask[row, width - length :] = 1
+        logits = torch.stack([prefilled[i].logits for i in row_request])
+
+        outputs: list[list[int]] = [[] for _ in range(num_rows)]
+        reasons: list[str | None] = [None] * num_rows
+        present = list(range(num_rows))  # batch position -> row; finished rows leave in bulk
+        while True:
+            tokens = self._sample(
+                logits, [batch[row_request[row]] for row in present], [len(outputs[r]) for r in present]
+            )
+            for position, (row, token) in enumerate(zip(present, tokens.tolist(), strict=True)):
+                if reasons[row] is not None:
+                    continue
+                request = batch[row_request[row]]
+                outputs[row].append(token)
+                if token in request.stop_token_ids:
+                    reasons[row] = "stop"
+                elif len(outputs[row]) >= request.max_new_tokens:
+                    reasons[row] = "length"
+                else:
+                    continue
+                if request.cache_output and self.prefix_sharing:
+                    self._store(cache, position, mask, request.input_ids, outputs[row])
+            keep = [position for position, row in enumerate(present) if reasons[row] is None]
+            if not keep:
+                break
+            # Compacting copies the cache: do it once a quarter of the batch has finished.
+            if 4 * (len(present) - len(keep)) >= len(present):
+                mask = self._select_rows(cache, mask, keep)
+                tokens = tokens[keep]
+                present = [present[p] for p in keep]
+            mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
+            positions = torch.tensor(
+                [[input_lens[row] + len(outputs[row]) - 1] for row in present], dtype=torch.long, device=self.device
+            )
+            logits = self._forward(tokens[:, None], positions, cache, attention_mask=mask)
+        per_request: list[tuple[list[list[int]], list[str]]] = [([], []) for _ in batch]
+        for row, i in enumerate(row_request):
+            per_request[i][0].append(outputs[row])
+            per_request[i][1].append(reasons[row])
+        return per_request
+
+    def _store(self, cache: DynamicCache, position: int, mask: torch.Tensor, input_ids, output_ids) -> None:
+        """Keep a finished row's keys/values for ``input + output[:-1]`` (the last token has none)."""
+        length = len(input_ids) + len(output_ids) - 1
+        end = mask.shape[1]
+        stored = _StoredSequence(
+            keys=[layer.keys[position, :, end - length : end].clone() for layer in cache.layers],
+            values=[layer.values[position, :, end - length : end].clone() for layer in cache.layers],
+        )
+        self._index.insert(tuple(input_ids) + tuple(output_ids[:-1]), stored)
+
+    @staticmethod
+    def _select_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+        """Drop finished rows, and the padding columns no remaining row needs."""
+        index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+        mask = mask[index]
+        first = int(mask.any(dim=0).nonzero()[0])
+        for layer in cache.layers:
+            layer.select(index, first)
+        return mask[:, first:]
+
+    def _sample(self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int]) -> torch.Tensor:
+        """Next token ``[B]`` from ``logits [B, V]`` under each row's sampling settings."""
+        for row, (request, count) in enumerate(zip(requests, generated, strict=True)):
+            if count < request.sampling.min_new_tokens:
+                logits[row, list(request.stop_token_ids)] = float("-inf")
+        greedy = logits.argmax(dim=-1)
+        temperatures = torch.tensor([r.sampling.temperature for r in requests], device=logits.device)
+        if bool((temperatures == 0).all()):
+            return greedy
+        probs = torch.softmax(logits / temperatures.clamp_min(1e-6)[:, None], dim=-1)
+        top_p = torch.tensor([r.sampling.top_p for r in requests], device=logits.device)
+        if bool((top_p < 1).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+            choice = torch.multinomial(sorted_probs.masked_fill(outside, 0.0), 1, generator=self._generator)
+            sampled = order.gather(-1, choice)[:, 0]
+        else:
+            sampled = torch.multinomial(probs, 1, generator=self._generator)[:, 0]
+        return torch.where(temperatures == 0, greedy, sampled)

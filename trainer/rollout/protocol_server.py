@@ -1,0 +1,234 @@
+"""A small HTTP server that speaks SGLang's protocol in front of the embedded engine.
+
+It serves ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
+``stop_token_ids``, ``temperature``, ``top_p``, ``min_new_tokens``, ``sampling_seed``),
+``/flush_cache``, ``/update_weights_from_disk``, ``/get_model_info`` and ``/health`` with the
+JSON fields of ``sglang.launch_server`` (``meta_info.cached_tokens`` included), so the SGLang
+client runs for real over HTTP in tests and in the CPU demo. Binds 127.0.0.1 only.
+
+Fault injection for tests: :meth:`ProtocolServer.inject_faults` queues faults that the next
+``/generate`` requests meet, one each: ``"500"`` (an error status), ``"malformed"`` (a body that is
+not JSON), ``"hang"`` (sleep ``hang_seconds`` before answering) and ``"drop"`` (close the
+connection without an answer).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from trainer.rollout.base import GenerationRequest, SamplingParams
+from trainer.rollout.embedded import EmbeddedEngine
+from trainer.rollout.sglang_protocol import response_samples
+
+logger = logging.getLogger(__name__)
+
+FAULTS = ("500", "malformed", "hang", "drop")
+
+
+class ProtocolServer:
+    """SGLang's endpoints over an :class:`EmbeddedEngine`; ``with ProtocolServer(engine) as server:``."""
+
+    def __init__(self, engine: EmbeddedEngine, tokenizer=None, *, port: int = 0, model_path: str = "embedded"):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.hang_seconds = 5.0
+        self.weight_version = "default"
+        self.generate_served = 0
+        self._faults: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_class(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def inject_faults(self, faults: list[str]) -> None:
+        unknown = [fault for fault in faults if fault not in FAULTS]
+        if unknown:
+            raise ValueError(f"unknown faults {unknown}; expected some of {FAULTS}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def next_fault(self) -> str | None:
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def start(self) -> ProtocolServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="sglang-protocol-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> ProtocolServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def generate(self, body: dict[str, Any]) -> Any:
+        """Serve one ``/generate`` body; raises ValueError on a bad request."""
+        input_ids = body.get("input_ids")
+        if not isinstance(input_ids, list) or not input_ids:
+            raise ValueError("this server needs input_ids (a list of token ids, or a list of such lists)")
+        single = not isinstance(input_ids[0], list)
+        prompts = [input_ids] if single else input_ids
+        params = body.get("sampling_params") or {}
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
+        requests = [
+            _request(prompt, p, self.engine.eos_token_id) for prompt, p in zip(prompts, params_list, strict=True)
+        ]
+        with self._lock:
+            outputs = self.engine.generate(requests)
+            self.generate_served += 1
+        text = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
+        samples = []
+        for request, output in zip(requests, outputs, strict=True):
+            samples.extend(response_samples(output, request, uuid.uuid4().hex, text))
+        return samples[0] if single and requests[0].n == 1 else samples
+
+    def update_weights_from_disk(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        files = sorted(Path(str(body.get("model_path", ""))).glob("*.safetensors"))
+        if not files:
+            return 400, {"success": False, "message": f"no *.safetensors in {body.get('model_path')!r}"}
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        with self._lock:
+            missing, unexpected = self.engine.model.load_state_dict(state, strict=False)
+            # Tied embeddings are saved once; only a missing tied lm_head is acceptable.
+            missing = [name for name in missing if name != "lm_head.weight"]
+            if missing or unexpected:
+                return 400, {"success": False, "message": f"missing {missing}, unexpected {unexpected}"}
+            self.engine.flush_cache()
+            self.weight_version = str(body.get("weight_version") or self.weight_version)
+        return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "is_generation": True,
+            "weight_version": self.weight_version,
+            "model_type": getattr(self.engine.model.config, "model_type", None),
+            "architectures": getattr(self.engine.model.config, "architectures", None),
+        }
+
+
+def _request(prompt: list, params: dict[str, Any], eos_token_id: int) -> GenerationRequest:
+    stop = [int(t) for t in params.get("stop_token_ids") or []]
+    if not params.get("ignore_eos", False) and eos_token_id not in stop:
+        stop.append(eos_token_id)  # SGLang always stops at the model's EOS unless ignore_eos
+    return GenerationRequest(
+        input_ids=tuple(int(t) for t in prompt),
+        n=int(params.get("n", 1)),
+        max_new_tokens=int(params.get("max_new_tokens", 128)),
+        stop_token_ids=tuple(stop),
+        sampling=SamplingParams(
+            temperature=float(params.get("temperature", 1.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            seed=params.get("sampling_seed"),
+            min_new_tokens=int(params.get("min_new_tokens", 0)),
+        ),
+        cache_output=True,
+    )
+
+
+def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args) -> None:
+            logger.debug("protocol server: " + format, *args)
+
+        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                logger.debug("protocol server: the client left before the answer (%s)", self.path)
+
+        def _json(self, status: int, payload: Any) -> None:
+            self._send(status, json.dumps(payload).encode())
+
+        def _body(self) -> dict[str, Any]:
+            length = int(self.headers.get("Content-Length") or 0)
+            return json.loads(self.rfile.read(length) or b"{}") if length else {}
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path in ("/health", "/health_generate", "/ready"):
+                self._send(200, b"", "text/plain")
+            elif path in ("/get_model_info", "/model_info"):
+                self._json(200, server.model_info())
+            elif path == "/flush_cache":
+                self._flush()
+            else:
+                self._json(404, {"error": {"message": f"no route {path}"}})
+
+        def _flush(self) -> None:
+            with server._lock:
+                server.engine.flush_cache()
+            self._send(200, b"Cache flushed.\n", "text/plain")
+
+        def do_POST(self) -> None:
+            path = self.path.split("?")[0]
+            try:
+                body = self._body()
+            except json.JSONDecodeError as error:
+                self._json(400, {"error": {"message": f"request body is not JSON: {error}"}})
+                return
+            if path == "/generate":
+                self._generate(body)
+            elif path == "/flush_cache":
+                self._flush()
+            elif path == "/update_weights_from_disk":
+                self._json(*server.update_weights_from_disk(body))
+            else:
+                self._json(404, {"error": {"message": f"no route {path}"}})
+
+        def _generate(self, body: dict[str, Any]) -> None:
+            fault = server.next_fault()
+            if fault == "500":
+                self._json(500, {"error": {"message": "injected internal error"}})
+                return
+            if fault == "drop":
+                self.close_connection = True
+                self.connection.close()
+                return
+            if fault == "hang":
+                time.sleep(server.hang_seconds)
+            try:
+                payload = server.generate(body)
+            except ValueError as error:
+                self._json(400, {"error": {"message": str(error)}})
+                return
+            if fault == "malformed":
+                self._send(200, b'{"output_ids": [1, 2', "application/json")
+                return
+            self._json(200, payload)
+
+    return Handler

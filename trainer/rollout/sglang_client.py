@@ -1,0 +1,176 @@
+"""The SGLang engine: a client of running ``sglang.launch_server`` instances (the production path).
+
+Requests go concurrently (a thread pool) to several data-parallel server URLs or to one
+sglang-router URL. Every request of a prompt, its think request and all its summary forks,
+goes to the same server (the routing key is the prompt), so the forks find the finished trace in
+that server's radix cache. Connection errors, timeouts, 5xx answers and malformed bodies are
+retried with exponential backoff; after the last try the engine raises
+:class:`SGLangServerError` naming the server and the cause. A 4xx answer is not retried.
+
+Weight sync saves the policy as safetensors into ``weights_dir`` and asks every server to
+``/update_weights_from_disk`` from there, then ``/flush_cache``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from trainer.budgets import Delimiters
+from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
+from trainer.rollout.sglang_protocol import MalformedResponse, generate_payload, parse_generate_response
+
+logger = logging.getLogger(__name__)
+
+
+class SGLangServerError(RuntimeError):
+    """A server request failed for good (after the retries, or with a 4xx answer)."""
+
+
+class SGLangEngine(RolloutEngine):
+    """Rollouts served by SGLang over HTTP.
+
+    Args:
+        urls: one URL per data-parallel server, or one sglang-router URL.
+        tokenizer: the policy's tokenizer (delimiter ids and EOS).
+        weights_dir: run folder that weight sync writes the policy into.
+        timeout_s: read timeout of one HTTP request.
+        max_retries: retries after the first try of a request.
+        backoff_s: wait before the first retry; doubles on each further retry.
+        max_workers: concurrent requests in flight.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        tokenizer,
+        *,
+        weights_dir: str | Path | None = None,
+        timeout_s: float = 3600.0,
+        connect_timeout_s: float = 10.0,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        max_workers: int = 64,
+    ) -> None:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
+        super().__init__(Delimiters.from_tokenizer(tokenizer), int(eos))
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("SGLangEngine needs at least one server URL")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"server URL {url!r} must start with http:// or https://")
+        self.urls = [url.rstrip("/") for url in self.urls]
+        if max_retries < 0 or backoff_s < 0 or timeout_s <= 0 or max_workers < 1:
+            raise ValueError(
+                f"need max_retries >= 0, backoff_s >= 0, timeout_s > 0, max_workers >= 1; got "
+                f"{max_retries}, {backoff_s}, {timeout_s}, {max_workers}"
+            )
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self.timeout = (connect_timeout_s, timeout_s)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_workers = max_workers
+        self._round_robin = itertools.count()
+        self._local = threading.local()
+        self._weight_version = 0
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def _url_for(self, request: GenerationRequest) -> str:
+        key = request.routing_key if request.routing_key is not None else next(self._round_robin)
+        return self.urls[key % len(self.urls)]
+
+    def _call(self, url: str, path: str, method: str = "POST", body: dict | None = None) -> requests.Response:
+        """One HTTP call with retries; returns a 2xx response whose body the caller checks."""
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                response = self._session().request(method, url + path, json=body, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                failure = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code < 400:
+                    return response
+                if response.status_code < 500 and response.status_code not in (408, 429):
+                    raise SGLangServerError(
+                        f"{method} {url}{path} answered {response.status_code}: {response.text[:500]}"
+                    )
+                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+            if attempt + 1 < attempts:
+                wait = self.backoff_s * 2**attempt
+                logger.warning(
+                    "%s %s%s failed (%s); retry %d/%d in %.2fs",
+                    method,
+                    url,
+                    path,
+                    failure,
+                    attempt + 1,
+                    self.max_retries,
+                    wait,
+                )
+                time.sleep(wait)
+        raise SGLangServerError(f"{method} {url}{path} failed after {attempts} attempts; last error: {failure}")
+
+    def _generate_one(self, request: GenerationRequest) -> GenerationOutput:
+        url = self._url_for(request)
+        body = generate_payload(request)
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            response = self._call(url, "/generate", body=body)
+            try:
+                return parse_generate_response(response.json(), request)
+            except (ValueError, MalformedResponse) as error:
+                failure = f"malformed response: {error}"
+            if attempt + 1 < attempts:
+                logger.warning("POST %s/generate: %s; retry %d/%d", url, failure, attempt + 1, self.max_retries)
+                time.sleep(self.backoff_s * 2**attempt)
+        raise SGLangServerError(f"POST {url}/generate failed after {attempts} attempts; last error: {failure}")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(requests))) as pool:
+            futures = [pool.submit(self._generate_one, request) for request in requests]
+            return [future.result() for future in futures]
+
+    def flush_cache(self) -> None:
+        for url in self.urls:
+            self._call(url, "/flush_cache")
+
+    def model_info(self) -> dict[str, Any]:
+        """``/get_model_info`` of the first server."""
+        return self._call(self.urls[0], "/get_model_info", method="GET").json()
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Save ``model`` (``save_pretrained``: config + safetensors) and reload it on every server."""
+        if self.weights_dir is None:
+            raise ValueError("SGLangEngine.update_weights needs weights_dir (the run folder to save the policy in)")
+        if not hasattr(model, "save_pretrained"):
+            raise TypeError(f"weight sync saves with save_pretrained; {type(model).__name__} has none")
+        start = time.perf_counter()
+        self._weight_version += 1
+        path = self.weights_dir / "policy"
+        model.save_pretrained(path, safe_serialization=True)
+        for url in self.urls:
+            body = {"model_path": str(path), "weight_version": str(self._weight_version)}
+            answer = self._call(url, "/update_weights_from_disk", body=body).json()
+            if not answer.get("success", False):
+                raise SGLangServerError(f"{url} could not load the weights in {path}: {answer.get('message')}")
+        self.flush_cache()
+        self.stats.weight_sync_seconds += time.perf_counter() - start
