@@ -128,10 +128,10 @@ def _chunk_grad_kernel(
         mask = offsets < chunk_vocab
         z = tl.load(row_ptr + offsets, mask=mask, other=0.0) * inv_temperature
         probs = tl.exp(z - lse)
+        weight_per_prob = grad_logprob
         if HAS_ENTROPY_GRAD:
-            grad = -probs * (grad_logprob + grad_entropy * (z - mean_logit))
-        else:
-            grad = -probs * grad_logprob
+            weight_per_prob = grad_logprob + grad_entropy * (z - mean_logit)
+        grad = -probs * weight_per_prob
         grad = tl.where(offsets == local, grad + grad_logprob, grad) * inv_temperature
         tl.store(out_ptr + offsets, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
