@@ -5,6 +5,7 @@ Every op has a public function here that checks its arguments and dispatches to 
 """
 
 from anytime_kernels._extension import ops
+from anytime_kernels.logprobs import fused_logprobs
 from anytime_kernels.tree import (
     IGNORE_INDEX,
     ResponseTreeLayout,
@@ -18,6 +19,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ResponseTreeLayout",
     "TokenKind",
+    "fused_logprobs",
     "ops",
     "pack_response_trees",
     "tree_attention_mask",
