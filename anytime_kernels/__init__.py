@@ -5,6 +5,12 @@ Every op has a public function here that checks its arguments and dispatches to 
 """
 
 from anytime_kernels._extension import ops
+from anytime_kernels.advantages import (
+    AdvantageStats,
+    advantage_stats,
+    brpo_advantages,
+    token_advantages,
+)
 from anytime_kernels.tree import (
     IGNORE_INDEX,
     ResponseTreeLayout,
@@ -16,10 +22,14 @@ from anytime_kernels.tree import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "AdvantageStats",
     "ResponseTreeLayout",
     "TokenKind",
+    "advantage_stats",
+    "brpo_advantages",
     "ops",
     "pack_response_trees",
+    "token_advantages",
     "tree_attention_mask",
     "tree_mask_mod",
 ]
