@@ -167,6 +167,7 @@ def token_advantages(
     For the loss: a trained target sits at flat index t + 1 of the position t that predicts it
     (``labels[t] == input_ids[t + 1]`` where ``loss_mask[t]``), so the advantage of the target
     predicted at t is ``token_adv[t + 1]``: use ``token_adv[1:]`` aligned with ``loss_mask[:-1]``.
+    With non-empty inserted delimiters, ``token_adv[1:] != 0`` only where ``loss_mask[:-1]``.
 
     Args:
         layout: the packed batch (``anytime_kernels.pack_response_trees``), on CPU or CUDA.
@@ -202,6 +203,7 @@ def token_advantages(
             layout.token_kind,
             layout.slot,
             layout.summary_index,
+            layout.branch_start,
             thinking_adv,
             summary_adv,
         )

@@ -3,10 +3,11 @@
 // brpo_advantages: one work item per group of G traces computes returns R_s, the baselines V1_s
 // and V2_s, the thinking advantages and the summary baselines, in double precision.
 // token_advantages: scatters them over the packed response-tree layout (anytime_kernels/tree.py).
-// The trunk of a row is prompt, then thinking z, and its thinking tokens of slot s are exactly
-// [P + c_{s-1}, P + c_s), so the trunk is filled by ranges from cut_lens without reading per-token
-// fields; only the branch tokens (inserted + summaries, a small share of the row) read
-// token_kind, slot and summary_index.
+// It writes by ranges, reading almost nothing per token, from the layout's invariants: the trunk
+// of a row is prompt then thinking z, whose thinking tokens of slot s are exactly
+// [P + c_{s-1}, P + c_s); after the trunk come the branches in order, so branch_start is
+// non-decreasing there and constant within a branch, and within a branch token_kind goes
+// INSERTED then SUMMARY. Two binary searches per branch find its end and its first summary token.
 //
 // The Python wrapper (anytime_kernels/advantages.py) validates every input before calling here;
 // the checks below guard the op when it is called directly.
@@ -16,15 +17,41 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace anytime_kernels {
 namespace {
 
 // Token kinds; must match anytime_kernels/tree.py::TokenKind.
 constexpr int8_t kSummary = 3;
+// Scores entries (G * S * A per group) per parallel work item; smaller inputs run inline, where a
+// thread wake-up would cost more than the work.
+constexpr int64_t kGrainScores = 32768;
+// Packed tokens per parallel work item of the scatter (rows are kept whole).
+constexpr int64_t kGrainTokens = 65536;
+
+// The scatter writes every byte of a fresh [T] output once (21 MB for 64 prompts at b_max=8000),
+// so first-touch page faults cost more than the writes themselves. Asking for transparent huge
+// pages on the buffer's whole 2 MiB pages (as torch's THP_MEM_ALLOC_ENABLE does) takes 512x fewer
+// faults. Advisory only: where the kernel declines, the buffer works as before.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 enum class Baseline { kBrpo, kV1Only, kV2Only, kNone };
 
@@ -76,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor> brpo_advantages_cpu(const at::Tensor& scores_
   double tail = 0;
   for (int64_t s = S - 1; s >= 0; --s) tail_prob[s] = (tail += p[s]);
 
-  at::parallel_for(0, num_traces / G, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain_groups = std::max<int64_t>(1, kGrainScores / (G * S * A));
+  at::parallel_for(0, num_traces / G, grain_groups, [&](int64_t begin, int64_t end) {
     std::vector<double> rbar(G * S), returns(G * S), v2(S), first_mean(S);
     for (int64_t group = begin; group < end; ++group) {
       const int64_t n0 = group * G;
@@ -145,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor> brpo_advantages_cpu(const at::Tensor& scores_
 at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tensor& prompt_lens_in,
                                 const at::Tensor& thinking_lens_in, const at::Tensor& cut_lens_in,
                                 const at::Tensor& token_kind_in, const at::Tensor& slot_in,
-                                const at::Tensor& summary_index_in, const at::Tensor& thinking_adv_in,
+                                const at::Tensor& summary_index_in, const at::Tensor& branch_start_in,
+                                const at::Tensor& thinking_adv_in,
                                 const at::Tensor& summary_adv_in) {
   TORCH_CHECK_VALUE(thinking_adv_in.dim() == 2 && summary_adv_in.dim() == 3, "thinking_adv must be [N, S] and ",
                     "summary_adv [N, S, A], got ", thinking_adv_in.sizes(), " and ", summary_adv_in.sizes());
@@ -155,8 +184,8 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
   TORCH_CHECK_VALUE(cu_seqlens_in.numel() == num_traces + 1, "cu_seqlens must have N + 1 = ", num_traces + 1,
                     " entries, got ", cu_seqlens_in.numel());
   const int64_t total = token_kind_in.numel();
-  TORCH_CHECK_VALUE(slot_in.numel() == total && summary_index_in.numel() == total,
-                    "token_kind, slot and summary_index must have one entry per token");
+  TORCH_CHECK_VALUE(slot_in.numel() == total && summary_index_in.numel() == total && branch_start_in.numel() == total,
+                    "token_kind, slot, summary_index and branch_start must have one entry per token");
 
   const at::Tensor cu_seqlens = cu_seqlens_in.to(at::kLong).contiguous();
   const at::Tensor prompt_lens = prompt_lens_in.to(at::kLong).contiguous();
@@ -165,6 +194,7 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
   const at::Tensor token_kind = token_kind_in.to(at::kChar).contiguous();
   const at::Tensor slot = slot_in.to(at::kInt).contiguous();
   const at::Tensor summary_index = summary_index_in.to(at::kInt).contiguous();
+  const at::Tensor branch_start = branch_start_in.to(at::kInt).contiguous();
   const at::Tensor thinking_adv = thinking_adv_in.to(at::kFloat).contiguous();
   const at::Tensor summary_adv = summary_adv_in.to(at::kFloat).contiguous();
   const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
@@ -173,16 +203,19 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
 
   at::Tensor out = at::empty({total}, at::kFloat);
   float* adv = out.data_ptr<float>();
+  advise_huge_pages(adv, total * static_cast<int64_t>(sizeof(float)));
   const int64_t* prompt = prompt_lens.data_ptr<int64_t>();
   const int64_t* thinking = thinking_lens.data_ptr<int64_t>();
   const int64_t* cuts_all = cut_lens.data_ptr<int64_t>();
   const int8_t* kind = token_kind.data_ptr<int8_t>();
   const int32_t* slots = slot.data_ptr<int32_t>();
   const int32_t* summaries = summary_index.data_ptr<int32_t>();
+  const int32_t* branches = branch_start.data_ptr<int32_t>();
   const float* thinking_values = thinking_adv.data_ptr<float>();
   const float* summary_values = summary_adv.data_ptr<float>();
 
-  at::parallel_for(0, num_traces, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain_rows = std::max<int64_t>(1, kGrainTokens * num_traces / std::max<int64_t>(total, 1));
+  at::parallel_for(0, num_traces, grain_rows, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t row_start = cu[n], row_end = cu[n + 1];
       const int64_t trunk_start = row_start + prompt[n], trunk_end = trunk_start + thinking[n];
@@ -196,8 +229,15 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
       }
       std::fill(adv + segment_start, adv + trunk_end, 0.0f);
       const float* trace_summaries = summary_values + n * S * A;
-      for (int64_t t = trunk_end; t < row_end; ++t) {
-        adv[t] = kind[t] == kSummary ? trace_summaries[slots[t] * A + summaries[t]] : 0.0f;
+      for (int64_t t = trunk_end; t < row_end;) {
+        const int64_t branch_end = std::upper_bound(branches + t, branches + row_end, branches[t]) - branches;
+        const int64_t summary_start = std::lower_bound(kind + t, kind + branch_end, kSummary) - kind;
+        std::fill(adv + t, adv + summary_start, 0.0f);
+        if (summary_start < branch_end) {
+          const float value = trace_summaries[slots[summary_start] * A + summaries[summary_start]];
+          std::fill(adv + summary_start, adv + branch_end, value);
+        }
+        t = branch_end;
       }
     }
   });
@@ -212,7 +252,8 @@ TORCH_LIBRARY_FRAGMENT(anytime_kernels, m) {
       "str variance_reduction, str summary_method) -> (Tensor, Tensor)");
   m.def(
       "token_advantages(Tensor cu_seqlens, Tensor prompt_lens, Tensor thinking_lens, Tensor cut_lens, "
-      "Tensor token_kind, Tensor slot, Tensor summary_index, Tensor thinking_adv, Tensor summary_adv) -> Tensor");
+      "Tensor token_kind, Tensor slot, Tensor summary_index, Tensor branch_start, Tensor thinking_adv, "
+      "Tensor summary_adv) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anytime_kernels, CPU, m) {

@@ -208,7 +208,7 @@ def test_single_summary_uses_group_mean_not_shared_cut(backend):
     torch.testing.assert_close(summary, torch.tensor([[[0.5], [0.0]], [[-0.5], [0.0]]]))
 
 
-def random_rollouts(rng: random.Random, num_traces: int, num_slots: int, num_summaries: int):
+def random_rollouts(rng: random.Random, num_traces: int, num_slots: int, num_summaries: int, min_inserted: int = 0):
     b_max = rng.randint(num_slots, 20)
     budgets = budget_support(b_max, num_slots)
     prompts, thinking, cuts, inserted, summaries = [], [], [], [], []
@@ -218,7 +218,9 @@ def random_rollouts(rng: random.Random, num_traces: int, num_slots: int, num_sum
         prompts.append([rng.randrange(100) for _ in range(rng.randint(1, 4))])
         thinking.append([rng.randrange(100) for _ in range(length)])
         cuts.append(trace_cuts)
-        inserted.append([[rng.randrange(100) for _ in range(rng.randint(1, 3))] for _ in sorted(set(trace_cuts))])
+        inserted.append(
+            [[rng.randrange(100) for _ in range(rng.randint(min_inserted, 3))] for _ in sorted(set(trace_cuts))]
+        )
         summaries.append(
             [[[rng.randrange(100) for _ in range(rng.randint(0, 4))] for _ in range(num_summaries)] for _ in budgets]
         )
@@ -262,7 +264,8 @@ def test_token_advantages_match_loop(backend, group_size, num_slots, num_summari
 def test_token_advantages_align_with_loss_mask():
     # With nonzero advantages everywhere, the tokens that get one are exactly the trained targets:
     # the target predicted at t (loss_mask[t]) sits at t + 1, so token_adv[1:] != 0 is loss_mask[:-1].
-    rollouts = random_rollouts(random.Random(7), 6, 3, 2)
+    # (Needs non-empty delimiters: after an empty one the first summary token has no predictor.)
+    rollouts = random_rollouts(random.Random(7), 6, 3, 2, min_inserted=1)
     layout = pack_response_trees(*rollouts)
     thinking_adv = torch.arange(1, 1 + 6 * 3, dtype=torch.float32).view(6, 3)
     summary_adv = -torch.arange(1, 1 + 6 * 3 * 2, dtype=torch.float32).view(6, 3, 2)
