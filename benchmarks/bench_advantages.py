@@ -12,6 +12,8 @@ a Python list of per-token advantages filled token by token, then one tensor.
 
 Target (CPU): kernel end to end at least 200x faster than python_loop. On CUDA the token scatter
 is also timed alone, with its achieved memory bandwidth (17 bytes moved per packed token).
+``torch_zeros`` times ``torch.zeros(T)``, the cost of merely materialising a fresh [T] fp32 output
+(first-touch page faults dominate it on the CPU), as the floor for any provider.
 """
 
 from __future__ import annotations
@@ -180,6 +182,9 @@ def main() -> None:
             lambda: token_advantages(on_device, thinking_adv, summary_adv), device, warmup=3, repeat=11
         )
     advantages_ms = time_ms(lambda: brpo_advantages(scores_d, cuts_d, group_size, probs_d), device, warmup=3, repeat=11)
+    # The floor under any provider that returns a fresh [T] fp32 tensor: allocating and zeroing it.
+    floor_ms = time_ms(lambda: torch.zeros(layout.num_tokens, device=device), device, warmup=3, repeat=11)
+    results.add(f"{case}/output_alloc_floor", "torch_zeros", "time_ms", floor_ms, "ms")
     results.add(f"{case}/advantages_only", "kernel", "time_ms", advantages_ms, "ms")
     results.add(f"{case}/token_scatter_only", "kernel", "time_ms", scatter_ms, "ms")
     if device == "cuda":

@@ -34,7 +34,7 @@ constexpr int8_t kSummary = 3;
 // Scores entries (G * S * A per group) per parallel work item; smaller inputs run inline, where a
 // thread wake-up would cost more than the work.
 constexpr int64_t kGrainScores = 32768;
-// Packed tokens per parallel work item of the scatter (rows are kept whole).
+// The scatter runs on one thread below 2 * kGrainTokens packed tokens.
 constexpr int64_t kGrainTokens = 65536;
 
 // The scatter writes every byte of a fresh [T] output once (21 MB for 64 prompts at b_max=8000),
@@ -214,8 +214,7 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
   const float* thinking_values = thinking_adv.data_ptr<float>();
   const float* summary_values = summary_adv.data_ptr<float>();
 
-  const int64_t grain_rows = std::max<int64_t>(1, kGrainTokens * num_traces / std::max<int64_t>(total, 1));
-  at::parallel_for(0, num_traces, grain_rows, [&](int64_t begin, int64_t end) {
+  const auto fill_rows = [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t row_start = cu[n], row_end = cu[n + 1];
       const int64_t trunk_start = row_start + prompt[n], trunk_end = trunk_start + thinking[n];
@@ -240,7 +239,14 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
         t = branch_end;
       }
     }
-  });
+  };
+  // Rows are handed out dynamically: the fill is memory-bound, and on a shared machine a static
+  // split would wait for a descheduled thread's half of the rows.
+  const int threads = total >= 2 * kGrainTokens ? at::get_num_threads() : 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+  for (int64_t n = 0; n < num_traces; ++n) fill_rows(n, n + 1);
   return out;
 }
 
