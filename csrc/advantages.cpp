@@ -214,39 +214,50 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
   const float* thinking_values = thinking_adv.data_ptr<float>();
   const float* summary_values = summary_adv.data_ptr<float>();
 
-  const auto fill_rows = [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t row_start = cu[n], row_end = cu[n + 1];
-      const int64_t trunk_start = row_start + prompt[n], trunk_end = trunk_start + thinking[n];
-      const int64_t* cuts = cuts_all + n * S;
-      std::fill(adv + row_start, adv + trunk_start, 0.0f);
-      int64_t segment_start = trunk_start;
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t segment_end = trunk_start + cuts[s];
-        if (segment_end > segment_start) std::fill(adv + segment_start, adv + segment_end, thinking_values[n * S + s]);
-        segment_start = std::max(segment_start, segment_end);
+  // Serial checks of the row structure the fill relies on (the layout guarantees it; a direct call
+  // with inconsistent tensors must not write outside the output).
+  for (int64_t n = 0; n < num_traces; ++n) {
+    const int64_t* cuts = cuts_all + n * S;
+    TORCH_CHECK_VALUE(prompt[n] >= 0 && thinking[n] >= 0 && cu[n] + prompt[n] + thinking[n] <= cu[n + 1], "trace ", n,
+                      ": prompt (", prompt[n], ") and thinking (", thinking[n], ") do not fit its row of ",
+                      cu[n + 1] - cu[n], " tokens");
+    for (int64_t s = 0; s < S; ++s) {
+      TORCH_CHECK_VALUE(cuts[s] >= (s ? cuts[s - 1] : 0) && cuts[s] <= thinking[n], "trace ", n, ": cut_lens[", s,
+                        "] = ", cuts[s], " must be non-decreasing and within the thinking length ", thinking[n]);
+    }
+  }
+
+  const auto fill_row = [&](int64_t n) {
+    const int64_t row_start = cu[n], row_end = cu[n + 1];
+    const int64_t trunk_start = row_start + prompt[n], trunk_end = trunk_start + thinking[n];
+    const int64_t* cuts = cuts_all + n * S;
+    std::fill(adv + row_start, adv + trunk_start, 0.0f);
+    int64_t segment_start = trunk_start;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t segment_end = trunk_start + cuts[s];
+      if (segment_end > segment_start) std::fill(adv + segment_start, adv + segment_end, thinking_values[n * S + s]);
+      segment_start = std::max(segment_start, segment_end);
+    }
+    std::fill(adv + segment_start, adv + trunk_end, 0.0f);
+    const float* trace_summaries = summary_values + n * S * A;
+    for (int64_t t = trunk_end; t < row_end;) {
+      const int64_t branch_end = std::upper_bound(branches + t, branches + row_end, branches[t]) - branches;
+      const int64_t summary_start = std::lower_bound(kind + t, kind + branch_end, kSummary) - kind;
+      std::fill(adv + t, adv + summary_start, 0.0f);
+      if (summary_start < branch_end) {
+        const float value = trace_summaries[slots[summary_start] * A + summaries[summary_start]];
+        std::fill(adv + summary_start, adv + branch_end, value);
       }
-      std::fill(adv + segment_start, adv + trunk_end, 0.0f);
-      const float* trace_summaries = summary_values + n * S * A;
-      for (int64_t t = trunk_end; t < row_end;) {
-        const int64_t branch_end = std::upper_bound(branches + t, branches + row_end, branches[t]) - branches;
-        const int64_t summary_start = std::lower_bound(kind + t, kind + branch_end, kSummary) - kind;
-        std::fill(adv + t, adv + summary_start, 0.0f);
-        if (summary_start < branch_end) {
-          const float value = trace_summaries[slots[summary_start] * A + summaries[summary_start]];
-          std::fill(adv + summary_start, adv + branch_end, value);
-        }
-        t = branch_end;
-      }
+      t = branch_end;
     }
   };
   // Rows are handed out dynamically: the fill is memory-bound, and on a shared machine a static
   // split would wait for a descheduled thread's half of the rows.
-  const int threads = total >= 2 * kGrainTokens ? at::get_num_threads() : 1;
 #ifdef _OPENMP
+  const int threads = total >= 2 * kGrainTokens ? at::get_num_threads() : 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
-  for (int64_t n = 0; n < num_traces; ++n) fill_rows(n, n + 1);
+  for (int64_t n = 0; n < num_traces; ++n) fill_row(n);
   return out;
 }
 

@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from anytime_kernels import advantage_stats, brpo_advantages, pack_response_trees, token_advantages
+from anytime_kernels import advantage_stats, brpo_advantages, ops, pack_response_trees, token_advantages
 from trainer.budgets import budget_prior, budget_support, cut_lengths
 
 BACKENDS = ("cpp", "triton", "reference")
@@ -371,3 +371,22 @@ def test_cuda_triton_matches_cpu_op():
     expected = token_advantages(layout, thinking_adv, summary_adv, backend="cpp")
     got = token_advantages(layout.to("cuda"), thinking_adv.cuda(), summary_adv.cuda())
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+
+
+def test_cpu_op_rejects_cuts_beyond_the_trace():
+    layout = pack_response_trees(*random_rollouts(random.Random(4), 2, 2, 1))
+    bad_cuts = layout.cut_lens.clone()
+    bad_cuts[1, 1] = int(layout.thinking_lens[1]) + 1
+    with pytest.raises(ValueError, match=r"trace 1: cut_lens\[1\]"):
+        ops.token_advantages(
+            layout.cu_seqlens,
+            layout.prompt_lens,
+            layout.thinking_lens,
+            bad_cuts,
+            layout.token_kind,
+            layout.slot,
+            layout.summary_index,
+            layout.branch_start,
+            torch.zeros(2, 2),
+            torch.zeros(2, 2, 1),
+        )
