@@ -5,6 +5,12 @@ Every op has a public function here that checks its arguments and dispatches to 
 """
 
 from anytime_kernels._extension import ops
+from anytime_kernels.advantages import (
+    AdvantageStats,
+    advantage_stats,
+    brpo_advantages,
+    token_advantages,
+)
 from anytime_kernels.logprobs import fused_logprobs
 from anytime_kernels.tree import (
     IGNORE_INDEX,
@@ -17,11 +23,15 @@ from anytime_kernels.tree import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "AdvantageStats",
     "ResponseTreeLayout",
     "TokenKind",
+    "advantage_stats",
+    "brpo_advantages",
     "fused_logprobs",
     "ops",
     "pack_response_trees",
+    "token_advantages",
     "tree_attention_mask",
     "tree_mask_mod",
 ]
