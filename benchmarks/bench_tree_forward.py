@@ -67,16 +67,16 @@ def build_model(config: dict, device: str, dtype: torch.dtype) -> torch.nn.Modul
 CPU_CASE = dict(
     name="tiny_qwen2_bmax512_S4_A4_sum32",
     model=dict(
-        vocab_size=8192,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
     ),
-    rollouts=dict(num_traces=8, prompt_len=64, b_max=512, num_slots=4, num_summaries=4, summary_len=32),
+    rollouts=dict(num_traces=4, prompt_len=64, b_max=512, num_slots=4, num_summaries=4, summary_len=32),
     micro_batch_tokens=4096,
     backend="sdpa",
     dtype=torch.float32,
@@ -107,7 +107,7 @@ GPU_CASE = dict(
 def run_case(case: dict, device: str, quick: bool, results: Results) -> None:
     rollout_args = dict(case["rollouts"])
     if quick:
-        rollout_args["num_traces"] = max(2, rollout_args["num_traces"] // 4)
+        rollout_args["num_traces"] = 1
     vocab = case["model"]["vocab_size"]
     rollouts = make_rollouts(**rollout_args, vocab=vocab)
     layouts = {
@@ -131,7 +131,7 @@ def run_case(case: dict, device: str, quick: bool, results: Results) -> None:
 
         step()  # warm-up allocates the gradient buffers (and compiles flex on CUDA)
         results.add(case["name"], provider, "tokens", layout.num_tokens, "count")
-        timings[provider] = time_ms(step, device, warmup=1, repeat=2 if quick else 3)
+        timings[provider] = time_ms(step, device, warmup=0 if quick else 1, repeat=2 if quick else 3)
         results.add(case["name"], provider, "time_ms", timings[provider], "ms")
         results.add(case["name"], provider, "peak_mem_mb", peak_memory_mb(step, device), "MiB")
         results.add(

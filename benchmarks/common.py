@@ -7,7 +7,8 @@ Every ``benchmarks/bench_<name>.py`` follows one convention::
 It prints a table and writes ``DIR/bench_<name>.csv`` in long format with the columns
 ``benchmark, case, provider, metric, value, unit``. Times are medians of repeated runs after
 warm-up; peak memory is in MiB (CUDA: the caching allocator's peak; CPU: the growth of the
-process's resident set, read from the kernel's high-water mark after resetting it).
+process's resident set, read from the kernel's high-water mark after resetting it, with glibc
+told to map every large allocation afresh for the duration of the measurement).
 """
 
 from __future__ import annotations
@@ -43,24 +44,17 @@ def parse_args(name: str, description: str, extra: Callable[[argparse.ArgumentPa
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but torch sees no CUDA device")
-    if args.device == "cpu":
-        _pin_cpu_allocator()
     return args
 
 
-def _pin_cpu_allocator() -> None:
-    """Make glibc return every allocation of 64 KiB or more to the OS on free.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
-    glibc otherwise raises its mmap threshold after large frees and keeps later buffers in the
-    heap, where reuse never shows in the resident set and peak memory would read low.
-    """
+
+def _glibc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    libc.mallopt(m_trim_threshold, 128 * 1024)
+        return None
 
 
 def synchronize(device: str) -> None:
@@ -100,11 +94,26 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM, the resident-set high-water mark
-    base = _proc_status_kib("VmRSS")
-    fn()
-    return max(0, _proc_status_kib("VmHWM") - base) / 1024
+    libc = _glibc()
+    if libc is not None:
+        # glibc keeps freed buffers in its heap and serves later allocations from there, where they
+        # never show in the resident set: for the measurement, give every allocation of 64 KiB or
+        # more its own mapping and hand free heap pages back first.
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM, the resident-set high-water mark
+        base = _proc_status_kib("VmRSS")
+        fn()
+        return max(0, _proc_status_kib("VmHWM") - base) / 1024
+    finally:
+        if libc is not None:
+            # Back to what a warmed-up default glibc converges to (its dynamic maximum), so timings
+            # taken after this call see buffer reuse as an ordinary process does.
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
 @dataclass
