@@ -79,6 +79,12 @@ class MathReward:
     def close(self) -> None:
         self.pool.close()
 
+    def __enter__(self) -> MathReward:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 _default: MathReward | None = None
 _default_lock = threading.Lock()
