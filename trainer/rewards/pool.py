@@ -69,9 +69,10 @@ def default_num_workers() -> int:
 class GradingPool:
     """Grades many argument tuples with ``grade_fn`` (a module-level function returning a score) in worker processes.
 
-    Workers are spawned, not forked: the trainer process holds torch threads and possibly a CUDA
-    context, which a fork would copy in an unusable state. ``initializer`` runs once per worker
-    (imports, logging setup) so the first answer does not pay for it.
+    Workers never fork the trainer process, which holds torch threads and possibly a CUDA context
+    that a fork would copy in an unusable state: they fork from a fork server (spawned where there
+    is none). ``grade_fn`` must be importable by module and name. ``initializer`` runs once per
+    worker (imports, logging setup) so the first answer does not pay for it.
     """
 
     def __init__(
@@ -101,7 +102,7 @@ class GradingPool:
             self._pool = ProcessPool(
                 max_workers=self.num_workers,
                 initializer=self._initializer,
-                context=multiprocessing.get_context("spawn"),
+                context=_worker_context(self.grade_fn),
             )
         return self._pool
 
@@ -151,6 +152,22 @@ class GradingPool:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _worker_context(grade_fn: Callable[..., float]):
+    """Forkserver where there is one, spawn elsewhere: never a fork of the trainer process itself.
+
+    The fork server imports the trainer's main module (torch and all) and the grading function's
+    module once; every worker, including the one that replaces a killed worker, forks from it in
+    milliseconds. Spawned workers would each import all of it again (seconds per worker).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    module = getattr(grade_fn, "__module__", None)
+    if module and module != "__main__":
+        context.set_forkserver_preload(["__main__", module])
+    return context
 
 
 def _noop() -> None:
