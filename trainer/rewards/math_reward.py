@@ -34,6 +34,7 @@ class MathReward:
             timeout_s=timeout_s,
             hard_timeout_s=hard_timeout_s,
             initializer=init_worker,
+            preload=("math_verify",),
         )
 
     def __call__(

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from pebble import ProcessExpired, ProcessPool
 logger = logging.getLogger(__name__)
 
 STATUSES = ("ok", "timeout", "error", "crash")
+_HEAVY_MODULES = ("numpy", "torch", "triton", "transformers", "datasets")
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,9 @@ class GradingPool:
 
     Workers never fork the trainer process, which holds torch threads and possibly a CUDA context
     that a fork would copy in an unusable state: they fork from a fork server (spawned where there
-    is none). ``grade_fn`` must be importable by module and name. ``initializer`` runs once per
-    worker (imports, logging setup) so the first answer does not pay for it.
+    is none). ``grade_fn`` must be importable by module and name. ``preload`` names modules the
+    fork server imports for all workers; ``initializer`` runs once per worker (logging setup, a
+    first call that fills lazy caches) so the first answer does not pay for it.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class GradingPool:
         timeout_s: float = 5.0,
         hard_timeout_s: float | None = None,
         initializer: Callable[[], None] | None = None,
+        preload: Sequence[str] = (),
     ) -> None:
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -95,6 +99,7 @@ class GradingPool:
         if self.hard_timeout_s <= self.timeout_s:
             raise ValueError(f"hard_timeout_s={self.hard_timeout_s} must exceed timeout_s={self.timeout_s}")
         self._initializer = initializer
+        self._preload = tuple(preload)
         self._pool: ProcessPool | None = None
 
     def _ensure_pool(self) -> ProcessPool:
@@ -102,7 +107,7 @@ class GradingPool:
             self._pool = ProcessPool(
                 max_workers=self.num_workers,
                 initializer=self._initializer,
-                context=_worker_context(self.grade_fn),
+                context=_worker_context(self.grade_fn, self._preload),
             )
         return self._pool
 
@@ -154,19 +159,23 @@ class GradingPool:
         self.close()
 
 
-def _worker_context(grade_fn: Callable[..., float]):
+def _worker_context(grade_fn: Callable[..., float], preload: Sequence[str]):
     """Forkserver where there is one, spawn elsewhere: never a fork of the trainer process itself.
 
-    The fork server imports the trainer's main module (torch and all) and the grading function's
-    module once; every worker, including the one that replaces a killed worker, forks from it in
-    milliseconds. Spawned workers would each import all of it again (seconds per worker).
+    A worker re-runs the trainer's main module (multiprocessing does so for every child, and
+    CPython's fork server does not preload ``__main__`` as documented), so the fork server imports
+    the heavy libraries the trainer has already imported, the grading function's module and
+    ``preload`` once; every worker, including one that replaces a killed worker, then forks from
+    it in milliseconds instead of importing torch again (seconds per worker). The fork server is
+    shared by the process: its preload list counts only if this is the first pool to start it.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     module = getattr(grade_fn, "__module__", None)
-    if module and module != "__main__":
-        context.set_forkserver_preload(["__main__", module])
+    modules = [name for name in _HEAVY_MODULES if name in sys.modules]
+    modules += [*preload, module] if module and module != "__main__" else list(preload)
+    context.set_forkserver_preload(modules)
     return context
 
 
