@@ -14,6 +14,7 @@ from trainer.rewards import (
     final_answer_paragraph,
     get_reward,
     has_valid_format,
+    math_reward,
     normalize_ground_truth,
     register_reward,
     zero_eos_ended,
@@ -150,13 +151,17 @@ class TestMathGrading:
             reward(["a", "b"], ["1"])
         with pytest.raises(TypeError, match=r"completions\[0\] is a list"):
             reward([[1, 2]], ["1"])
-        with pytest.raises(ValueError, match="empty string"):
+        with pytest.raises(ValueError, match=r"answers\[0\]: the answer is an empty string"):
             reward([closed("t", "\\boxed{1}")], [""])
 
 
 class TestRegistry:
     def test_builtins(self):
         assert get_reward("synthetic") is synthetic_reward
+        assert get_reward("math") is math_reward
+        # The default math reward owns a shared pool, started on first use.
+        scores, metrics = math_reward([closed("t", "\\boxed{\\frac{2}{4}}"), closed("t", "\\boxed{3}")], ["0.5", "4"])
+        assert scores == [1.0, 0.0] and metrics["reward/graded_pairs"] == 2.0
         assert {"math", "synthetic"} <= set(available_rewards())
 
     def test_register_and_import_path(self, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
@@ -15,6 +14,7 @@ from trainer.synthetic import (
     ArithmeticProblem,
     generate_problem,
     generate_rows,
+    save_rows,
     synthetic_reward,
     teacher_summary,
     teacher_thinking,
@@ -137,9 +137,7 @@ class TestTokenizer:
         assert loaded.eos_token_id == tokenizer.eos_token_id and loaded.chat_template == tokenizer.chat_template
 
     def test_prompts_from_synthetic_rows(self, tmp_path):
-        path = tmp_path / "synthetic.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in generate_rows(8, seed=2)))
-        problems, _ = load_problems(path)
+        problems, _ = load_problems(save_rows(generate_rows(8, seed=2), tmp_path / "data" / "synthetic.jsonl"))
         prompt_set = build_prompts(problems, build_tokenizer())
         assert len(prompt_set.prompts) == 8
         for prompt in prompt_set.prompts:

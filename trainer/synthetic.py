@@ -11,9 +11,11 @@ warm-up traces of many lengths for the same problem. The verifier applies the ma
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from trainer.rewards.answer import final_answer, has_valid_format, zero_eos_ended
 
@@ -106,6 +108,14 @@ def generate_rows(
         solution = thinking + "\n\n**Final Answer**\n" + teacher_summary(problem.answer)
         rows.append({"problem": problem.text, "answer": str(problem.answer), "solution": solution})
     return rows
+
+
+def save_rows(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write rows as JSONL, a file ``trainer.data`` loads like any data set."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
 
 
 def _as_int(text: str | None) -> int | None:

@@ -49,7 +49,12 @@ class MathReward:
         for index, completion in enumerate(completions):
             if not isinstance(completion, str):
                 raise TypeError(f"completions[{index}] is a {type(completion).__name__}; expected decoded text (str)")
-        truths = [normalize_ground_truth(answer) for answer in answers]
+        truths = []
+        for index, answer in enumerate(answers):
+            try:
+                truths.append(normalize_ground_truth(answer))
+            except ValueError as error:
+                raise ValueError(f"answers[{index}]: {error}") from error
         start = time.perf_counter()
         formatted = [has_valid_format(completion) for completion in completions]
         boxed = [final_answer(completion) for completion in completions]
