@@ -8,6 +8,9 @@ Cases:
   answer (55%, as written or as an equivalent form), a wrong answer (30%, a few distinct ones),
   no box (10%) or a second ``</think>`` (5%); the reward grades only the distinct pairs.
 
+Providers: ``pool_w{N}`` is the reward as the trainer runs it with N workers (pairs that plain
+text settles, identical strings and integers, skip the pool); ``_no_shortcut`` sends every
+distinct pair to math-verify. ``eval_gold`` runs without the shortcut: the pool's raw rate.
 Each case runs on a fresh pool whose workers are already started, once with cold parse caches
 (``cold``) and once more (``warm``: answers seen before, as the ground truths are in a long run).
 Grading's share of a step is reported against ``--step-seconds``, an assumed wall time of one
@@ -68,23 +71,24 @@ def step_batch(problems, num_prompts: int, rng: random.Random):
     return completions, answers
 
 
-def run_case(results: Results, case: str, completions, answers, num_workers: int, step_seconds: float | None):
-    provider = f"pool_w{num_workers}"
-    with MathReward(num_workers=num_workers, timeout_s=5.0) as reward:
+def run_case(results: Results, case: str, completions, answers, num_workers: int, exact_shortcut: bool, step_seconds):
+    provider = f"pool_w{num_workers}" + ("" if exact_shortcut else "_no_shortcut")
+    with MathReward(num_workers=num_workers, timeout_s=5.0, exact_shortcut=exact_shortcut) as reward:
         results.add(case, provider, "worker_start_s", reward.pool.warm_up(), "s")
         for cache in ("cold", "warm"):
             start = time.perf_counter()
             _, metrics = reward(completions, answers)
             seconds = time.perf_counter() - start
             pairs = metrics["reward/graded_pairs"]
-            results.add(case, provider, f"{cache}_seconds", seconds, "s")
-            results.add(case, provider, f"{cache}_graded_pairs_per_s", pairs / seconds, "1/s")
-            results.add(case, provider, f"{cache}_summaries_per_s", len(completions) / seconds, "1/s")
             if cache == "cold":
                 results.add(case, provider, "summaries", len(completions), "count")
-                results.add(case, provider, "graded_pairs", pairs, "count")
+                results.add(case, provider, "exact_pairs", metrics["reward/exact_pairs"], "count")
+                results.add(case, provider, "pool_graded_pairs", pairs, "count")
                 results.add(case, provider, "timeouts", metrics["reward/timeouts"], "count")
                 results.add(case, provider, "mean_reward", metrics["reward/mean"], "score")
+            results.add(case, provider, f"{cache}_seconds", seconds, "s")
+            results.add(case, provider, f"{cache}_pool_graded_per_s", pairs / seconds, "1/s")
+            results.add(case, provider, f"{cache}_summaries_per_s", len(completions) / seconds, "1/s")
             if step_seconds is not None:
                 share = seconds / (seconds + step_seconds)
                 results.add(case, provider, f"{cache}_share_of_{step_seconds:g}s_step", 100 * share, "%")
@@ -101,18 +105,15 @@ def main() -> None:
     rng = random.Random(0)
     results = Results("rewards")
     gold_problems = rng.sample(problems, 200) if args.quick else problems
-    run_case(
-        results,
-        f"eval_gold_{len(gold_problems)}",
-        [completion(problem.answer[0]) for problem in gold_problems],
-        [problem.answer for problem in gold_problems],
-        num_workers=2,
-        step_seconds=None,
-    )
+    gold_completions = [completion(problem.answer[0]) for problem in gold_problems]
+    gold_answers = [problem.answer for problem in gold_problems]
+    run_case(results, f"eval_gold_{len(gold_problems)}", gold_completions, gold_answers, 2, False, None)
     num_prompts = 16 if args.quick else 64
     completions, answers = step_batch(problems, num_prompts, rng)
-    for num_workers in (2,) if args.quick else (1, 2):
-        run_case(results, f"step_P{num_prompts}", completions, answers, num_workers, args.step_seconds)
+    settings = [(2, True), (2, False)] if args.quick else [(1, True), (2, True), (2, False)]
+    for num_workers, exact_shortcut in settings:
+        case = f"step_P{num_prompts}"
+        run_case(results, case, completions, answers, num_workers, exact_shortcut, args.step_seconds)
     results.finish(args.out)
 
 

@@ -9,10 +9,12 @@ from trainer.rewards import (
     MathReward,
     available_rewards,
     ended_with_eos,
+    exact_grade,
     extract_boxed,
     final_answer,
     final_answer_paragraph,
     get_reward,
+    grade_answer,
     has_valid_format,
     math_reward,
     normalize_ground_truth,
@@ -138,13 +140,40 @@ class TestMathGrading:
         assert metrics["reward/boxed"] == pytest.approx(5 / 6)
         assert metrics["reward/eos_ended"] == pytest.approx(1 / 6)
         assert metrics["reward/mean"] == pytest.approx(2 / 6)
-        # Only distinct (answer, truth) pairs that pass the format rule are graded: one here.
-        assert metrics["reward/graded_pairs"] == 1.0
+        # Only distinct (answer, truth) pairs that pass the format rule are graded: one here, an exact match.
+        assert metrics["reward/exact_pairs"] == 1.0 and metrics["reward/graded_pairs"] == 0.0
 
     def test_agrees_with_the_synthetic_verifier_on_integers(self, reward):
         completions = [closed("t", "\\boxed{12}"), closed("t", "\\boxed{13}"), truncated("t", "\\boxed{7}")]
         answers = ["12", "12", "7"]
         assert reward(completions, answers)[0] == synthetic_reward(completions, answers)[0] == [1.0, 0.0, 1.0]
+
+    @pytest.mark.parametrize(
+        ("given", "truths", "expected"),
+        [
+            ("5", ("5",), 1.0),
+            (" 5 ", ("5",), 1.0),
+            ("05", ("5",), 1.0),
+            ("+3", ("3",), 1.0),
+            ("-3", ("3",), 0.0),
+            ("6", ("4", "5"), 0.0),
+            ("5", ("4", "5"), 1.0),
+            (r"\frac{1}{2}", (r"\frac{1}{2}",), 1.0),
+            ("5", ("5.0",), None),
+            ("0.5", (r"\frac{1}{2}",), None),
+            ("5", ("4", "x"), None),
+        ],
+    )
+    def test_exact_shortcut_agrees_with_math_verify(self, given, truths, expected):
+        assert exact_grade(given, truths) == expected
+        if expected is not None:
+            assert grade_answer(given, truths) == expected
+
+    def test_exact_shortcut_can_be_turned_off(self):
+        with MathReward(num_workers=1, exact_shortcut=False) as reward:
+            scores, metrics = reward([closed("t", "\\boxed{5}"), closed("t", "\\boxed{6}")], ["5", "5"])
+        assert scores == [1.0, 0.0]
+        assert metrics["reward/graded_pairs"] == 2.0 and metrics["reward/exact_pairs"] == 0.0
 
     def test_input_validation(self, reward):
         with pytest.raises(ValueError, match="2 completions and 1 answers"):
@@ -161,7 +190,8 @@ class TestRegistry:
         assert get_reward("math") is math_reward
         # The default math reward owns a shared pool, started on first use.
         scores, metrics = math_reward([closed("t", "\\boxed{\\frac{2}{4}}"), closed("t", "\\boxed{3}")], ["0.5", "4"])
-        assert scores == [1.0, 0.0] and metrics["reward/graded_pairs"] == 2.0
+        assert scores == [1.0, 0.0]
+        assert metrics["reward/graded_pairs"] == 1.0 and metrics["reward/exact_pairs"] == 1.0
         assert {"math", "synthetic"} <= set(available_rewards())
 
     def test_register_and_import_path(self, monkeypatch):

@@ -54,7 +54,8 @@ def test_gold_grades_correct_and_perturbed_grades_wrong(problems):
     gold = [as_model_would_write(problem.answer[0]) for problem in problems]
     perturbed = [as_model_would_write(perturb(problem.answer[0])) for problem in problems]
     answers = [problem.answer for problem in problems]
-    with MathReward(timeout_s=5.0) as reward:
+    # Without the exact-match shortcut: math-verify grades every pair, the gold ones included.
+    with MathReward(timeout_s=5.0, exact_shortcut=False) as reward:
         scores, metrics = reward(gold + perturbed, answers + answers)
     gold_scores, perturbed_scores = scores[: len(problems)], scores[len(problems) :]
     gold_wrong = [problem.answer for problem, score in zip(problems, gold_scores, strict=True) if score != 1.0]

@@ -15,7 +15,7 @@ from trainer.rewards.answer import (
     has_valid_format,
     zero_eos_ended,
 )
-from trainer.rewards.math_grading import grade_answer, normalize_ground_truth
+from trainer.rewards.math_grading import exact_grade, grade_answer, normalize_ground_truth
 from trainer.rewards.math_reward import MathReward, math_reward
 from trainer.rewards.pool import GradeOutcome, GradingPool
 from trainer.rewards.registry import available_rewards, get_reward, register_reward
@@ -28,6 +28,7 @@ __all__ = [
     "MathReward",
     "available_rewards",
     "ended_with_eos",
+    "exact_grade",
     "extract_boxed",
     "final_answer",
     "final_answer_paragraph",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 PARSE_CACHE_SIZE = 1 << 16
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 def init_worker() -> None:
@@ -40,6 +42,21 @@ def grade_answer(answer: str, ground_truths: Sequence[str]) -> float:
         if gold and verify(list(gold), list(predicted), timeout_seconds=None):
             return 1.0
     return 0.0
+
+
+def exact_grade(answer: str, ground_truths: Sequence[str]) -> float | None:
+    """The score when plain text settles it, else None (math-verify must decide).
+
+    1.0 when ``answer`` is one of ``ground_truths`` character for character; when the answer and
+    every ground truth are integer literals, 1.0 or 0.0 by value. Both agree with math-verify, and
+    integers are most answers of AIME, AMC and DeepScaleR, so most pairs never reach the pool.
+    """
+    answer = answer.strip()
+    if answer in ground_truths:
+        return 1.0
+    if _INTEGER.fullmatch(answer) and all(_INTEGER.fullmatch(truth) for truth in ground_truths):
+        return 1.0 if any(int(answer) == int(truth) for truth in ground_truths) else 0.0
+    return None
 
 
 def normalize_ground_truth(answer: object) -> tuple[str, ...]:
