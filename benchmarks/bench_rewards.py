@@ -12,7 +12,8 @@ Providers: ``pool_w{N}`` is the reward as the trainer runs it with N workers (pa
 text settles, identical strings and integers, skip the pool); ``_no_shortcut`` sends every
 distinct pair to math-verify. ``eval_gold`` runs without the shortcut: the pool's raw rate.
 Each case runs on a fresh pool whose workers are already started, once with cold parse caches
-(``cold``) and once more (``warm``: answers seen before, as the ground truths are in a long run).
+(``cold``) and once more (``warm``: answers seen before, as the ground truths are in a long run);
+times are medians over 3 fresh pools (1 with ``--quick``).
 Grading's share of a step is reported against ``--step-seconds``, an assumed wall time of one
 training step of the paper's setting on one GPU: no trainer step exists to measure yet.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import random
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -71,27 +73,32 @@ def step_batch(problems, num_prompts: int, rng: random.Random):
     return completions, answers
 
 
-def run_case(results: Results, case: str, completions, answers, num_workers: int, exact_shortcut: bool, step_seconds):
+def run_case(results: Results, case: str, completions, answers, settings: tuple[int, bool], repeats: int, step_seconds):
+    """Median over ``repeats`` fresh pools of the cold and the warm call."""
+    num_workers, exact_shortcut = settings
     provider = f"pool_w{num_workers}" + ("" if exact_shortcut else "_no_shortcut")
-    with MathReward(num_workers=num_workers, timeout_s=5.0, exact_shortcut=exact_shortcut) as reward:
-        results.add(case, provider, "worker_start_s", reward.pool.warm_up(), "s")
-        for cache in ("cold", "warm"):
-            start = time.perf_counter()
-            _, metrics = reward(completions, answers)
-            seconds = time.perf_counter() - start
-            pairs = metrics["reward/graded_pairs"]
-            if cache == "cold":
-                results.add(case, provider, "summaries", len(completions), "count")
-                results.add(case, provider, "exact_pairs", metrics["reward/exact_pairs"], "count")
-                results.add(case, provider, "pool_graded_pairs", pairs, "count")
-                results.add(case, provider, "timeouts", metrics["reward/timeouts"], "count")
-                results.add(case, provider, "mean_reward", metrics["reward/mean"], "score")
-            results.add(case, provider, f"{cache}_seconds", seconds, "s")
-            results.add(case, provider, f"{cache}_pool_graded_per_s", pairs / seconds, "1/s")
-            results.add(case, provider, f"{cache}_summaries_per_s", len(completions) / seconds, "1/s")
-            if step_seconds is not None:
-                share = seconds / (seconds + step_seconds)
-                results.add(case, provider, f"{cache}_share_of_{step_seconds:g}s_step", 100 * share, "%")
+    seconds = {"cold": [], "warm": []}
+    for _ in range(repeats):
+        with MathReward(num_workers=num_workers, timeout_s=5.0, exact_shortcut=exact_shortcut) as reward:
+            reward.pool.warm_up()
+            for cache in ("cold", "warm"):
+                start = time.perf_counter()
+                _, metrics = reward(completions, answers)
+                seconds[cache].append(time.perf_counter() - start)
+    pairs = metrics["reward/graded_pairs"]
+    results.add(case, provider, "summaries", len(completions), "count")
+    results.add(case, provider, "exact_pairs", metrics["reward/exact_pairs"], "count")
+    results.add(case, provider, "pool_graded_pairs", pairs, "count")
+    results.add(case, provider, "timeouts", metrics["reward/timeouts"], "count")
+    results.add(case, provider, "mean_reward", metrics["reward/mean"], "score")
+    for cache, samples in seconds.items():
+        median = statistics.median(samples)
+        results.add(case, provider, f"{cache}_seconds", median, "s")
+        results.add(case, provider, f"{cache}_pool_graded_per_s", pairs / median, "1/s")
+        results.add(case, provider, f"{cache}_summaries_per_s", len(completions) / median, "1/s")
+        if step_seconds is not None:
+            share = median / (median + step_seconds)
+            results.add(case, provider, f"{cache}_share_of_{step_seconds:g}s_step", 100 * share, "%")
 
 
 def main() -> None:
@@ -107,13 +114,12 @@ def main() -> None:
     gold_problems = rng.sample(problems, 200) if args.quick else problems
     gold_completions = [completion(problem.answer[0]) for problem in gold_problems]
     gold_answers = [problem.answer for problem in gold_problems]
-    run_case(results, f"eval_gold_{len(gold_problems)}", gold_completions, gold_answers, 2, False, None)
+    repeats = 1 if args.quick else 3
+    run_case(results, f"eval_gold_{len(gold_problems)}", gold_completions, gold_answers, (2, False), repeats, None)
     num_prompts = 16 if args.quick else 64
     completions, answers = step_batch(problems, num_prompts, rng)
-    settings = [(2, True), (2, False)] if args.quick else [(1, True), (2, True), (2, False)]
-    for num_workers, exact_shortcut in settings:
-        case = f"step_P{num_prompts}"
-        run_case(results, case, completions, answers, num_workers, exact_shortcut, args.step_seconds)
+    for settings in [(2, True), (2, False)] if args.quick else [(1, True), (2, True), (2, False)]:
+        run_case(results, f"step_P{num_prompts}", completions, answers, settings, repeats, args.step_seconds)
     results.finish(args.out)
 
 
