@@ -35,6 +35,11 @@ def double_or_fail(value: int) -> float:
     return 2.0 * value
 
 
+def sleep_then_one(seconds: float) -> float:
+    time.sleep(seconds)
+    return 1.0
+
+
 @pytest.fixture(scope="module")
 def pool():
     with GradingPool(double_or_fail, num_workers=2, timeout_s=0.5, hard_timeout_s=3.0) as grading_pool:
@@ -61,6 +66,13 @@ def test_failures_score_zero_and_leave_the_rest_graded(pool, value, status):
     assert count_statuses(outcomes) == {"ok": 4, "timeout": 0, "error": 0, "crash": 0} | {status: 1}
     # The pool replaced a killed or dead worker and keeps grading.
     assert pool.grade([(5,)]) == [GradeOutcome(10.0, "ok")]
+
+
+def test_deadlines_count_from_the_start_of_each_answer_not_from_the_call():
+    # 12 answers of 0.2 s queue behind one worker for 2.4 s, longer than the hard timeout.
+    with GradingPool(sleep_then_one, num_workers=1, timeout_s=0.5, hard_timeout_s=1.5) as single_worker:
+        outcomes = single_worker.grade([(0.2,)] * 12)
+    assert outcomes == [GradeOutcome(1.0, "ok")] * 12
 
 
 def test_pathological_expression_times_out_without_blocking_others():
