@@ -61,6 +61,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.22",
     "safetensors>=0.4",
     "math-verify>=0.8",
+    "pebble>=5.0",
     "datasets>=3.0",
     "pyarrow>=15",
     "numpy>=1.26",

@@ -1,0 +1,145 @@
+"""The synthetic anytime task, its verifier, and its local tokenizer."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from trainer.budgets import ANSWER_OPENER, TRUNCATION_MARK, Delimiters
+from trainer.data import INSTRUCTION, build_prompts, load_problems
+from trainer.synthetic import (
+    ArithmeticProblem,
+    generate_problem,
+    generate_rows,
+    save_rows,
+    synthetic_reward,
+    teacher_summary,
+    teacher_thinking,
+)
+from trainer.tokenizer import EOS, build_tokenizer, save_tokenizer
+
+PROBLEM = ArithmeticProblem(start=37, steps=(("add", 15), ("multiply", 3), ("subtract", 60)))
+
+
+def solve_text(text: str) -> int:
+    """An independent solver that reads the problem text: start value, then each operation, modulo 100."""
+    value = int(re.match(r"Start at (\d+)\.", text).group(1))
+    for verb, operand in re.findall(r"(Add|Subtract|Multiply by) (\d+)\.", text):
+        operand = int(operand)
+        value = {"Add": value + operand, "Subtract": value - operand, "Multiply by": value * operand}[verb] % 100
+    return value
+
+
+class TestTask:
+    def test_hand_computed_problem(self):
+        assert PROBLEM.text == "Start at 37. Add 15. Multiply by 3. Subtract 60. What is the result modulo 100?"
+        assert PROBLEM.partial_results() == [52, 56, 96]  # 37+15, 52*3=156 -> 56, 56-60=-4 -> 96
+        assert PROBLEM.answer == 96
+
+    def test_terse_and_verbose_teacher_thinking(self):
+        rng = random.Random(0)
+        assert teacher_thinking(PROBLEM, 0.0, rng) == "37 + 15 = 52\n52 * 3 = 56\n56 - 60 = 96\n</think>"
+        assert teacher_thinking(PROBLEM, 1.0, rng) == (
+            "37 + 15 = 52\ncheck: 37 + 15 = 52\n52 * 3 = 56\ncheck: 52 * 3 = 56\n56 - 60 = 96\ncheck: 56 - 60 = 96\n</think>"
+        )
+        with pytest.raises(ValueError, match="check_prob"):
+            teacher_thinking(PROBLEM, 1.5, rng)
+
+    def test_rows_match_an_independent_solver(self):
+        rows = generate_rows(200, seed=3)
+        assert rows == generate_rows(200, seed=3)
+        assert rows != generate_rows(200, seed=4)
+        for row in rows:
+            answer = solve_text(row["problem"])
+            assert row["answer"] == str(answer)
+            thinking, _, summary = row["solution"].partition(ANSWER_OPENER)
+            assert summary == f"\\boxed{{{answer}}}"
+            # The last line of thinking carries the final partial result.
+            assert thinking.endswith(f"= {answer}\n</think>")
+
+    def test_traces_vary_in_length_and_step_count(self):
+        rows = generate_rows(200, seed=1, min_steps=2, max_steps=8)
+        lengths = {len(row["solution"]) for row in rows}
+        steps = {len(re.findall(r"(Add|Subtract|Multiply by) ", row["problem"])) for row in rows}
+        assert steps == set(range(2, 9))
+        assert len(lengths) > 50
+        verbose = generate_rows(50, seed=1, check_probs=(1.0,))
+        terse = generate_rows(50, seed=1, check_probs=(0.0,))
+        for long_row, short_row in zip(verbose, terse, strict=True):
+            assert long_row["problem"] == short_row["problem"]
+            assert long_row["solution"].count("\n") == 2 * short_row["solution"].count("\n") - 3
+
+    def test_argument_checks(self):
+        with pytest.raises(ValueError, match="min_steps"):
+            generate_problem(random.Random(0), min_steps=3, max_steps=2)
+        with pytest.raises(ValueError, match="num_problems"):
+            generate_rows(-1)
+
+
+class TestVerifier:
+    def test_reward_rule(self):
+        thinking = teacher_thinking(PROBLEM, 0.0, random.Random(0))
+        completions = [
+            thinking + ANSWER_OPENER + teacher_summary(96),  # closed, correct
+            thinking + ANSWER_OPENER + teacher_summary(95),  # wrong number
+            "37 + 15 = 52" + TRUNCATION_MARK + ANSWER_OPENER + "\\boxed{ 96 }",  # cut, correct
+            thinking + ANSWER_OPENER + "96",  # no box
+            thinking + "</think>" + ANSWER_OPENER + teacher_summary(96),  # two </think>
+            thinking + ANSWER_OPENER + teacher_summary(96),  # correct text, EOS-ended trace
+            thinking + ANSWER_OPENER + "\\boxed{ninety-six}",  # not an integer
+        ]
+        eos_ended = [False] * 5 + [True, False]
+        scores, metrics = synthetic_reward(completions, [96, "96", "96", 96, 96, 96, 96], eos_ended=eos_ended)
+        assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+        assert metrics["reward/mean"] == pytest.approx(2 / 7)
+        assert metrics["reward/format_ok"] == pytest.approx(6 / 7)
+        assert metrics["reward/boxed"] == pytest.approx(6 / 7)
+
+    def test_bad_answers(self):
+        with pytest.raises(ValueError, match="is not an integer"):
+            synthetic_reward(["x"], ["1/2"])
+        with pytest.raises(ValueError, match="1 completions and 2 answers"):
+            synthetic_reward(["x"], [1, 2])
+
+
+class TestTokenizer:
+    def test_round_trip_and_single_token_pieces(self):
+        tokenizer = build_tokenizer()
+        assert isinstance(tokenizer, PreTrainedTokenizerFast)
+        for row in generate_rows(20, seed=0):
+            text = row["problem"] + "\n" + row["solution"] + EOS
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert tokenizer.decode(ids) == text
+            assert ids[-1] == tokenizer.eos_token_id
+        for piece in ("</think>", "<think>", "...", "\n\n", "**Final Answer**", "\\boxed{", "}", EOS, INSTRUCTION):
+            assert len(tokenizer.encode(piece, add_special_tokens=False)) == 1, piece
+        assert tokenizer.decode(tokenizer.encode("a\n\n\nb", add_special_tokens=False)) == "a\n\n\nb"
+
+    def test_delimiters_from_tokenizer(self):
+        tokenizer = build_tokenizer()
+        delimiters = Delimiters.from_tokenizer(tokenizer)
+        assert delimiters.think_end_id == tokenizer.convert_tokens_to_ids("</think>")
+        assert tokenizer.decode(list(delimiters.truncated)) == TRUNCATION_MARK + ANSWER_OPENER
+        assert tokenizer.decode(list(delimiters.closed)) == ANSWER_OPENER
+        thinking = tokenizer.encode(teacher_thinking(PROBLEM, 0.0, random.Random(0)), add_special_tokens=False)
+        assert delimiters.inserted(thinking, len(thinking)) == delimiters.closed
+        assert delimiters.inserted(thinking, 5) == delimiters.truncated
+
+    def test_saved_tokenizer_loads_offline(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        tokenizer = build_tokenizer()
+        loaded = AutoTokenizer.from_pretrained(str(save_tokenizer(tmp_path / "tokenizer")))
+        text = generate_rows(1, seed=0)[0]["solution"]
+        assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+        assert loaded.eos_token_id == tokenizer.eos_token_id and loaded.chat_template == tokenizer.chat_template
+
+    def test_prompts_from_synthetic_rows(self, tmp_path):
+        problems, _ = load_problems(save_rows(generate_rows(8, seed=2), tmp_path / "data" / "synthetic.jsonl"))
+        prompt_set = build_prompts(problems, build_tokenizer())
+        assert len(prompt_set.prompts) == 8
+        for prompt in prompt_set.prompts:
+            assert prompt.text.endswith("<|assistant|>\n<think>\n")
+            assert solve_text(prompt.problem.problem) == int(prompt.answer[0])
