@@ -131,6 +131,13 @@ def _validate(
         raise ValueError(f"hidden, weight, targets and rows must be on one device, got {sorted(map(str, devices))}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    device = hidden.device.type
+    if backend == "auto":
+        backend = "triton" if device == "cuda" else "cpu"
+    if backend == "cpu" and device != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got {device}")
+    if backend == "triton" and device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
     vocab = weight.shape[0]
     bad_target = _first_bad((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab)), targets)
     if bad_target is not None:
@@ -141,13 +148,6 @@ def _validate(
         bad_row = _first_bad((rows < 0) | (rows >= hidden.shape[0]), rows)
         if bad_row is not None:
             raise ValueError(f"rows[{bad_row[0]}] = {bad_row[1]} is outside [0, {hidden.shape[0]}) (hidden rows)")
-    device = hidden.device.type
-    if backend == "auto":
-        return "triton" if device == "cuda" else "cpu"
-    if backend == "cpu" and device != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got {device}")
-    if backend == "triton" and device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
     return backend
 
 

@@ -40,7 +40,7 @@ from anytime_kernels.tree import IGNORE_INDEX
 
 # Bytes of one vocabulary chunk: fp32 logits plus their gradient in the input dtype.
 CHUNK_BYTES = 768 * 2**20
-_CHUNK_ALIGN = 64
+_MIN_CHUNK = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -154,10 +154,13 @@ def _matmul_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
 
 
 def chunk_vocab_size(num_rows: int, vocab: int, element_size: int) -> int:
-    """Columns per vocabulary chunk: fp32 logits + gradient of ``num_rows`` rows within CHUNK_BYTES."""
+    """Columns per vocabulary chunk: fp32 logits + gradient of ``num_rows`` rows within CHUNK_BYTES.
+
+    A power of two (at least 64) or the whole vocabulary, so the autotuning key (the chunk width)
+    takes a handful of values however the number of rows varies between calls.
+    """
     columns = CHUNK_BYTES // (max(num_rows, 1) * (4 + element_size))
-    columns = max(_CHUNK_ALIGN, columns // _CHUNK_ALIGN * _CHUNK_ALIGN)
-    return min(vocab, columns)
+    return min(vocab, max(_MIN_CHUNK, 1 << (max(columns, 1).bit_length() - 1)))
 
 
 def forward(

@@ -1,0 +1,241 @@
+"""fused_logprobs: every backend against the full-logits reference (fp64 for fp32 inputs), edge
+cases, a hand-computed case, autocast, and argument errors raised before any kernel runs."""
+
+import math
+
+import pytest
+import torch
+
+import anytime_kernels.logprobs as logprobs_module
+import anytime_kernels.logprobs_triton as logprobs_triton
+from anytime_kernels import IGNORE_INDEX, fused_logprobs
+from anytime_kernels.logprobs_reference import fused_logprobs_reference
+
+BACKENDS = ("cpu", "triton")
+
+
+def make_case(num_hidden, width, vocab, num_targets=None, *, repeated_rows=False, ignore=(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_hidden, width, generator=generator)
+    weight = torch.randn(vocab, width, generator=generator) * (2.0 / math.sqrt(width))
+    num_targets = num_hidden if num_targets is None else num_targets
+    targets = torch.randint(0, vocab, (num_targets,), generator=generator)
+    targets[list(ignore)] = IGNORE_INDEX
+    rows = torch.randint(0, num_hidden, (num_targets,), generator=generator) if repeated_rows else None
+    grad_logprobs = torch.randn(num_targets, generator=generator)
+    grad_entropy = torch.randn(num_targets, generator=generator)
+    return hidden, weight, targets, rows, grad_logprobs, grad_entropy
+
+
+def run(fn, hidden, weight, targets, rows, grad_logprobs, grad_entropy, **kwargs):
+    """Values and gradients of sum(g_lp * logprobs + g_ent * entropy) with respect to hidden and weight."""
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    logprobs, entropy = fn(hidden, weight, targets, rows=rows, return_entropy=True, **kwargs)
+    loss = (logprobs * grad_logprobs.to(logprobs.dtype)).sum() + (entropy * grad_entropy.to(entropy.dtype)).sum()
+    loss.backward()
+    return logprobs.detach(), entropy.detach(), hidden.grad, weight.grad
+
+
+def reference(hidden, weight, targets, rows, grad_logprobs, grad_entropy, temperature=1.0):
+    """The reference in fp64 on the same (possibly bf16-rounded) inputs."""
+
+    def fn(h, w, t, rows, return_entropy, temperature):
+        return fused_logprobs_reference(h, w, t, rows, temperature, return_entropy)
+
+    return run(
+        fn, hidden.double(), weight.double(), targets, rows, grad_logprobs.double(), grad_entropy.double(),
+        temperature=temperature,
+    )  # fmt: skip
+
+
+def assert_close(actual, expected, atol, rtol, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol + rtol * scale, rtol=0, msg=lambda m: f"{name}: {m}"
+    )
+
+
+def check_against_reference(backend, case, temperature=1.0, dtype=torch.float32):
+    hidden, weight, targets, rows, grad_logprobs, grad_entropy = case
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    got = run(fused_logprobs, *(hidden, weight, targets, rows, grad_logprobs, grad_entropy),
+              temperature=temperature, backend=backend)  # fmt: skip
+    expected = reference(hidden, weight, targets, rows, grad_logprobs, grad_entropy, temperature)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert got[2].dtype == dtype and got[3].dtype == dtype
+    # bf16: gradients are rounded to bf16 and dL/dlogits may be formed in bf16 (triton).
+    atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (2e-3, 2e-2)
+    for name, actual, wanted in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), got, expected, strict=True):
+        assert_close(actual, wanted, atol, rtol, name)
+
+
+CASES = {
+    "vocab_below_tile": dict(num_hidden=5, width=8, vocab=50),
+    "vocab_above_tile": dict(num_hidden=37, width=24, vocab=300),
+    "repeated_rows": dict(num_hidden=9, width=16, vocab=270, num_targets=40, repeated_rows=True),
+    "ignored_targets": dict(num_hidden=13, width=12, vocab=130, ignore=(0, 4, 5, 12)),
+    "one_target": dict(num_hidden=1, width=8, vocab=77),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_fp32_matches_reference(backend, case_name):
+    check_against_reference(backend, make_case(**CASES[case_name]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature(backend):
+    case = make_case(num_hidden=11, width=16, vocab=200, num_targets=20, repeated_rows=True, ignore=(3,))
+    check_against_reference(backend, case, temperature=0.6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_matches_reference(backend):
+    case = make_case(num_hidden=19, width=32, vocab=260, num_targets=25, repeated_rows=True, ignore=(2,))
+    check_against_reference(backend, case, temperature=0.8, dtype=torch.bfloat16)
+
+
+def test_cpu_op_several_row_blocks():
+    """More rows than the C++ op's row block (512), fp16 included."""
+    check_against_reference("cpu", make_case(num_hidden=1100, width=8, vocab=300, ignore=(7, 600)))
+    check_against_reference("cpu", make_case(num_hidden=600, width=8, vocab=100), dtype=torch.float16)
+
+
+def test_triton_several_vocab_chunks(monkeypatch):
+    """Chunk the vocabulary (last chunk ragged) by shrinking the chunk budget."""
+    monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 30 * 8 * 64)
+    assert logprobs_triton.chunk_vocab_size(30, 250, 4) == 64
+    case = make_case(num_hidden=30, width=16, vocab=250, ignore=(1,))
+    check_against_reference("triton", case, temperature=1.3)
+
+
+@pytest.mark.parametrize("backend", (*BACKENDS, "reference"))
+def test_no_targets(backend):
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long)
+    logprobs, entropy = fused_logprobs(hidden, weight, empty, rows=empty, return_entropy=True, backend=backend)
+    assert logprobs.shape == (0,) and entropy.shape == (0,) and logprobs.dtype == torch.float32
+    (logprobs.sum() + entropy.sum()).backward()
+    assert torch.equal(hidden.grad, torch.zeros(4, 8)) and torch.equal(weight.grad, torch.zeros(30, 8))
+    assert fused_logprobs(torch.zeros(0, 8), weight.detach(), empty, backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_distribution_by_hand(backend):
+    """A zero LM head gives the uniform distribution: log-prob -log V, entropy log V, at any temperature."""
+    vocab = 150
+    hidden, weight = torch.randn(3, 8), torch.zeros(vocab, 8)
+    targets = torch.tensor([0, vocab - 1, IGNORE_INDEX])
+    logprobs, entropy = fused_logprobs(hidden, weight, targets, temperature=0.5, return_entropy=True, backend=backend)
+    expected = torch.tensor([-math.log(vocab), -math.log(vocab), 0.0])
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(entropy, torch.tensor([math.log(vocab), math.log(vocab), 0.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_target_gets_no_gradient(backend):
+    hidden, weight = torch.randn(3, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    targets = torch.tensor([IGNORE_INDEX, 5, IGNORE_INDEX])
+    logprobs, entropy = fused_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    assert logprobs[0] == 0 and entropy[0] == 0 and entropy[1] > 0
+    (logprobs.sum() + entropy.sum()).backward()
+    assert torch.equal(hidden.grad[0], torch.zeros(8)) and torch.equal(hidden.grad[2], torch.zeros(8))
+    assert hidden.grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_gradients(backend):
+    """Only the entropy feeds the loss; the LM head is frozen; no-grad calls work."""
+    hidden, weight, targets, _, _, grad_entropy = make_case(num_hidden=7, width=8, vocab=90)
+    hidden_leaf = hidden.clone().requires_grad_()
+    _, entropy = fused_logprobs(hidden_leaf, weight, targets, return_entropy=True, backend=backend)
+    (entropy * grad_entropy).sum().backward()
+    expected = hidden.double().requires_grad_()
+    _, ref_entropy = fused_logprobs_reference(expected, weight.double(), targets, return_entropy=True)
+    (ref_entropy * grad_entropy.double()).sum().backward()
+    assert_close(hidden_leaf.grad, expected.grad, 2e-5, 2e-5, "grad_hidden")
+    with torch.no_grad():
+        logprobs = fused_logprobs(hidden, weight, targets, backend=backend)
+    assert_close(logprobs, fused_logprobs_reference(hidden.double(), weight.double(), targets), 2e-5, 2e-5, "logprobs")
+
+
+@pytest.mark.parametrize("weight_dtype", (torch.float32, torch.bfloat16))
+def test_autocast_casts_like_lm_head(weight_dtype):
+    """Under CPU autocast (bf16) both operands are cast to bf16 and gradients reach the original weight."""
+    hidden, weight, targets, _, grad_logprobs, _ = make_case(num_hidden=6, width=16, vocab=120)
+    weight_leaf = weight.to(weight_dtype).clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = fused_logprobs(hidden, weight_leaf, targets)
+    (logprobs * grad_logprobs).sum().backward()
+    assert weight_leaf.grad.dtype == weight_dtype
+    expected = weight.to(torch.bfloat16).double().requires_grad_()
+    ref = fused_logprobs_reference(hidden.to(torch.bfloat16).double(), expected, targets)
+    (ref * grad_logprobs.double()).sum().backward()
+    assert_close(logprobs, ref.detach(), 2e-3, 1e-2, "logprobs")
+    assert_close(weight_leaf.grad, expected.grad, 2e-3, 2e-2, "grad_weight")
+
+
+def _good():
+    return torch.randn(4, 8), torch.randn(20, 8), torch.tensor([1, 2, 3, IGNORE_INDEX])
+
+
+BAD_INPUTS = {
+    "H mismatch": (lambda h, w, t: (h, torch.randn(20, 7), t, {}), r"disagree on H"),
+    "target too large": (
+        lambda h, w, t: (h, w, torch.tensor([1, 20, 3, 4]), {}),
+        r"targets\[1\] = 20 is outside \[0, 20\)",
+    ),
+    "negative target": (lambda h, w, t: (h, w, torch.tensor([1, 2, -5, 4]), {}), r"targets\[2\] = -5"),
+    "row out of range": (
+        lambda h, w, t: (h, w, t, {"rows": torch.tensor([0, 4, 1, 1])}),
+        r"rows\[1\] = 4 is outside \[0, 4\)",
+    ),
+    "rows length": (lambda h, w, t: (h, w, t, {"rows": torch.tensor([0, 1])}), r"rows must be .* shaped like targets"),
+    "targets int32": (lambda h, w, t: (h, w, t.int(), {}), r"targets must be a 1-D int64"),
+    "rows float": (lambda h, w, t: (h, w, t, {"rows": torch.zeros(4)}), r"rows must be a 1-D int64"),
+    "integer hidden": (lambda h, w, t: (h.long(), w, t, {}), r"float32/bfloat16/float16"),
+    "dtype mix": (lambda h, w, t: (h, w.double(), t, {}), r"share one dtype"),
+    "fp64": (lambda h, w, t: (h.double(), w.double(), t, {}), r"float32/bfloat16/float16"),
+    "targets per row": (lambda h, w, t: (h, w, t[:3], {}), r"one entry per hidden row \(4\), got 3"),
+    "device mix": (lambda h, w, t: (h, w.to("meta"), t, {}), r"one device"),
+    "temperature": (lambda h, w, t: (h, w, t, {"temperature": 0.0}), r"temperature must be a finite number > 0"),
+    "backend": (lambda h, w, t: (h, w, t, {"backend": "cuda"}), r"backend must be one of"),
+    "1-D hidden": (lambda h, w, t: (h[0], w, t, {}), r"hidden must be \[N, H\]"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_before_any_kernel(name, monkeypatch):
+    def no_kernel(backend):
+        raise AssertionError(f"a {backend} kernel was reached with bad input")
+
+    monkeypatch.setattr(logprobs_module, "_backend_module", no_kernel)
+    build, message = BAD_INPUTS[name]
+    hidden, weight, targets, kwargs = build(*_good())
+    with pytest.raises(ValueError, match=message):
+        fused_logprobs(hidden, weight, targets, **kwargs)
+
+
+def test_cpu_backend_refuses_other_devices():
+    hidden, weight, targets = _good()
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        fused_logprobs(hidden.to("meta"), weight.to("meta"), targets.to("meta"), backend="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cuda_triton_matches_reference(dtype):
+    case = make_case(num_hidden=300, width=256, vocab=5003, num_targets=400, repeated_rows=True, ignore=(3, 77))
+    case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
+    check_against_reference("auto", case, temperature=0.9, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_triton_several_vocab_chunks(monkeypatch):
+    monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 2**20)
+    case = make_case(num_hidden=512, width=128, vocab=9000, ignore=(5,))
+    case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
+    check_against_reference("triton", case, dtype=torch.bfloat16)
