@@ -36,6 +36,7 @@ def _build_cuda() -> bool:
 
 def _extension():
     cpp_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    headers = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.h")))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if _build_cuda():
@@ -43,12 +44,14 @@ def _extension():
         return cpp_extension.CUDAExtension(
             "anytime_kernels._C",
             sources=cpp_sources + cuda_sources,
+            depends=headers,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(
         "anytime_kernels._C",
         sources=cpp_sources,
+        depends=headers,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )

@@ -22,9 +22,7 @@
 #include <tuple>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "memory.h"
 
 namespace anytime_kernels {
 namespace {
@@ -37,21 +35,6 @@ constexpr int64_t kGrainScores = 32768;
 // The scatter runs on one thread below 2 * kGrainTokens packed tokens.
 constexpr int64_t kGrainTokens = 65536;
 
-// The scatter writes every byte of a fresh [T] output once (21 MB for 64 prompts at b_max=8000),
-// so first-touch page faults cost more than the writes themselves. Asking for transparent huge
-// pages on the buffer's whole 2 MiB pages (as torch's THP_MEM_ALLOC_ENABLE does) takes 512x fewer
-// faults. Advisory only: where the kernel declines, the buffer works as before.
-void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
 
 enum class Baseline { kBrpo, kV1Only, kV2Only, kNone };
 

@@ -12,6 +12,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "memory.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -138,17 +140,15 @@ std::vector<at::Tensor> pack_response_trees_cpu(
     cu[n + 1] = static_cast<int32_t>(total);
   }
 
-  auto long_opts = at::TensorOptions().dtype(at::kLong);
-  auto int_opts = at::TensorOptions().dtype(at::kInt);
-  at::Tensor input_ids = at::empty({total}, long_opts);
-  at::Tensor position_ids = at::empty({total}, long_opts);
-  at::Tensor labels = at::empty({total}, long_opts);
-  at::Tensor seq_ids = at::empty({total}, int_opts);
-  at::Tensor token_kind = at::empty({total}, at::TensorOptions().dtype(at::kChar));
-  at::Tensor slot = at::empty({total}, int_opts);
-  at::Tensor summary_index = at::empty({total}, int_opts);
-  at::Tensor prefix_end = at::empty({total}, int_opts);
-  at::Tensor branch_start = at::empty({total}, int_opts);
+  at::Tensor input_ids = empty_huge({total}, at::kLong);
+  at::Tensor position_ids = empty_huge({total}, at::kLong);
+  at::Tensor labels = empty_huge({total}, at::kLong);
+  at::Tensor seq_ids = empty_huge({total}, at::kInt);
+  at::Tensor token_kind = empty_huge({total}, at::kChar);
+  at::Tensor slot = empty_huge({total}, at::kInt);
+  at::Tensor summary_index = empty_huge({total}, at::kInt);
+  at::Tensor prefix_end = empty_huge({total}, at::kInt);
+  at::Tensor branch_start = empty_huge({total}, at::kInt);
 
   int64_t* out_ids = input_ids.data_ptr<int64_t>();
   int64_t* out_pos = position_ids.data_ptr<int64_t>();
