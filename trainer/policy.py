@@ -129,6 +129,11 @@ class TreePolicy:
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+        )
+
     def micro_batches(self, layout: ResponseTreeLayout) -> list[MicroBatch]:
         return plan_micro_batches(layout, self.micro_batch_tokens)
 
@@ -150,10 +155,7 @@ class TreePolicy:
         )
         input_ids = layout.input_ids[index].to(device)[None]
         position_ids = layout.position_ids[index].to(device)[None]
-        autocast = torch.autocast(
-            device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
-        )
-        with autocast:
+        with self._autocast():
             output = self.decoder(input_ids=input_ids, position_ids=position_ids, tree_attention=spec, use_cache=False)
         return output.last_hidden_state[0]
 
@@ -171,14 +173,17 @@ class TreePolicy:
         trained = layout.loss_mask[index].nonzero().flatten()
         positions = index[trained]
         targets = layout.labels[positions].to(hidden.device)
-        result = fused_logprobs(
-            hidden,
-            self.lm_head_weight,
-            targets,
-            rows=trained.to(hidden.device),
-            temperature=temperature,
-            return_entropy=return_entropy,
-        )
+        # Under autocast, fused_logprobs casts hidden and the LM head to the autocast dtype, as
+        # the model's own lm_head would be.
+        with self._autocast():
+            result = fused_logprobs(
+                hidden,
+                self.lm_head_weight,
+                targets,
+                rows=trained.to(hidden.device),
+                temperature=temperature,
+                return_entropy=return_entropy,
+            )
         if return_entropy:
             logprobs, entropy = result
             return TokenLogprobs(positions, logprobs, entropy)
