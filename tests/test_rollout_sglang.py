@@ -14,12 +14,7 @@ from trainer.rollout.sglang_server import SGLangInProcessEngine, sglang_server_c
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
