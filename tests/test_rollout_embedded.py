@@ -7,14 +7,7 @@ from fixtures.tiny_policy import tiny_policy
 from trainer.budgets import BudgetSchedule
 from trainer.rollout import EmbeddedEngine, SamplingParams
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The tiny model is latency-bound; more threads only add contention on the shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_greedy(model, input_ids, max_new_tokens, eos):
@@ -105,6 +98,40 @@ def test_cached_token_accounting_is_exact_on_a_hand_checked_case():
     assert unshared.stats.summarize.prefilled_tokens == 2 * sum(prompt_tokens) == 340
 
 
+def test_ingested_traces_are_cached_whole_and_their_forks_match_a_fresh_full_prefill():
+    model, tokenizer = tiny_policy(seed=1, dtype=torch.float64)
+    engine = EmbeddedEngine(model, tokenizer)
+    prompt = tokenizer.encode("2+2=?", add_special_tokens=False)
+    unclosed = tokenizer.encode("abcdefghijkl", add_special_tokens=False)
+    closed = [*tokenizer.encode("mnopqrs", add_special_tokens=False), engine.delimiters.think_end_id]
+    assert (len(prompt), len(unclosed), len(closed)) == (5, 12, 8)
+    assert (len(engine.delimiters.truncated), len(engine.delimiters.closed)) == (30, 19)
+
+    traces = engine.ingest([prompt], [unclosed, closed], group_size=2)
+    assert traces.prompt_ids == [prompt, prompt] and traces.thinking_ids == [unclosed, closed]
+    assert traces.finish == ["length", "think_end"] and traces.group_size == 2
+    assert engine.cached_sequences == 2
+    ingest = engine.stats.ingest
+    assert (ingest.requests, ingest.prompt_tokens, ingest.prefilled_tokens, ingest.cached_tokens) == (2, 30, 30, 0)
+
+    batch = engine.summarize(traces, BudgetSchedule(12, 4), 1, SamplingParams(temperature=0), max_new_tokens=6)
+    stats = engine.stats.summarize
+    # Cuts 3, 6, 9, 12 of the unclosed trace (30 inserted tokens each); 3, 6, 8, 8 of the closed
+    # one, whose cut 8 holds its </think> (19 inserted) and serves 2 slots, so 2 samples. Ingest
+    # caches all of prompt + z: every fork gets 5 + c tokens from cache, the whole trace too.
+    assert stats.requests == 7 and stats.samples == 8
+    assert stats.prompt_tokens == (38 + 41 + 44 + 47) + (38 + 41 + 2 * 32) == 313
+    assert stats.cached_tokens == (8 + 11 + 14 + 17) + (8 + 11 + 2 * 13) == 95
+    assert stats.prefilled_tokens == 4 * 30 + (30 + 30 + 19) == 199
+
+    eos = tokenizer.eos_token_id
+    for n, trace in enumerate(traces.thinking_ids):
+        cuts = batch.cut_lens[n].tolist()
+        for s, cut in enumerate(cuts):
+            fork_prompt = prompt + trace[:cut] + list(engine.delimiters.inserted(trace, cut))
+            assert batch.summary_ids[n][s][0] == reference_greedy(model, fork_prompt, 6, eos)
+
+
 def test_seeded_sampling_repeats_and_weight_updates_flush_the_cache():
     model, tokenizer = tiny_policy(seed=3)
     prompts = [tokenizer.encode("abc", add_special_tokens=False)]
@@ -132,3 +159,9 @@ def test_bad_arguments_raise():
         engine.think([[3]], 0, 4, SamplingParams())
     with pytest.raises(ValueError, match="at least one input token"):
         engine.think([[]], 1, 4, SamplingParams())
+    with pytest.raises(ValueError, match="3 traces for 1 prompts with group_size 2; expected 2"):
+        engine.ingest([[3]], [[4], [5], [6]], 2)
+    with pytest.raises(ValueError, match="trace 1 is empty"):
+        engine.ingest([[3]], [[4], []], 2)
+    with pytest.raises(ValueError, match=r"trace 0 has a stop token .* at position 1 before its end"):
+        engine.ingest([[3]], [[4, engine.delimiters.think_end_id, 5]], 1)

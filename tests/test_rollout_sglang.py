@@ -14,12 +14,7 @@ from trainer.rollout.sglang_server import SGLangInProcessEngine, sglang_server_c
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +64,23 @@ def test_client_over_http_matches_the_embedded_engine_and_records_cached_tokens(
         )
     assert remote.stats.summarize.cached_tokens > 0
     assert server.generate_served == 2 + sum(len(set(c)) for c in batch.cut_lens.tolist())
+
+
+def test_ingested_traces_over_http_serve_forks_from_the_server_cache(policy, server):
+    model, tokenizer = policy
+    prompt = tokenizer.encode("Compute 3*4.", add_special_tokens=False)
+    traces = [tokenizer.encode("3*4 is 12, so", add_special_tokens=False)]
+    remote = client(server.url, tokenizer)
+    local = EmbeddedEngine(model, tokenizer)
+    batches = []
+    for engine in (remote, local):
+        ingested = engine.ingest([prompt], traces, group_size=1)
+        batches.append(engine.summarize(ingested, BudgetSchedule(12, 2), 2, GREEDY, max_new_tokens=6))
+    assert batches[0].summary_ids == batches[1].summary_ids
+    assert server.engine.cached_sequences >= 1
+    # Cuts 6 and 12 of the 13-token trace: each fork is served prompt + cut from the cache.
+    cached = [len(prompt) + 6, len(prompt) + 12]
+    assert remote.stats.summarize.cached_tokens == local.stats.summarize.cached_tokens == 2 * sum(cached)
 
 
 def test_model_info_flush_and_weight_sync_from_disk(policy, server, tmp_path):

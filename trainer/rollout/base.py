@@ -6,6 +6,9 @@ are built on it here, identically for every engine:
 
 - :meth:`RolloutEngine.think` samples G thinking traces per prompt, at most ``b_max`` tokens,
   stopping at ``</think>`` (kept) or EOS (kept);
+- :meth:`RolloutEngine.ingest` puts traces that were not sampled here (off-policy data, a
+  benchmark's teacher-forced traces) into the prefix cache by one prefill each, as a finished
+  trace of ``think`` would be;
 - :meth:`RolloutEngine.summarize` cuts every trace at its budget slots (``trainer/budgets.py``)
   and forks ``k * A`` summaries from every distinct cut shared by k slots, from the prompt
   ``prompt + z[:c] + inserted``; the engine serves ``prompt + z[:c]`` from its prefix cache.
@@ -130,6 +133,7 @@ class RolloutStats:
     """Accounting per phase since the last :meth:`RolloutEngine.reset_stats`."""
 
     think: PhaseStats = field(default_factory=PhaseStats)
+    ingest: PhaseStats = field(default_factory=PhaseStats)
     summarize: PhaseStats = field(default_factory=PhaseStats)
     weight_sync_seconds: float = 0.0
 
@@ -257,6 +261,62 @@ class RolloutEngine(abc.ABC):
                 prompt_ids.append(list(request.input_ids))
                 thinking_ids.append(list(trace))
                 finish.append(self._trace_finish(trace))
+        return ThinkingBatch(prompt_ids, thinking_ids, finish, group_size)
+
+    def ingest(
+        self,
+        prompts: Sequence[Sequence[int]],
+        traces: Sequence[Sequence[int]],
+        group_size: int,
+    ) -> ThinkingBatch:
+        """Cache finished traces given as tokens (teacher-forced), and return them as a batch.
+
+        Each ``prompt + z`` is prefilled once by a request for one greedy token that keeps its
+        output (SGLang's radix cache keeps every request), so :meth:`summarize` forks from the
+        cache exactly as after :meth:`think`. Traces follow ``think``'s shape: ``group_size``
+        consecutive traces per prompt, each stopped at its first ``</think>`` or EOS if any.
+
+        Args:
+            prompts: ``[P]`` prompt token lists.
+            traces: ``[P * group_size]`` trace token lists, those of prompt p at
+                ``p * group_size .. (p + 1) * group_size - 1``.
+            group_size: G, traces per prompt.
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if len(traces) != len(prompts) * group_size:
+            raise ValueError(
+                f"{len(traces)} traces for {len(prompts)} prompts with group_size {group_size}; "
+                f"expected {len(prompts) * group_size}"
+            )
+        stop_ids = {self.delimiters.think_end_id, self.eos_token_id}
+        prompt_ids = [[int(t) for t in prompts[n // group_size]] for n in range(len(traces))]
+        thinking_ids = [[int(t) for t in trace] for trace in traces]
+        for n, trace in enumerate(thinking_ids):
+            if not trace:
+                raise ValueError(f"trace {n} is empty; a finished trace has at least one token")
+            early = [i for i, token in enumerate(trace[:-1]) if token in stop_ids]
+            if early:
+                raise ValueError(
+                    f"trace {n} has a stop token (</think> or EOS) at position {early[0]} before its end; "
+                    "a finished trace stops at its first one"
+                )
+        requests = [
+            GenerationRequest(
+                input_ids=tuple(prompt + trace),
+                n=1,
+                max_new_tokens=1,
+                stop_token_ids=(),
+                sampling=SamplingParams(temperature=0),
+                cache_output=True,
+                routing_key=prompt_key(prompt),
+            )
+            for prompt, trace in zip(prompt_ids, thinking_ids, strict=True)
+        ]
+        start = time.perf_counter()
+        outputs = self.generate(requests)
+        self.stats.ingest.add(outputs, time.perf_counter() - start)
+        finish = [self._trace_finish(trace) for trace in thinking_ids]
         return ThinkingBatch(prompt_ids, thinking_ids, finish, group_size)
 
     def summarize(

@@ -8,7 +8,8 @@ The default engine on one machine and the CPU path. Requests are served in chunk
    runs the model over the rest only (a summary fork prefills just its delimiter);
 2. decode: the prefilled caches, repeated for the ``n`` samples of each request, are stacked
    left-padded into one batch (padding masked out, true position ids) and decoded together;
-   rows that finish leave the batch;
+   rows that finish leave the batch (a compaction that copies the cache, done once the row-steps
+   the finished rows would waste outweigh the copy);
 3. a finished row of a request with ``cache_output`` stores its keys/values (input and output
    except the last sampled token, which was never fed) under its token ids in the radix index.
 
@@ -255,8 +256,10 @@ class EmbeddedEngine(RolloutEngine):
             keep = [position for position, row in enumerate(present) if reasons[row] is None]
             if not keep:
                 break
-            # Compacting copies the cache: do it once a quarter of the batch has finished.
-            if 4 * (len(present) - len(keep)) >= len(present):
+            # Compacting copies the cache (reads and writes it: about two decode steps of cache
+            # reads); finished rows left in would cost up to ``finished * steps_left`` row-steps.
+            steps_left = max(batch[row_request[row]].max_new_tokens - len(outputs[row]) for row in present)
+            if (len(present) - len(keep)) * steps_left >= 2 * len(present):
                 mask = self._select_rows(cache, mask, keep)
                 tokens = tokens[keep]
                 present = [present[p] for p in keep]
