@@ -5,7 +5,7 @@ import torch
 from fixtures.tiny_policy import tiny_policy
 
 from trainer.budgets import BudgetSchedule
-from trainer.rollout import EmbeddedEngine, SamplingParams
+from trainer.rollout import EmbeddedEngine, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,6 +146,22 @@ def test_seeded_sampling_repeats_and_weight_updates_flush_the_cache():
     engine.update_weights(other)
     assert engine.cached_sequences == 0
     assert torch.equal(engine.model.model.embed_tokens.weight, other.model.embed_tokens.weight)
+
+
+def test_chunks_of_one_call_continue_one_random_stream():
+    """Identical requests split over decode chunks must not repeat each other's samples."""
+    model, tokenizer = tiny_policy(seed=3)
+    prompt = tokenizer.encode("abc", add_special_tokens=False)
+    sampling = SamplingParams(temperature=1.0, seed=5)
+    request = GenerationRequest(
+        input_ids=tuple(prompt), n=2, max_new_tokens=12, stop_token_ids=(tokenizer.eos_token_id,), sampling=sampling
+    )
+    requests = [request, request]
+    engine = EmbeddedEngine(model, tokenizer, max_batch_rows=2, prefix_sharing=False)
+    first, second = engine.generate(requests)
+    assert first.output_ids != second.output_ids
+    again = EmbeddedEngine(model, tokenizer, max_batch_rows=2, prefix_sharing=False).generate(requests)
+    assert [o.output_ids for o in again] == [first.output_ids, second.output_ids]
 
 
 def test_bad_arguments_raise():

@@ -148,6 +148,10 @@ class EmbeddedEngine(RolloutEngine):
         outputs: list[GenerationOutput | None] = [None] * len(requests)
         chunk: list[int] = []
         rows = 0
+        # Reseed once per call, never per chunk: chunks must continue one random stream, or the
+        # same prompt's samples would repeat across chunks.
+        if requests and requests[0].sampling.seed is not None:
+            self._generator.manual_seed(requests[0].sampling.seed)
         with torch.inference_mode():
             for i, request in enumerate(requests):
                 if chunk and rows + request.n > self.max_batch_rows:
@@ -161,9 +165,6 @@ class EmbeddedEngine(RolloutEngine):
 
     def _serve(self, requests: Sequence[GenerationRequest], chunk: list[int], outputs: list) -> None:
         batch = [requests[i] for i in chunk]
-        seed = batch[0].sampling.seed
-        if seed is not None:
-            self._generator.manual_seed(seed)
         prefilled = [self._prefill(request) for request in batch]
         samples = self._decode(batch, prefilled)
         for i, request, pre, (ids, reasons) in zip(chunk, batch, prefilled, samples, strict=True):
