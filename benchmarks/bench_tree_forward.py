@@ -14,6 +14,8 @@ checkpointing; target tree >= 5x faster.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from common import Results, environment_line, parse_args, peak_memory_mb, time_ms
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -114,30 +116,36 @@ def run_case(case: dict, device: str, quick: bool, results: Results) -> None:
         "tree": pack_response_trees(*rollouts).to(device),
         "per_branch": pack_response_trees(*per_branch_rollouts(rollouts)).to(device),
     }
-    timings = {}
+    model = build_model(case["model"], device, case["dtype"])
+    policy = TreePolicy(
+        model,
+        attention_backend=case["backend"],
+        gradient_checkpointing=case["checkpointing"],
+        autocast_dtype=case["autocast"],
+        micro_batch_tokens=case["micro_batch_tokens"],
+    )
+
+    def step(layout) -> None:
+        for micro_batch in policy.micro_batches(layout):
+            policy.logprobs(layout, micro_batch).logprobs.sum().backward()
+
+    for layout in layouts.values():
+        step(layout)  # warm-up: allocates the gradient buffers (and compiles flex on CUDA)
+    # The providers alternate, one step each per round, so load on a shared machine hits both alike.
+    samples = {provider: [] for provider in layouts}
+    for _ in range(2 if quick else 4):
+        for provider, layout in layouts.items():
+            samples[provider].append(time_ms(lambda layout=layout: step(layout), device, warmup=0, repeat=1))
+    timings = {provider: statistics.median(values) for provider, values in samples.items()}
     for provider, layout in layouts.items():
-        model = build_model(case["model"], device, case["dtype"])
-        policy = TreePolicy(
-            model,
-            attention_backend=case["backend"],
-            gradient_checkpointing=case["checkpointing"],
-            autocast_dtype=case["autocast"],
-            micro_batch_tokens=case["micro_batch_tokens"],
-        )
-
-        def step(policy=policy, layout=layout):
-            for micro_batch in policy.micro_batches(layout):
-                policy.logprobs(layout, micro_batch).logprobs.sum().backward()
-
-        step()  # warm-up allocates the gradient buffers (and compiles flex on CUDA)
         results.add(case["name"], provider, "tokens", layout.num_tokens, "count")
-        timings[provider] = time_ms(step, device, warmup=0 if quick else 1, repeat=2 if quick else 3)
         results.add(case["name"], provider, "time_ms", timings[provider], "ms")
-        results.add(case["name"], provider, "peak_mem_mb", peak_memory_mb(step, device), "MiB")
+        results.add(
+            case["name"], provider, "peak_mem_mb", peak_memory_mb(lambda layout=layout: step(layout), device), "MiB"
+        )
         results.add(
             case["name"], provider, "tokens_per_s", layouts["tree"].num_tokens / timings[provider] * 1e3, "tok/s"
         )
-        del policy, model
     results.add(case["name"], "tree", "speedup_vs_per_branch", timings["per_branch"] / timings["tree"], "x")
 
 
