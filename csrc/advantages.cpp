@@ -224,7 +224,16 @@ at::Tensor token_advantages_cpu(const at::Tensor& cu_seqlens_in, const at::Tenso
     std::fill(adv + segment_start, adv + trunk_end, 0.0f);
     const float* trace_summaries = summary_values + n * S * A;
     for (int64_t t = trunk_end; t < row_end;) {
-      const int64_t branch_end = std::upper_bound(branches + t, branches + row_end, branches[t]) - branches;
+      // Galloping search for the branch end: probes stay near t (branches are ~100 tokens), where a
+      // binary search over the rest of the row would miss the cache at every step.
+      const int32_t branch = branches[t];
+      int64_t inside = t, step = 1;
+      while (t + step < row_end && branches[t + step] == branch) {
+        inside = t + step;
+        step *= 2;
+      }
+      const int64_t probe_end = std::min(t + step, row_end);
+      const int64_t branch_end = std::upper_bound(branches + inside, branches + probe_end, branch) - branches;
       const int64_t summary_start = std::lower_bound(kind + t, kind + branch_end, kSummary) - kind;
       std::fill(adv + t, adv + summary_start, 0.0f);
       if (summary_start < branch_end) {
