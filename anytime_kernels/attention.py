@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from anytime_kernels.tree import mask_mod_from_offsets
+
 ATTENTION_NAME = "anytime_tree"
 BACKENDS = ("auto", "flex", "sdpa", "flash_attn", "xformers", "reference_varlen")
 FLEX_BLOCK_SIZE = 128
@@ -111,13 +113,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 
 def dense_tree_mask(seq_ids: torch.Tensor, prefix_end: torch.Tensor, branch_start: torch.Tensor) -> torch.Tensor:
-    """``[L, L]`` bool mask of the tree rule (True = may attend)."""
-    length = seq_ids.numel()
-    q = torch.arange(length, device=seq_ids.device).view(-1, 1)
-    k = torch.arange(length, device=seq_ids.device).view(1, -1)
-    same_tree = seq_ids.view(-1, 1) == seq_ids.view(1, -1)
-    visible = (k >= branch_start.view(-1, 1).long()) | (k < prefix_end.view(-1, 1).long())
-    return (k <= q) & same_tree & visible
+    """``[L, L]`` bool mask of the tree rule (True = may attend): the flex ``mask_mod`` on the full grid."""
+    positions = torch.arange(seq_ids.numel(), device=seq_ids.device)
+    mask_mod = mask_mod_from_offsets(seq_ids, prefix_end, branch_start)
+    return mask_mod(0, 0, positions.view(-1, 1), positions.view(1, -1))
 
 
 def gather_plan(seq_ids: torch.Tensor, prefix_end: torch.Tensor, branch_start: torch.Tensor) -> GatherPlan:
@@ -163,17 +162,9 @@ def gather_plan(seq_ids: torch.Tensor, prefix_end: torch.Tensor, branch_start: t
 def _flex_block_mask(seq_ids: torch.Tensor, prefix_end: torch.Tensor, branch_start: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    length = seq_ids.numel()
-    padded = -(-length // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
-    pad = padded - length
+    padded = -(-seq_ids.numel() // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
     device = seq_ids.device
-    pad_index = torch.arange(length, padded, device=device, dtype=torch.int32)
-    seq = torch.cat([seq_ids.int(), torch.full((pad,), -1, dtype=torch.int32, device=device)])
-    prefix = torch.cat([prefix_end.int(), torch.zeros(pad, dtype=torch.int32, device=device)])
-    branch = torch.cat([branch_start.int(), pad_index])
-
-    def mask_mod(batch, head, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (seq[q_idx] == seq[kv_idx]) & ((kv_idx >= branch[q_idx]) | (kv_idx < prefix[q_idx]))
+    mask_mod = mask_mod_from_offsets(seq_ids, prefix_end, branch_start, padded)
 
     # On CUDA the mask is built by a compiled kernel, so the [L, L] booleans never exist at once.
     return create_block_mask(

@@ -262,21 +262,32 @@ def tree_mask_mod(layout: ResponseTreeLayout, padded_len: int | None = None) -> 
     Positions at or beyond ``layout.num_tokens`` (padding up to ``padded_len``) attend only to
     themselves, so padded rows stay finite and never leak into real tokens.
     """
-    total = layout.num_tokens
+    return mask_mod_from_offsets(layout.seq_ids, layout.prefix_end, layout.branch_start, padded_len)
+
+
+def mask_mod_from_offsets(
+    seq_ids: torch.Tensor, prefix_end: torch.Tensor, branch_start: torch.Tensor, padded_len: int | None = None
+) -> Callable:
+    """The tree rule as a flex ``mask_mod`` from per-token ``[L]`` offsets of one packed sequence.
+
+    ``seq_ids`` names each token's tree; ``prefix_end``/``branch_start`` are offsets into the same
+    sequence (see the module docstring). Padding up to ``padded_len`` attends only to itself.
+    """
+    total = seq_ids.numel()
     padded = total if padded_len is None else int(padded_len)
     if padded < total:
-        raise ValueError(f"padded_len={padded} is shorter than the layout's {total} tokens")
-    device = layout.seq_ids.device
+        raise ValueError(f"padded_len={padded} is shorter than the {total} packed tokens")
+    device = seq_ids.device
     pad = padded - total
     pad_index = torch.arange(total, padded, device=device, dtype=torch.int32)
-    seq_ids = torch.cat([layout.seq_ids, torch.full((pad,), -1, dtype=torch.int32, device=device)])
-    prefix_end = torch.cat([layout.prefix_end, torch.zeros(pad, dtype=torch.int32, device=device)])
-    branch_start = torch.cat([layout.branch_start, pad_index])
+    seq = torch.cat([seq_ids.int(), torch.full((pad,), -1, dtype=torch.int32, device=device)])
+    prefix = torch.cat([prefix_end.int(), torch.zeros(pad, dtype=torch.int32, device=device)])
+    branch = torch.cat([branch_start.int(), pad_index])
 
     def mask_mod(batch, head, q_idx, kv_idx):
         causal = kv_idx <= q_idx
-        same_row = seq_ids[q_idx] == seq_ids[kv_idx]
-        visible = (kv_idx >= branch_start[q_idx]) | (kv_idx < prefix_end[q_idx])
+        same_row = seq[q_idx] == seq[kv_idx]
+        visible = (kv_idx >= branch[q_idx]) | (kv_idx < prefix[q_idx])
         return causal & same_row & visible
 
     return mask_mod
