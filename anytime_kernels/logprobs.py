@@ -39,6 +39,7 @@ def fused_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of every target under the LM head, differentiable in hidden and weight.
 
@@ -54,6 +55,9 @@ def fused_logprobs(
         temperature: logits are divided by it before the softmax; > 0.
         return_entropy: also return the entropy of each row's distribution (differentiable).
         backend: ``auto``, ``triton``, ``cpu`` or ``reference``.
+        check_values: range-check ``targets`` and ``rows`` (one device sync on CUDA). Callers that
+            checked them on the host already (``TreePolicy``) pass False to keep the step sync-free;
+            shapes, dtypes and devices are always checked.
 
     Returns:
         fp32 ``logprobs [M]``, and fp32 ``entropy [M]`` when ``return_entropy``.
@@ -63,7 +67,7 @@ def fused_logprobs(
             kernel runs.
     """
     hidden, weight = _autocast_operands(hidden, weight)
-    backend = _validate(hidden, weight, targets, rows, temperature, backend)
+    backend = _validate(hidden, weight, targets, rows, temperature, backend, check_values)
     if backend == "reference":
         return fused_logprobs_reference(hidden, weight, targets, rows, temperature, return_entropy)
     logprobs, entropy = _FusedLogprobs.apply(hidden, weight, targets, rows, float(temperature), return_entropy, backend)
@@ -96,6 +100,7 @@ def _validate(
     rows: torch.Tensor | None,
     temperature: float,
     backend: str,
+    check_values: bool = True,
 ) -> str:
     """Check every argument; return the concrete backend."""
     if backend not in BACKENDS:
@@ -138,6 +143,8 @@ def _validate(
         raise ValueError(f"backend='cpu' needs CPU tensors, got {device}")
     if backend == "triton" and device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
+    if not check_values:
+        return backend
     vocab = weight.shape[0]
     bad_target = _first_bad((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab)), targets)
     if bad_target is not None:

@@ -1,31 +1,35 @@
-"""Triton backend of ``fused_logprobs``: cuBLAS GEMMs over vocabulary chunks + Triton row reductions.
+"""Triton backend of ``fused_logprobs``: cuBLAS GEMMs over (row block, vocabulary chunk) tiles +
+Triton row reductions, with running ``[M]`` statistics.
 
-Decomposition. The vocabulary is cut into chunks of ``chunk_vocab`` columns sized so one chunk of
-fp32 logits (plus its gradient in the input dtype) fits ``CHUNK_BYTES``. Per chunk:
+Decomposition. Rows are processed in blocks of at most ``ROW_BLOCK`` and the vocabulary in chunks
+of ``chunk_vocab`` columns (at least ``MIN_CHUNK``, a power of two or the whole vocabulary) sized
+so one tile of fp32 logits plus its gradient fits ``CHUNK_BYTES``. Tile sizes therefore do not
+shrink as M grows, and memory beyond the inputs and outputs is one tile plus ``O(M)``:
 
-- forward: ``logits = hidden @ W[chunk].T`` by cuBLAS with fp32 output (``torch.mm(out_dtype=)``),
-  then ``_chunk_stats_kernel`` (one program per row) streams the chunk once and writes the row's
-  (max, sum of exp, sum of exp * z) and, for the row whose target lies in the chunk, the target
-  logit. A log-sum-exp merge over the chunks' statistics gives lse, the log-probs and the entropy.
-- backward: the logits chunk is recomputed, ``_chunk_grad_kernel`` turns it into
-  ``dL/dlogits = (g_lp * (onehot - p) - g_ent * p * (z - mean_z)) / T`` in the input dtype, and two
-  cuBLAS GEMMs give ``grad_weight[chunk] = dz.T @ hidden`` (written once: every row is in the chunk,
-  so no accumulation across chunks) and ``grad_hidden += dz @ W[chunk]`` (fp32, ``[M, H]``).
+- forward, per tile: ``logits = hidden[block] @ W[chunk].T`` by cuBLAS with fp32 output
+  (``torch.mm(out_dtype=)``), then ``_chunk_stats_kernel`` (one program per row) streams the tile
+  once and merges the chunk's (max, sum of exp, sum of exp * z) into the row's running
+  statistics, an online log-sum-exp, and stores the target logit when the target lies in the
+  chunk. lse, the log-probs and the entropy follow from the running statistics.
+- backward, per tile (chunk outer, row block inner): the logits are recomputed,
+  ``_chunk_grad_kernel`` turns them into ``dL/dlogits = (g_lp * (onehot - p) - g_ent * p *
+  (z - mean_z)) / T`` in the input dtype, and two cuBLAS GEMMs accumulate
+  ``grad_weight[chunk] += dz.T @ hidden[block]`` (fp32 across row blocks, cast once per chunk)
+  and ``grad_hidden[block] += dz @ W[chunk]`` in place in fp32.
 
-Why not all-Triton ``tl.dot`` tiles with the softmax fused into the GEMM epilogue: the four GEMMs
-(logits, recomputed logits, grad_hidden, grad_weight) are at least 85% of the time at trainer
-shapes (16k tokens, H 1536-2048, V 151,936), and cuBLAS runs them on Hopper with TMA and
-warp-specialised wgmma pipelines that a portable Triton GEMM reaches only with per-shape tuning.
-The backward needs two reductions of the same ``dz`` tile along different axes (over V for
-grad_hidden, over M for grad_weight), which a fused kernel can do only with atomics on ``[M, H]``
-or ``[V, H]`` or by writing ``dz`` out anyway. The fused epilogue would save only the fp32 logits
-round trip through HBM (the reduction kernels here are memory-bound streams at ~3 TB/s), so the
-chunked GEMM design is the faster and the more predictable one; TRL and Liger-Kernel made the
-same choice. Chunking over the vocabulary rather than rows keeps the only cross-chunk
-accumulation on ``[M, H]`` (small) instead of ``[V, H]`` (the LM head).
+Why cuBLAS GEMMs and Triton reductions rather than all-Triton ``tl.dot`` tiles with the softmax
+in the GEMM epilogue: the four GEMMs (logits, recomputed logits, grad_hidden, grad_weight) are at
+least 85% of the time at trainer shapes (16k tokens, H 1536-2048, V 151,936), and cuBLAS runs
+them on Hopper with TMA and warp-specialised wgmma pipelines that a portable Triton GEMM reaches
+only with per-shape tuning. The backward needs two reductions of the same ``dz`` tile along
+different axes, which a fused kernel can do only with atomics on ``[M, H]`` or ``[V, H]`` or by
+writing ``dz`` out anyway. The epilogue would save the fp32 logits round trip through HBM (the
+reduction kernels are memory-bound streams); ``bench_logprobs.py`` measures the gap against the
+bare GEMMs and against Cut Cross-Entropy, which fuses it.
 
-Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run with one config and the GEMMs upcast to
-fp32 on the CPU, which has no mixed-dtype ``mm``.
+fp32 inputs run fp32 GEMMs under torch's global matmul precision (TF32 only where the user
+enabled it). Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run with one config and the
+GEMMs upcast to fp32 on the CPU, which has no mixed-dtype ``mm``.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ import triton.language as tl
 
 from anytime_kernels.tree import IGNORE_INDEX
 
-# Bytes of one vocabulary chunk: fp32 logits plus their gradient in the input dtype.
+# Bytes of one (row block x vocabulary chunk) tile: fp32 logits plus their gradient in the input dtype.
 CHUNK_BYTES = 768 * 2**20
-_MIN_CHUNK = 64
+# Rows per block: bounds the tile whatever the number of tokens.
+ROW_BLOCK = 16384
+# Narrowest vocabulary chunk (a wide GEMM N and few masked lanes), unless the vocabulary is smaller.
+MIN_CHUNK = 4096
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -55,42 +62,53 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["chunk_vocab", "HAS_ENTROPY"])
+@triton.autotune(
+    configs=_configs(),
+    key=["chunk_vocab", "HAS_ENTROPY"],
+    # The kernel merges into the running statistics: autotuning reruns must start from the same state.
+    restore_value=["running_max_ptr", "running_sum_ptr", "running_weighted_ptr", "target_logit_ptr"],
+)
 @triton.jit
 def _chunk_stats_kernel(
     logits_ptr,
     targets_ptr,
-    stats_ptr,
+    running_max_ptr,
+    running_sum_ptr,
+    running_weighted_ptr,
     target_logit_ptr,
-    num_rows,
     chunk_vocab,
     vocab_start,
     inv_temperature,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """stats[0|1|2, row] = max z, sum exp(z - max), sum exp(z - max) * z over this chunk's columns."""
+    """Merge this chunk's (max z, sum exp(z - max), sum exp(z - max) * z) into the row's running ones."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * chunk_vocab
     columns = tl.arange(0, BLOCK_V)
-    running_max = float("-inf")
-    running_sum = 0.0
-    running_weighted = 0.0
+    chunk_max = float("-inf")
+    chunk_sum = 0.0
+    chunk_weighted = 0.0
     for start in range(0, chunk_vocab, BLOCK_V):
         offsets = start + columns
         mask = offsets < chunk_vocab
         z = tl.load(row_ptr + offsets, mask=mask, other=float("-inf")) * inv_temperature
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        rescale = tl.exp(running_max - new_max)
+        new_max = tl.maximum(chunk_max, tl.max(z, axis=0))
+        rescale = tl.exp(chunk_max - new_max)
         exps = tl.exp(z - new_max)
-        running_sum = running_sum * rescale + tl.sum(exps, axis=0)
+        chunk_sum = chunk_sum * rescale + tl.sum(exps, axis=0)
         if HAS_ENTROPY:
-            running_weighted = running_weighted * rescale + tl.sum(exps * tl.where(mask, z, 0.0), axis=0)
-        running_max = new_max
-    tl.store(stats_ptr + row, running_max)
-    tl.store(stats_ptr + num_rows + row, running_sum)
+            chunk_weighted = chunk_weighted * rescale + tl.sum(exps * tl.where(mask, z, 0.0), axis=0)
+        chunk_max = new_max
+    old_max = tl.load(running_max_ptr + row)
+    new_max = tl.maximum(old_max, chunk_max)
+    old_scale = tl.exp(old_max - new_max)
+    chunk_scale = tl.exp(chunk_max - new_max)
+    tl.store(running_max_ptr + row, new_max)
+    tl.store(running_sum_ptr + row, tl.load(running_sum_ptr + row) * old_scale + chunk_sum * chunk_scale)
     if HAS_ENTROPY:
-        tl.store(stats_ptr + 2 * num_rows + row, running_weighted)
+        old_weighted = tl.load(running_weighted_ptr + row)
+        tl.store(running_weighted_ptr + row, old_weighted * old_scale + chunk_weighted * chunk_scale)
     local = tl.load(targets_ptr + row) - vocab_start
     if (local >= 0) & (local < chunk_vocab):
         tl.store(target_logit_ptr + row, tl.load(row_ptr + local) * inv_temperature)
@@ -153,14 +171,53 @@ def _matmul_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
         out.copy_(torch.mm(left.float(), right.float()))
 
 
-def chunk_vocab_size(num_rows: int, vocab: int, element_size: int) -> int:
-    """Columns per vocabulary chunk: fp32 logits + gradient of ``num_rows`` rows within CHUNK_BYTES.
+_ADDMM_DTYPE_IN_PLACE: dict[torch.device, bool] = {}
 
-    A power of two (at least 64) or the whole vocabulary, so the autotuning key (the chunk width)
-    takes a handful of values however the number of rows varies between calls.
+
+def _addmm_dtype_in_place(device: torch.device) -> bool:
+    """Whether ``torch.addmm(out, a, b, out_dtype=float32, out=out)`` accumulates bf16 products into
+    fp32 in place on this device (checked once against the two-step sum)."""
+    if device not in _ADDMM_DTYPE_IN_PLACE:
+        generator = torch.Generator(device=device).manual_seed(0)
+        left, right, base = (torch.randn(64, 64, generator=generator, device=device) for _ in range(3))
+        left, right = left.bfloat16(), right.bfloat16()
+        expected = base + torch.mm(left.float(), right.float())
+        try:
+            got = base.clone()
+            torch.addmm(got, left, right, out_dtype=torch.float32, out=got)
+            works = torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+        except (RuntimeError, TypeError):
+            works = False
+        _ADDMM_DTYPE_IN_PLACE[device] = works
+    return _ADDMM_DTYPE_IN_PLACE[device]
+
+
+def _accumulate(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``out += left @ right`` with fp32 ``out`` and fp32 accumulation, in place where torch allows."""
+    if left.dtype == torch.float32:
+        out.addmm_(left, right)
+    elif not left.is_cuda:
+        out.addmm_(left.float(), right.float())
+    elif _addmm_dtype_in_place(out.device):
+        torch.addmm(out, left, right, out_dtype=torch.float32, out=out)
+    else:
+        out.add_(torch.mm(left, right, out_dtype=torch.float32))
+
+
+def chunk_vocab_size(num_rows: int, vocab: int, element_size: int) -> int:
+    """Columns per vocabulary chunk: one tile of fp32 logits + gradient within CHUNK_BYTES.
+
+    The tile has ``min(num_rows, ROW_BLOCK)`` rows, so the width stops shrinking at ROW_BLOCK rows;
+    a power of two of at least MIN_CHUNK (or the whole vocabulary), so the autotuning key (the
+    chunk width) takes a handful of values however the number of rows varies between calls.
     """
-    columns = CHUNK_BYTES // (max(num_rows, 1) * (4 + element_size))
-    return min(vocab, max(_MIN_CHUNK, 1 << (max(columns, 1).bit_length() - 1)))
+    rows = min(max(num_rows, 1), ROW_BLOCK)
+    columns = CHUNK_BYTES // (rows * (4 + element_size))
+    return min(vocab, max(MIN_CHUNK, 1 << (max(columns, 1).bit_length() - 1)))
+
+
+def _row_blocks(num_rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + ROW_BLOCK, num_rows)) for start in range(0, num_rows, ROW_BLOCK)]
 
 
 def forward(
@@ -179,33 +236,36 @@ def forward(
         empty = torch.zeros(0, **fp32)
         return empty, empty, empty, empty
     chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
-    starts = range(0, vocab, chunk_vocab)
-    stats = torch.empty(len(starts), 3 if compute_entropy else 2, num_rows, **fp32)
+    running_max = torch.full((num_rows,), float("-inf"), **fp32)
+    running_sum = torch.zeros(num_rows, **fp32)
+    running_weighted = torch.zeros(num_rows if compute_entropy else 1, **fp32)
     target_logit = torch.zeros(num_rows, **fp32)
-    for index, start in enumerate(starts):
-        logits = _matmul_fp32(hidden, weight[start : start + chunk_vocab].T)
-        _chunk_stats_kernel[(num_rows,)](
-            logits,
-            targets,
-            stats[index],
-            target_logit,
-            num_rows,
-            logits.shape[1],
-            start,
-            1.0 / temperature,
-            HAS_ENTROPY=compute_entropy,
-        )
-        del logits
-    row_max = stats[:, 0].amax(dim=0)
-    rescale = torch.exp(stats[:, 0] - row_max)
-    row_sum = (stats[:, 1] * rescale).sum(dim=0)
-    lse = row_max + torch.log(row_sum)
+    for row_start, row_end in _row_blocks(num_rows):
+        block = slice(row_start, row_end)
+        weighted = running_weighted[block] if compute_entropy else running_weighted
+        for start in range(0, vocab, chunk_vocab):
+            logits = _matmul_fp32(hidden[block], weight[start : start + chunk_vocab].T)
+            _chunk_stats_kernel[(row_end - row_start,)](
+                logits,
+                targets[block],
+                running_max[block],
+                running_sum[block],
+                weighted,
+                target_logit[block],
+                logits.shape[1],
+                start,
+                1.0 / temperature,
+                HAS_ENTROPY=compute_entropy,
+            )
+            del logits
+    lse = running_max + torch.log(running_sum)
     valid = targets != IGNORE_INDEX
     logprobs = torch.where(valid, target_logit - lse, 0.0)
     if not compute_entropy:
         return logprobs, torch.zeros(0, **fp32), lse, torch.zeros(0, **fp32)
-    mean_logit = (stats[:, 2] * rescale).sum(dim=0) / row_sum
-    entropy = torch.where(valid, lse - mean_logit, 0.0)
+    mean_logit = running_weighted / running_sum
+    # lse >= mean logit exactly; rounding can leave a tiny negative entropy.
+    entropy = torch.where(valid, (lse - mean_logit).clamp_min(0.0), 0.0)
     return logprobs, entropy, lse, mean_logit
 
 
@@ -234,26 +294,37 @@ def backward(
     grad_weight = torch.empty_like(weight) if need_weight else None
     has_entropy_grad = grad_entropy is not None
     chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
+    blocks = _row_blocks(num_rows)
     for start in range(0, vocab, chunk_vocab):
         weight_chunk = weight[start : start + chunk_vocab]
-        logits = _matmul_fp32(hidden, weight_chunk.T)
-        grad_logits = torch.empty(logits.shape, dtype=hidden.dtype, device=hidden.device)
-        _chunk_grad_kernel[(num_rows,)](
-            logits,
-            grad_logits,
-            targets,
-            lse,
-            mean_logit if has_entropy_grad else lse,
-            grad_logprobs,
-            grad_entropy if has_entropy_grad else grad_logprobs,
-            logits.shape[1],
-            start,
-            1.0 / temperature,
-            HAS_ENTROPY_GRAD=has_entropy_grad,
-        )
-        del logits
-        if need_weight:
-            _matmul_into(grad_weight[start : start + chunk_vocab], grad_logits.T, hidden)
-        if need_hidden:
-            grad_hidden += _matmul_fp32(grad_logits, weight_chunk)
+        # Several row blocks add into one chunk of grad_weight: accumulate in fp32, cast once.
+        weight_acc = None
+        if need_weight and len(blocks) > 1:
+            weight_acc = torch.zeros(weight_chunk.shape, dtype=torch.float32, device=weight.device)
+        for row_start, row_end in blocks:
+            block = slice(row_start, row_end)
+            logits = _matmul_fp32(hidden[block], weight_chunk.T)
+            grad_logits = torch.empty(logits.shape, dtype=hidden.dtype, device=hidden.device)
+            _chunk_grad_kernel[(row_end - row_start,)](
+                logits,
+                grad_logits,
+                targets[block],
+                lse[block],
+                mean_logit[block] if has_entropy_grad else lse[block],
+                grad_logprobs[block],
+                grad_entropy[block] if has_entropy_grad else grad_logprobs[block],
+                logits.shape[1],
+                start,
+                1.0 / temperature,
+                HAS_ENTROPY_GRAD=has_entropy_grad,
+            )
+            del logits
+            if weight_acc is not None:
+                _accumulate(weight_acc, grad_logits.T, hidden[block])
+            elif need_weight:
+                _matmul_into(grad_weight[start : start + chunk_vocab], grad_logits.T, hidden[block])
+            if need_hidden:
+                _accumulate(grad_hidden[block], grad_logits, weight_chunk)
+        if weight_acc is not None:
+            grad_weight[start : start + chunk_vocab].copy_(weight_acc)
     return grad_hidden, grad_weight

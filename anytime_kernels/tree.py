@@ -101,14 +101,74 @@ class ResponseTreeLayout:
             raise IndexError(f"row {row} is out of range for a layout of {self.num_traces} traces")
         return slice(int(self.cu_seqlens[row]), int(self.cu_seqlens[row + 1]))
 
-    def to(self, device: torch.device | str) -> ResponseTreeLayout:
+    def tree_token_index(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``[L]`` int64 layout index of every token of ``rows``, packed in the order given."""
+        rows = self._rows(rows)
+        cu = self.cu_seqlens.long()
+        starts = cu[rows]
+        lengths = cu[rows + 1] - starts
+        packed_starts = torch.cumsum(lengths, 0) - lengths
+        total = int(lengths.sum())
+        shift = torch.repeat_interleave(starts - packed_starts, lengths, output_size=total)
+        return torch.arange(total, device=cu.device) + shift
+
+    def select_trees(self, rows: Sequence[int] | torch.Tensor) -> ResponseTreeLayout:
+        """The layout of ``rows`` alone, packed back to back in the order given.
+
+        Per-token fields are gathered; the absolute offsets (``cu_seqlens``, ``prefix_end``,
+        ``branch_start``) are rebased to the new packing and ``seq_ids`` renumbered ``0..R-1``, so
+        a micro-batch is itself a layout. ``tree_token_index(rows)`` maps its tokens back.
+        """
+        rows = self._rows(rows)
+        index = self.tree_token_index(rows)
+        cu = self.cu_seqlens.long()
+        lengths = cu[rows + 1] - cu[rows]
+        new_cu = torch.zeros(len(rows) + 1, dtype=torch.long, device=cu.device)
+        torch.cumsum(lengths, 0, out=new_cu[1:])
+        shift = torch.repeat_interleave(new_cu[:-1] - cu[rows], lengths, output_size=index.numel())
+        picked = {name: getattr(self, name)[index] for name in _PER_TOKEN_FIELDS}
+        picked["prefix_end"] = (picked["prefix_end"].long() + shift).to(self.prefix_end.dtype)
+        picked["branch_start"] = (picked["branch_start"].long() + shift).to(self.branch_start.dtype)
+        picked["seq_ids"] = torch.repeat_interleave(
+            torch.arange(len(rows), device=cu.device), lengths, output_size=index.numel()
+        ).to(self.seq_ids.dtype)
+        return ResponseTreeLayout(
+            **picked,
+            cu_seqlens=new_cu.to(self.cu_seqlens.dtype),
+            cut_lens=self.cut_lens[rows.to(self.cut_lens.device)],
+            prompt_lens=self.prompt_lens[rows.to(self.prompt_lens.device)],
+            thinking_lens=self.thinking_lens[rows.to(self.thinking_lens.device)],
+            num_summaries=self.num_summaries,
+        )
+
+    def _rows(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_traces):
+            bad = next(int(r) for r in rows.tolist() if not 0 <= r < self.num_traces)
+            raise IndexError(f"row {bad} is out of range for a layout of {self.num_traces} traces")
+        return rows.to(self.cu_seqlens.device)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ResponseTreeLayout:
         moved = {
-            f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
             for f in fields(self)
             for v in [getattr(self, f.name)]
         }
         return ResponseTreeLayout(**moved)
 
+
+_PER_TOKEN_FIELDS = (
+    "input_ids",
+    "position_ids",
+    "labels",
+    "loss_mask",
+    "seq_ids",
+    "token_kind",
+    "slot",
+    "summary_index",
+    "prefix_end",
+    "branch_start",
+)
 
 _OUTPUT_NAMES = (
     "input_ids",

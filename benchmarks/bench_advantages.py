@@ -152,7 +152,7 @@ def main() -> None:
     layout = pack_response_trees(*rollouts)
     offsets, row_lens = tree_offsets(rollouts)
     case = f"P{num_prompts}_G{group_size}_S{num_slots}_A{num_summaries}_L{thinking_len}_sum{summary_len}"
-    results = Results("advantages")
+    results = Results("advantages", args.out)
     results.add(case, "kernel", "tokens", layout.num_tokens, "count")
 
     expected = python_loop(scores, cuts, offsets, row_lens, group_size, probs)

@@ -1,12 +1,14 @@
-"""Fused per-token log-probs: ours (`fused`, backend auto) against the full-logits `reference` and
-Liger-Kernel's chunked selective log-prob (`liger`, the `bench` extra), plus on CUDA the three bare
-GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight).
+"""Fused per-token log-probs: ours (`fused`, backend auto) against the full-logits `reference`,
+Liger-Kernel's chunked selective log-prob (`liger`) and Apple's Cut Cross-Entropy (`cce`, CUDA
+only, exact gradients: `filter_eps=None`), both from the `bench` extra, plus on CUDA the three
+bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight).
 
 Cases `fwd` (no grad, as for old-policy log-probs) and `fwd_bwd` (log-probs, then the backward
 of sum(g * logprobs) into hidden and the LM head). Sizes: CPU N=4096, H=512, V=32000 fp32 (quick:
-N=1024, H=256, V=8000); CUDA N=16384, H=1536 and 2048, V=151936 bf16 (quick: H=1536 only).
+N=1024, H=256, V=8000); CUDA N=16384, H=1536 (and 2048), V=151936 bf16, then an M sweep of
+`fused` alone (64k, 256k rows; quick: 64k) whose time and memory per row should stay flat.
 Targets: CPU fwd_bwd peak memory <= 25% of reference and time <= reference; CUDA faster than
-liger with lower peak memory, and fwd_bwd within 1.6x of bare_gemms.
+liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms.
 """
 
 from __future__ import annotations
@@ -23,14 +25,25 @@ except ImportError:
     _ChunkedSelectiveLogProbFunction = None
 
 
+try:
+    from cut_cross_entropy import linear_cross_entropy
+except ImportError:
+    linear_cross_entropy = None
+
+
 def liger_logprobs(hidden, weight, targets):
     return _ChunkedSelectiveLogProbFunction.apply(hidden, weight, targets, None, 1.0, 4096)
+
+
+def cce_logprobs(hidden, weight, targets):
+    return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
 
 
 PROVIDERS = {
     "fused": lambda hidden, weight, targets: fused_logprobs(hidden, weight, targets),
     "reference": fused_logprobs_reference,
     "liger": liger_logprobs,
+    "cce": cce_logprobs,
 }
 
 
@@ -72,8 +85,10 @@ def main() -> None:
     args = parse_args("logprobs", __doc__)
     device = args.device
     print(environment_line(device))
+    sweep = []
     if device == "cuda":
         dtype, sizes = torch.bfloat16, [(16384, 1536, 151936)] + ([] if args.quick else [(16384, 2048, 151936)])
+        sweep = [(65536, 1536, 151936)] + ([] if args.quick else [(262144, 1536, 151936)])
         warmup, repeat = 1, 5
     else:
         dtype, sizes = torch.float32, [(1024, 256, 8000)] if args.quick else [(4096, 512, 32000)]
@@ -82,28 +97,55 @@ def main() -> None:
     if _ChunkedSelectiveLogProbFunction is None:
         del providers["liger"]
         print("liger: not available (pip install liger-kernel, the `bench` extra); no liger rows")
-    results = Results("logprobs")
+    if linear_cross_entropy is None or device != "cuda":
+        del providers["cce"]
+        print("cce: needs CUDA and cut-cross-entropy (the `bench` extra); no cce rows")
+    results = Results("logprobs", args.out)
     checks = []
+
+    def measure(case, name, fn):
+        if device == "cuda":
+            fn()  # Triton autotuning and cuBLAS workspaces stay out of the measurements
+            synchronize(device)
+        results.add(case, name, "peak_mem_mb", peak_memory_mb(fn, device), "MiB")
+        results.add(case, name, "time_ms", time_ms(fn, device, warmup=warmup, repeat=repeat), "ms")
+
     for num_rows, width, vocab in sizes:
         size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
         inputs = make_inputs(num_rows, width, vocab, dtype, device)
         for mode in ("fwd", "fwd_bwd"):
-            case = f"{mode}_{size}"
             for name, provider in providers.items():
-                fn = step(provider, mode, *inputs)
-                if device == "cuda":
-                    fn()  # Triton autotuning and cuBLAS workspaces stay out of the measurements
-                    synchronize(device)
-                results.add(case, name, "peak_mem_mb", peak_memory_mb(fn, device), "MiB")
-                results.add(case, name, "time_ms", time_ms(fn, device, warmup=warmup, repeat=repeat), "ms")
+                measure(f"{mode}_{size}", name, step(provider, mode, *inputs))
         if device == "cuda":
             gemms = bare_gemms(*inputs[:2])
             results.add(f"fwd_bwd_{size}", "bare_gemms", "time_ms", time_ms(gemms, device, warmup=2, repeat=5), "ms")
         checks.extend(target_lines(results, f"fwd_bwd_{size}", device))
         del inputs
-    results.finish(args.out)
-    for line in checks:
-        print(line)
+    base = sizes[0]
+    for num_rows, width, vocab in sweep:
+        size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
+        inputs = make_inputs(num_rows, width, vocab, dtype, device)
+        measure(f"fwd_bwd_{size}", "fused", step(providers["fused"], "fwd_bwd", *inputs))
+        del inputs
+        checks.append(sweep_line(results, base, (num_rows, width, vocab), dtype))
+    results.finish(args.out, notes=checks)
+
+
+def sweep_line(results: Results, base: tuple, size: tuple, dtype: torch.dtype) -> str:
+    """Time and peak memory per row at ``size`` relative to ``base``: 1.0 means linear in M."""
+
+    def case(shape):
+        return f"fwd_bwd_N{shape[0]}_H{shape[1]}_V{shape[2]}_{str(dtype).removeprefix('torch.')}"
+
+    rows = size[0] / base[0]
+    time_ratio = results.value(case(size), "fused", "time_ms") / results.value(case(base), "fused", "time_ms") / rows
+    memory_ratio = (
+        results.value(case(size), "fused", "peak_mem_mb") / results.value(case(base), "fused", "peak_mem_mb") / rows
+    )
+    return (
+        f"M sweep {base[0]} -> {size[0]} rows: time per row x{time_ratio:.2f}, peak memory per row "
+        f"x{memory_ratio:.2f} (1.00 = linear in M)"
+    )
 
 
 def target_lines(results: Results, case: str, device: str) -> list[str]:
@@ -120,9 +162,10 @@ def target_lines(results: Results, case: str, device: str) -> list[str]:
         lines.append(line("fused/reference peak memory", fused_mem / value("reference", "peak_mem_mb"), 0.25))
         lines.append(line("fused/reference time", fused_time / value("reference", "time_ms"), 1.0))
         return lines
-    if value("liger", "time_ms") is not None:
-        lines.append(line("fused/liger time", fused_time / value("liger", "time_ms"), 1.0))
-        lines.append(line("fused/liger peak memory", fused_mem / value("liger", "peak_mem_mb"), 1.0))
+    for baseline in ("liger", "cce"):
+        if value(baseline, "time_ms") is not None:
+            lines.append(line(f"fused/{baseline} time", fused_time / value(baseline, "time_ms"), 1.0))
+            lines.append(line(f"fused/{baseline} peak memory", fused_mem / value(baseline, "peak_mem_mb"), 1.0))
     lines.append(line("fused/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
     return lines
 

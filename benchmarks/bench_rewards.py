@@ -110,7 +110,7 @@ def main() -> None:
     for name in ("aime", "amc", "math", "minerva"):
         problems.extend(load_problems(EVAL_DIR / f"{name}.json")[0])
     rng = random.Random(0)
-    results = Results("rewards")
+    results = Results("rewards", args.out)
     gold_problems = rng.sample(problems, 200) if args.quick else problems
     gold_completions = [completion(problem.answer[0]) for problem in gold_problems]
     gold_answers = [problem.answer for problem in gold_problems]

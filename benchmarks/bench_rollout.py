@@ -89,7 +89,7 @@ def main() -> None:
     cases = [(1, 2, 2048, 1)] if args.quick else [(2, 2, 4096, 2), (2, 2, 8000, 2)]
     tokenizer = tiny_tokenizer()
     model = benchmark_policy(len(tokenizer), args.device)
-    results = Results("rollout")
+    results = Results("rollout", args.out)
     for num_prompts, group_size, b_max, repeat in cases:
         case = f"P{num_prompts}_G{group_size}_bmax{b_max}_S{NUM_SLOTS}_A{NUM_SUMMARIES}"
         prompts = [

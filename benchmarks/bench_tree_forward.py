@@ -113,8 +113,8 @@ def run_case(case: dict, device: str, quick: bool, results: Results) -> None:
     vocab = case["model"]["vocab_size"]
     rollouts = make_rollouts(**rollout_args, vocab=vocab)
     layouts = {
-        "tree": pack_response_trees(*rollouts).to(device),
-        "per_branch": pack_response_trees(*per_branch_rollouts(rollouts)).to(device),
+        "tree": pack_response_trees(*rollouts),
+        "per_branch": pack_response_trees(*per_branch_rollouts(rollouts)),
     }
     model = build_model(case["model"], device, case["dtype"])
     policy = TreePolicy(
@@ -127,7 +127,7 @@ def run_case(case: dict, device: str, quick: bool, results: Results) -> None:
 
     def step(layout) -> None:
         for micro_batch in policy.micro_batches(layout):
-            policy.logprobs(layout, micro_batch).logprobs.sum().backward()
+            policy.logprobs(micro_batch).logprobs.sum().backward()
 
     for layout in layouts.values():
         step(layout)  # warm-up: allocates the gradient buffers (and compiles flex on CUDA)
@@ -152,7 +152,7 @@ def run_case(case: dict, device: str, quick: bool, results: Results) -> None:
 def main() -> None:
     args = parse_args("tree_forward", __doc__)
     print(environment_line(args.device))
-    results = Results("tree_forward")
+    results = Results("tree_forward", args.out)
     run_case(GPU_CASE if args.device == "cuda" else CPU_CASE, args.device, args.quick, results)
     results.finish(args.out)
 

@@ -36,7 +36,7 @@ def main() -> None:
     args = parse_args("tree_pack", __doc__)
     print(environment_line("cpu"))
     cases = [(64, 8000)] if args.quick else [(64, 8000), (512, 8000)]
-    results = Results("tree_pack")
+    results = Results("tree_pack", args.out)
     for num_traces, thinking_len in cases:
         batch = make_batch(num_traces, thinking_len, num_slots=4, num_summaries=4, summary_len=130)
         case = f"N{num_traces}_L{thinking_len}_S4_A4_sum130"

@@ -118,10 +118,19 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
 
 @dataclass
 class Results:
-    """Long-format rows of one benchmark run; ``finish`` prints the table and writes the CSV."""
+    """Long-format rows of one benchmark run; ``finish`` prints the table.
+
+    With ``out_dir`` the CSV is rewritten after every row, so a run stopped by a time limit (the
+    GPU check gives every step one) still leaves the rows it measured.
+    """
 
     benchmark: str
+    out_dir: Path | None = None
     rows: list[dict] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / f"bench_{self.benchmark}.csv"
 
     def add(self, case: str, provider: str, metric: str, value: float, unit: str) -> None:
         self.rows.append(
@@ -134,6 +143,17 @@ class Results:
                 "unit": unit,
             }
         )
+        if self.out_dir is not None:
+            self._write(self.out_dir)
+
+    def _write(self, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"bench_{self.benchmark}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        return path
 
     def value(self, case: str, provider: str, metric: str) -> float | None:
         for row in self.rows:
@@ -141,7 +161,11 @@ class Results:
                 return row["value"]
         return None
 
-    def finish(self, out_dir: Path, title: str | None = None) -> Path:
+    def finish(self, out_dir: Path, title: str | None = None, notes: list[str] = ()) -> Path:
+        """Write the CSV (and ``notes``, e.g. target verdicts, beside it), then print the table."""
+        path = self._write(out_dir)
+        if notes:
+            (out_dir / f"bench_{self.benchmark}.targets.txt").write_text("\n".join(notes) + "\n")
         from rich.console import Console
         from rich.table import Table
 
@@ -153,12 +177,8 @@ class Results:
             shown = f"{value:.4g}" if abs(value) < 1e6 else f"{value:.4e}"
             table.add_row(row["case"], row["provider"], row["metric"], shown, row["unit"])
         Console(width=140).print(table)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"bench_{self.benchmark}.csv"
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        for line in notes:
+            print(line)
         print(f"wrote {path}")
         return path
 

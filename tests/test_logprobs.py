@@ -107,9 +107,37 @@ def test_cpu_op_several_row_blocks():
 def test_triton_several_vocab_chunks(monkeypatch):
     """Chunk the vocabulary (last chunk ragged) by shrinking the chunk budget."""
     monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 30 * 8 * 64)
+    monkeypatch.setattr(logprobs_triton, "MIN_CHUNK", 64)
     assert logprobs_triton.chunk_vocab_size(30, 250, 4) == 64
     case = make_case(num_hidden=30, width=16, vocab=250, ignore=(1,))
     check_against_reference("triton", case, temperature=1.3)
+
+
+def test_chunk_width_stops_shrinking_at_the_row_block():
+    """The tile is at most ROW_BLOCK rows, so the vocabulary chunk is as wide at 5.3M rows as at 16k."""
+    width_16k = logprobs_triton.chunk_vocab_size(16384, 151936, 2)
+    assert width_16k == logprobs_triton.chunk_vocab_size(5_300_000, 151936, 2) >= logprobs_triton.MIN_CHUNK
+    assert logprobs_triton.chunk_vocab_size(10**7, 1000, 2) == 1000  # a small vocabulary is one chunk
+    rows = logprobs_triton._row_blocks(40_000)
+    assert rows == [(0, 16384), (16384, 32768), (32768, 40000)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_triton_several_row_blocks_and_chunks(monkeypatch, dtype):
+    """Rows in blocks (last one ragged) times vocabulary chunks: running statistics merge across
+    chunks, grad_weight accumulates across row blocks; equal to one block within rounding."""
+    case = make_case(num_hidden=23, width=16, vocab=300, num_targets=45, repeated_rows=True, ignore=(0, 30))
+    hidden, weight = case[0].to(dtype), case[1].to(dtype)
+    single = run(fused_logprobs, hidden, weight, *case[2:], temperature=0.7, backend="triton")
+    monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 7)
+    monkeypatch.setattr(logprobs_triton, "MIN_CHUNK", 64)
+    monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 7 * 8 * 64)
+    assert logprobs_triton.chunk_vocab_size(45, 300, 4) == 64 and len(logprobs_triton._row_blocks(45)) == 7
+    check_against_reference("triton", case, temperature=0.7, dtype=dtype)
+    blocked = run(fused_logprobs, hidden, weight, *case[2:], temperature=0.7, backend="triton")
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, got, expected in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), blocked, single, strict=True):
+        assert_close(got, expected, tolerance, tolerance, name)
 
 
 @pytest.mark.parametrize("backend", (*BACKENDS, "reference"))
@@ -236,6 +264,7 @@ def test_cuda_triton_matches_reference(dtype):
 @pytest.mark.gpu
 def test_cuda_triton_several_vocab_chunks(monkeypatch):
     monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 200)  # 3 row blocks x 3 vocabulary chunks
     case = make_case(num_hidden=512, width=128, vocab=9000, ignore=(5,))
     case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
     check_against_reference("triton", case, dtype=torch.bfloat16)

@@ -13,22 +13,20 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from anytime_kernels import pack_response_trees
-from anytime_kernels.attention import (
-    _flex_block_mask,
-    dense_tree_mask,
-    prepare_tree_attention,
-    resolve_backend,
-)
+from anytime_kernels.attention import dense_tree_mask, flex_block_mask
+from anytime_kernels.backends import BackendUnavailableError
+from trainer.attention import prepare_tree_attention, resolve_backend
 from trainer.policy import TreePolicy, plan_micro_batches
 
 VOCAB = 96
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, hidden_size: int = 32):
+    """Head size hidden_size / 4: 8 by default (CPU); GPU tests use 64 (flex needs head_dim >= 16)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=VOCAB,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -197,22 +195,22 @@ def test_flex_block_mask_reproduces_the_dense_tree_rule_on_cpu():
 
     layout = pack_response_trees(*random_rollouts(seed=7, num_traces=3))
     spec = prepare_tree_attention(layout.seq_ids, layout.prefix_end, layout.branch_start, "sdpa")
-    block_mask = _flex_block_mask(layout.seq_ids, layout.prefix_end, layout.branch_start)
+    block_mask = flex_block_mask(layout.seq_ids, layout.prefix_end, layout.branch_start)
     length, padded = spec.length, block_mask.shape[-2]
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, padded, 8) for _ in range(3))
     flex = flex_attention(q, k, v, block_mask=block_mask)[:, :, :length]
     dense = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, :length], k[:, :, :length], v[:, :, :length], attn_mask=spec.dense_mask
+        q[:, :, :length], k[:, :, :length], v[:, :, :length], attn_mask=spec.state
     )
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
-    assert torch.equal(spec.dense_mask[0, 0], dense_tree_mask(layout.seq_ids, layout.prefix_end, layout.branch_start))
+    assert torch.equal(spec.state[0, 0], dense_tree_mask(layout.seq_ids, layout.prefix_end, layout.branch_start))
 
 
 def test_unavailable_backends_raise_clear_errors():
-    with pytest.raises(RuntimeError, match="'flash_attn' is not available on cpu: it needs a CUDA device"):
+    with pytest.raises(BackendUnavailableError, match="'flash_attn' is not available on cpu: it needs a CUDA device"):
         resolve_backend("flash_attn", "cpu")
-    with pytest.raises(RuntimeError, match="'flex' is not available on cpu"):
+    with pytest.raises(BackendUnavailableError, match="'flex' is not available on cpu"):
         resolve_backend("flex", "cpu")
     with pytest.raises(ValueError, match="attention backend must be one of"):
         resolve_backend("eager", "cpu")
@@ -230,7 +228,7 @@ def test_model_without_tree_keyword_raises():
 def test_cuda_backends_match_sdpa(backend):
     rollouts = random_rollouts(seed=8, num_traces=4)
     layout = pack_response_trees(*rollouts)
-    model = tiny_model("qwen2").cuda()
+    model = tiny_model("qwen2", hidden_size=64).cuda()
     reference = TreePolicy(copy.deepcopy(model), attention_backend="sdpa")
     candidate = TreePolicy(copy.deepcopy(model), attention_backend=backend)
     outputs = [p.forward(layout.to("cuda")) for p in (reference, candidate)]

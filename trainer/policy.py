@@ -2,7 +2,7 @@
 
 The thinking prefix of a trace is computed once for all of its S x A summary branches: each
 micro-batch is one packed sequence of whole trees, the tree rule enters the model through the
-``anytime_tree`` attention registered with transformers (``anytime_kernels.attention``), the
+``anytime_tree`` attention registered with transformers (``trainer.attention``), the
 decoder returns hidden states, and ``fused_logprobs`` applies the LM head so the
 ``[tokens x vocab]`` logits never exist.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from anytime_kernels import ResponseTreeLayout, fused_logprobs
-from anytime_kernels.attention import prepare_tree_attention, register_tree_attention
+from trainer.attention import prepare_tree_attention, register_tree_attention
 
 
 @dataclass
@@ -28,10 +28,12 @@ class MicroBatch:
     Attributes:
         rows: trace indices of the layout, in packed order.
         token_index: ``[L]`` int64 layout index of every packed token.
+        layout: the trees alone as a layout of their own (offsets rebased; host tensors).
     """
 
     rows: list[int]
     token_index: torch.Tensor
+    layout: ResponseTreeLayout
 
     @property
     def num_tokens(self) -> int:
@@ -58,12 +60,10 @@ def plan_micro_batches(layout: ResponseTreeLayout, max_tokens: int) -> list[Micr
     """Greedy packing of whole trees, in order, into sequences of at most ``max_tokens``."""
     if max_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {max_tokens}")
-    row_lens = layout.row_lens.tolist()
-    cu = layout.cu_seqlens.tolist()
     groups: list[list[int]] = []
     current: list[int] = []
     current_tokens = 0
-    for row, length in enumerate(row_lens):
+    for row, length in enumerate(layout.row_lens.tolist()):
         if current and current_tokens + length > max_tokens:
             groups.append(current)
             current, current_tokens = [], 0
@@ -71,10 +71,7 @@ def plan_micro_batches(layout: ResponseTreeLayout, max_tokens: int) -> list[Micr
         current_tokens += length
     if current:
         groups.append(current)
-    device = layout.input_ids.device
-    return [
-        MicroBatch(rows, torch.cat([torch.arange(cu[r], cu[r + 1], device=device) for r in rows])) for rows in groups
-    ]
+    return [MicroBatch(rows, layout.tree_token_index(rows), layout.select_trees(rows)) for rows in groups]
 
 
 class TreePolicy:
@@ -87,7 +84,7 @@ class TreePolicy:
     Args:
         model: a transformers ``*ForCausalLM`` of the Llama/Qwen2/Qwen3 families.
         attention_backend: ``auto``, ``flex``, ``sdpa``, ``flash_attn``, ``xformers`` or
-            ``reference_varlen`` (see ``anytime_kernels.attention``).
+            ``reference_varlen`` (see ``trainer.attention``).
         gradient_checkpointing: recompute decoder layers in backward (non-reentrant).
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forward under autocast; None = off.
         micro_batch_tokens: token budget of one packed micro-batch.
@@ -120,6 +117,8 @@ class TreePolicy:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.decoder = model.get_decoder()
+        config = model.config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     @property
     def device(self) -> torch.device:
@@ -137,52 +136,51 @@ class TreePolicy:
     def micro_batches(self, layout: ResponseTreeLayout) -> list[MicroBatch]:
         return plan_micro_batches(layout, self.micro_batch_tokens)
 
-    def hidden_states(self, layout: ResponseTreeLayout, micro_batch: MicroBatch) -> torch.Tensor:
+    def hidden_states(self, micro_batch: MicroBatch) -> torch.Tensor:
         """Final hidden states ``[L, H]`` of the micro-batch's packed tokens."""
         device = self.device
-        index = micro_batch.token_index.to(layout.input_ids.device)
-        # Offsets in the layout are absolute; shift them to this micro-batch's packed sequence.
-        rows = torch.tensor(micro_batch.rows, dtype=torch.long, device=index.device)
-        lengths = layout.row_lens.to(index.device)[rows]
-        packed_starts = torch.cumsum(lengths, 0) - lengths
-        local_row = torch.repeat_interleave(torch.arange(len(rows), device=index.device), lengths)
-        shift = (packed_starts - layout.cu_seqlens.to(index.device).long()[rows])[local_row]
+        trees = micro_batch.layout
         spec = prepare_tree_attention(
-            local_row.to(device=device, dtype=torch.int32),
-            (layout.prefix_end[index].long() + shift).to(device=device, dtype=torch.int32),
-            (layout.branch_start[index].long() + shift).to(device=device, dtype=torch.int32),
+            trees.seq_ids,
+            trees.prefix_end,
+            trees.branch_start,
             self.attention_backend,
+            head_dim=self.head_dim,
+            device=device,
         )
-        input_ids = layout.input_ids[index].to(device)[None]
-        position_ids = layout.position_ids[index].to(device)[None]
+        input_ids = trees.input_ids.to(device, non_blocking=True)[None]
+        position_ids = trees.position_ids.to(device, non_blocking=True)[None]
         with self._autocast():
             output = self.decoder(input_ids=input_ids, position_ids=position_ids, tree_attention=spec, use_cache=False)
         return output.last_hidden_state[0]
 
     def logprobs(
-        self,
-        layout: ResponseTreeLayout,
-        micro_batch: MicroBatch,
-        *,
-        temperature: float = 1.0,
-        return_entropy: bool = False,
+        self, micro_batch: MicroBatch, *, temperature: float = 1.0, return_entropy: bool = False
     ) -> TokenLogprobs:
-        """Log-probs (and entropy) of every trained target of one micro-batch."""
-        hidden = self.hidden_states(layout, micro_batch)
-        index = micro_batch.token_index.to(layout.loss_mask.device)
-        trained = layout.loss_mask[index].nonzero().flatten()
-        positions = index[trained]
-        targets = layout.labels[positions].to(hidden.device)
+        """Log-probs (and entropy) of every trained target of one micro-batch.
+
+        No device sync: the trained positions and targets are found and range-checked on the host
+        layout, then copied to the device.
+        """
+        hidden = self.hidden_states(micro_batch)
+        trees = micro_batch.layout
+        trained = trees.loss_mask.nonzero().flatten()
+        targets = trees.labels[trained]
+        vocab = self.lm_head_weight.shape[0]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+            raise ValueError(f"labels hold ids outside the model's vocabulary [0, {vocab})")
+        positions = micro_batch.token_index[trained]
         # Under autocast, fused_logprobs casts hidden and the LM head to the autocast dtype, as
         # the model's own lm_head would be.
         with self._autocast():
             result = fused_logprobs(
                 hidden,
                 self.lm_head_weight,
-                targets,
-                rows=trained.to(hidden.device),
+                targets.to(hidden.device, non_blocking=True),
+                rows=trained.to(hidden.device, non_blocking=True),
                 temperature=temperature,
                 return_entropy=return_entropy,
+                check_values=False,
             )
         if return_entropy:
             logprobs, entropy = result
@@ -198,7 +196,7 @@ class TreePolicy:
         backward per micro-batch; this keeps every micro-batch's graph alive at once.
         """
         parts = [
-            self.logprobs(layout, mb, temperature=temperature, return_entropy=return_entropy)
+            self.logprobs(mb, temperature=temperature, return_entropy=return_entropy)
             for mb in self.micro_batches(layout)
         ]
         positions = torch.cat([p.positions for p in parts]) if parts else torch.empty(0, dtype=torch.long)
