@@ -133,6 +133,13 @@ class TreePolicy:
             self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
         )
 
+    @staticmethod
+    def _prepared_mask(device: torch.device) -> torch.Tensor:
+        """A placeholder 4-D mask: transformers passes a 4-D mask through as already prepared, so it
+        skips its own mask preprocessing (which reads position ids back to the host to detect packed
+        sequences: a device sync per forward). The tree attention ignores it."""
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+
     def micro_batches(self, layout: ResponseTreeLayout) -> list[MicroBatch]:
         return plan_micro_batches(layout, self.micro_batch_tokens)
 
@@ -151,7 +158,13 @@ class TreePolicy:
         input_ids = trees.input_ids.to(device, non_blocking=True)[None]
         position_ids = trees.position_ids.to(device, non_blocking=True)[None]
         with self._autocast():
-            output = self.decoder(input_ids=input_ids, position_ids=position_ids, tree_attention=spec, use_cache=False)
+            output = self.decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=self._prepared_mask(device),
+                tree_attention=spec,
+                use_cache=False,
+            )
         return output.last_hidden_state[0]
 
     def logprobs(
