@@ -96,5 +96,12 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "anytime-train=trainer.cli:train_main",
+            "anytime-eval=trainer.cli:eval_main",
+            "anytime-bench=trainer.cli:bench_main",
+        ]
+    },
     zip_safe=False,
 )

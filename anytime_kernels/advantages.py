@@ -156,6 +156,7 @@ def token_advantages(
     thinking_adv: torch.Tensor,
     summary_adv: torch.Tensor,
     *,
+    align: str = "token",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Advantage of every packed token, ``[T]`` float32 on the layout's device.
@@ -173,8 +174,25 @@ def token_advantages(
         layout: the packed batch (``anytime_kernels.pack_response_trees``), on CPU or CUDA.
         thinking_adv: ``[N, S]`` float, from ``brpo_advantages``.
         summary_adv: ``[N, S, A]`` float, from ``brpo_advantages``.
+        align: ``token`` (entry t is token t's own advantage) or ``predicting`` (entry t is the
+            advantage of the target that position t predicts, ``token_adv[t + 1]`` where
+            ``loss_mask[t]``, else 0: aligned with the log-probs of ``labels[t]``, ready for the
+            loss). This is the one place the t / t + 1 alignment is made.
         backend: ``auto`` (Triton on CUDA, C++ on CPU), ``triton``, ``cpp`` or ``reference``.
     """
+    if align not in ("token", "predicting"):
+        raise ValueError(f"align must be 'token' or 'predicting', got {align!r}")
+    per_token = _token_advantages(layout, thinking_adv, summary_adv, backend)
+    if align == "token":
+        return per_token
+    predicted = torch.zeros_like(per_token)
+    predicted[:-1] = per_token[1:]
+    return torch.where(layout.loss_mask, predicted, 0.0)
+
+
+def _token_advantages(
+    layout: ResponseTreeLayout, thinking_adv: torch.Tensor, summary_adv: torch.Tensor, backend: str
+) -> torch.Tensor:
     if not isinstance(layout, ResponseTreeLayout):
         raise TypeError(f"layout must be a ResponseTreeLayout, got {type(layout).__name__}")
     num_traces, num_slots, num_summaries = layout.num_traces, layout.num_slots, layout.num_summaries

@@ -101,6 +101,20 @@ class ResponseTreeLayout:
             raise IndexError(f"row {row} is out of range for a layout of {self.num_traces} traces")
         return slice(int(self.cu_seqlens[row]), int(self.cu_seqlens[row + 1]))
 
+    def lineage_ids(self) -> torch.Tensor:
+        """``[T]`` int64 id of the sequence each position's *target* belongs to, for per-sequence
+        loss aggregation: ``n * (S * A + 1)`` for the thinking of trace n, ``n * (S * A + 1) + 1 +
+        s * A + a`` for summary branch (s, a); -1 where ``loss_mask`` is False. A position t
+        predicts the token at t + 1 (see ``labels``), so the id is read there."""
+        width = self.num_slots * self.num_summaries + 1
+        target = torch.zeros_like(self.seq_ids, dtype=torch.long)
+        target[:-1] = torch.arange(1, self.num_tokens, device=self.seq_ids.device)
+        branch = self.summary_index[target].long()
+        ids = self.seq_ids[target].long() * width + torch.where(
+            branch >= 0, 1 + self.slot[target].long() * self.num_summaries + branch, 0
+        )
+        return torch.where(self.loss_mask, ids, -1)
+
     def tree_token_index(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``[L]`` int64 layout index of every token of ``rows``, packed in the order given."""
         rows = self._rows(rows)

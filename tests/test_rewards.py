@@ -7,19 +7,21 @@ import pytest
 from trainer.budgets import ANSWER_OPENER, TRUNCATION_MARK
 from trainer.rewards import (
     MathReward,
+    answer_step,
     available_rewards,
     ended_with_eos,
     exact_grade,
     extract_boxed,
     final_answer,
-    final_answer_paragraph,
     get_reward,
     grade_answer,
     has_valid_format,
+    last_boxed,
     math_reward,
     normalize_ground_truth,
     register_reward,
-    zero_eos_ended,
+    strict_answer,
+    think_end_count,
 )
 from trainer.rewards import registry as registry_module
 from trainer.synthetic import synthetic_reward
@@ -43,49 +45,65 @@ def reward():
 
 
 class TestAnswerText:
-    def test_extract_boxed_matches_nested_braces(self):
-        assert extract_boxed(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
-        assert extract_boxed(r"\boxed{\left\{1,\{2\}\right\}}") == r"\left\{1,\{2\}\right\}"
-        assert extract_boxed(r"\boxed{1} then \boxed {2}") == "2"
-        assert extract_boxed(r"\boxed{\frac{1}{2}") is None
-        assert extract_boxed("no box here") is None
+    """The authors' rule (strict, the default) and the lenient parser (an option)."""
 
-    def test_paragraph_starts_at_the_header_and_ends_at_a_blank_line(self):
+    def test_answer_step_is_the_first_piece_after_the_cut_that_starts_with_the_header(self):
         text = closed("work", "The answer is \\boxed{7}.\n\nLater text \\boxed{8}")
-        assert final_answer_paragraph(text) == "The answer is \\boxed{7}."
-        assert final_answer(text) == "7"
-
-    def test_blank_lines_right_after_the_header_are_skipped(self):
-        assert final_answer("x</think>\n\n**Final Answer**\n\n\\boxed{5}") == "5"
-
-    def test_header_inside_a_line_does_not_start_a_paragraph(self):
-        assert final_answer("x</think>\n\nSo the **Final Answer** is \\boxed{5}") is None
-
-    def test_box_outside_the_final_answer_paragraph_is_ignored(self):
-        assert final_answer(closed("I get \\boxed{3}", "no box")) is None
-        assert final_answer("x</think>\n\n\\boxed{3}") is None
-
-    def test_paragraph_is_searched_after_the_think_end(self):
+        assert answer_step(text) == "**Final Answer**\nThe answer is \\boxed{7}."
+        assert strict_answer(text) == "7"
+        # A header piece inside the thinking (before the cut) is not read.
         text = "**Final Answer**\n\\boxed{1}\n\n</think>\n\n**Final Answer**\n\\boxed{2}"
-        assert final_answer(text) == "2"
+        assert strict_answer(text) == "2" and final_answer(text) == "2"
 
-    def test_format_rule_counts_think_ends(self):
+    def test_blank_line_after_the_header_means_no_answer_step(self):
+        text = "x</think>\n\n**Final Answer**\n\n\\boxed{5}"
+        assert answer_step(text) is None and strict_answer(text) is None
+        assert final_answer(text) == "5"  # the lenient parser skips the blank line
+
+    def test_whitespace_only_line_is_not_a_separator(self):
+        # "\n \n" is not "\n\n": the answer step runs on, so the later box is its last one.
+        text = closed("x", "\\boxed{3}\n \n\\boxed{4}")
+        assert strict_answer(text) == "4"
+        assert final_answer(text) == "3"  # lenient: a whitespace-only line ends the paragraph
+
+    def test_only_the_exact_box_spelling_counts(self):
+        assert strict_answer(closed("x", "\\boxed {5}")) is None
+        assert final_answer(closed("x", "\\boxed {5}")) == "5"
+        assert last_boxed(r"\boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+        assert last_boxed(r"\boxed{\left\{1,\{2\}\right\}}") == r"\left\{1,\{2\}\right\}"
+
+    def test_unclosed_last_box_means_no_answer(self):
+        text = closed("x", "\\boxed{4} or maybe \\boxed{5")
+        assert last_boxed("\\boxed{4} or maybe \\boxed{5") is None
+        assert strict_answer(text) is None
+        assert final_answer(text) == "4"  # lenient: falls back to the earlier closed box
+
+    def test_header_inside_a_line_does_not_start_a_step(self):
+        text = "x</think>\n\nSo the **Final Answer** is \\boxed{5}"
+        assert strict_answer(text) is None and final_answer(text) is None
+
+    def test_box_outside_the_answer_step_is_ignored(self):
+        assert strict_answer(closed("I get \\boxed{3}", "no box")) is None
+        assert strict_answer("x</think>\n\n\\boxed{3}") is None
+        assert extract_boxed(r"\boxed{1} then \boxed {2}") == "2"
+
+    def test_format_rule_from_text_counts_think_ends(self):
         assert has_valid_format(closed("a", "\\boxed{1}"))
         assert has_valid_format(truncated("a", "\\boxed{1}"))
         assert not has_valid_format("a\\boxed{1}")
         assert not has_valid_format(closed("a</think>b", "\\boxed{1}"))
-        assert not has_valid_format(closed("a", "\\boxed{1}</think>"))
 
-    def test_zero_eos_ended(self):
-        assert zero_eos_ended([1.0, 1.0, 0.0], [False, True, False]) == [1.0, 0.0, 0.0]
-        assert zero_eos_ended([1.0], None) == [1.0]
-        with pytest.raises(ValueError, match="2 flags for 1 scores"):
-            zero_eos_ended([1.0], [True, False])
+    def test_format_rule_from_token_ids(self):
+        think_end = 2
+        assert think_end_count([5, 6, think_end], [9], [7, 8], think_end) == 1  # closed trace
+        assert think_end_count([5, 6], [9, think_end, 9], [7], think_end) == 1  # cut: the mark holds it
+        assert think_end_count([5, 6], [9, think_end, 9], [7, think_end], think_end) == 2
 
     def test_ended_with_eos(self):
-        assert ended_with_eos([5, 6, 2], eos_token_id=2)
-        assert not ended_with_eos([5, 2, 7], eos_token_id=2)
-        assert not ended_with_eos([], eos_token_id=2)
+        assert ended_with_eos([5, 6, 2], 2)
+        assert ended_with_eos([5, 6, 3], [2, 3])  # any of the model's EOS ids
+        assert not ended_with_eos([5, 2, 7], 2)
+        assert not ended_with_eos([], 2)
 
     def test_ground_truth_normalisation(self):
         assert normalize_ground_truth(142.0) == ("142",)
@@ -133,14 +151,14 @@ class TestMathGrading:
             truncated("cut short", "\\boxed{5}"),  # cut trace, correct
             truncated("cut short", "\\boxed{5}"),  # same text, but the trace ended with EOS
         ]
-        eos_ended = [False, False, False, False, False, True]
-        scores, metrics = reward(completions, ["5"] * 6, eos_ended=eos_ended)
+        eos_in_cut = [False, False, False, False, False, True]
+        scores, metrics = reward(completions, ["5"] * 6, eos_in_cut=eos_in_cut)
         assert scores == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         assert metrics["reward/format_ok"] == pytest.approx(4 / 6)
         assert metrics["reward/boxed"] == pytest.approx(5 / 6)
-        assert metrics["reward/eos_ended"] == pytest.approx(1 / 6)
+        assert metrics["reward/eos_in_cut"] == pytest.approx(1 / 6)
         assert metrics["reward/mean"] == pytest.approx(2 / 6)
-        # Only distinct (answer, truth) pairs that pass the format rule are graded: one here, an exact match.
+        # Only distinct (answer, truth) pairs that pass the format and EOS rules are graded: one, an exact match.
         assert metrics["reward/exact_pairs"] == 1.0 and metrics["reward/graded_pairs"] == 0.0
 
     def test_agrees_with_the_synthetic_verifier_on_integers(self, reward):

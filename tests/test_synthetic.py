@@ -91,8 +91,8 @@ class TestVerifier:
             thinking + ANSWER_OPENER + teacher_summary(96),  # correct text, EOS-ended trace
             thinking + ANSWER_OPENER + "\\boxed{ninety-six}",  # not an integer
         ]
-        eos_ended = [False] * 5 + [True, False]
-        scores, metrics = synthetic_reward(completions, [96, "96", "96", 96, 96, 96, 96], eos_ended=eos_ended)
+        eos_in_cut = [False] * 5 + [True, False]
+        scores, metrics = synthetic_reward(completions, [96, "96", "96", 96, 96, 96, 96], eos_in_cut=eos_in_cut)
         assert scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
         assert metrics["reward/mean"] == pytest.approx(2 / 7)
         assert metrics["reward/format_ok"] == pytest.approx(6 / 7)

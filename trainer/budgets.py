@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-THINK_END = "</think>"
-TRUNCATION_MARK = "...\n\n...\n\n</think>"
-ANSWER_OPENER = "\n\n**Final Answer**\n"
+from trainer.text_markers import ANSWER_OPENER, THINK_END, TRUNCATION_MARK
+
 PRIOR_PRESETS = ("uniform", "linear", "base")
 
 
@@ -75,14 +74,38 @@ def distinct_cuts(cuts: Sequence[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class BudgetSchedule:
-    """Budgets and prior of a run: ``b_max``, S slots and the normalised prior ``probs [S]``."""
+    """Budgets and prior of a run: ``b_max``, S slots and the normalised prior ``probs [S]``.
+
+    The budgets are the support points ``b_max * s / S``, or ``support`` when given (evaluation
+    budgets such as 2000/4000/6000/8000: increasing, the last one ``b_max``).
+    """
 
     b_max: int
     num_slots: int
     prior: str | tuple[float, ...] = "uniform"
+    support: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.support is not None:
+            support = [int(b) for b in self.support]
+            if len(support) != self.num_slots or support != sorted(set(support)) or support[0] < 1:
+                raise ValueError(f"support must be {self.num_slots} increasing positive budgets, got {support}")
+            if support[-1] != self.b_max:
+                raise ValueError(f"the last budget of support {support} must be b_max={self.b_max}")
+
+    @classmethod
+    def from_budgets(cls, budgets: Sequence[int], prior: str | Sequence[float] = "uniform") -> BudgetSchedule:
+        """A schedule over explicit budgets (``b_max`` is the last one)."""
+        budgets = tuple(int(b) for b in budgets)
+        if not budgets:
+            raise ValueError("at least one budget is needed")
+        prior = prior if isinstance(prior, str) else tuple(float(w) for w in prior)
+        return cls(budgets[-1], len(budgets), prior, budgets)
 
     @property
     def budgets(self) -> list[int]:
+        if self.support is not None:
+            return list(self.support)
         return budget_support(self.b_max, self.num_slots)
 
     @property

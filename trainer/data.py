@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.rewards.math_grading import normalize_ground_truth
+from trainer.text_markers import INSTRUCTION, THINK_START
 
 logger = logging.getLogger(__name__)
 
-INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-THINKING_OPENER = "<think>\n"
+THINKING_OPENER = THINK_START + "\n"
 FIELDS = ("problem", "answer", "solution")
 _FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")

@@ -13,6 +13,7 @@ micro-batch at a time, so only one micro-batch's activations are alive.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,14 +57,20 @@ class TokenLogprobs:
     entropy: torch.Tensor | None = None
 
 
-def plan_micro_batches(layout: ResponseTreeLayout, max_tokens: int) -> list[MicroBatch]:
-    """Greedy packing of whole trees, in order, into sequences of at most ``max_tokens``."""
+def plan_micro_batches(
+    layout: ResponseTreeLayout, max_tokens: int, rows: Sequence[int] | None = None
+) -> list[MicroBatch]:
+    """Greedy packing of whole trees (``rows``, default all, in order) into sequences of at most
+    ``max_tokens`` tokens; a tree longer than that gets a micro-batch of its own."""
     if max_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {max_tokens}")
+    row_lens = layout.row_lens.tolist()
+    rows = range(len(row_lens)) if rows is None else [int(r) for r in rows]
     groups: list[list[int]] = []
     current: list[int] = []
     current_tokens = 0
-    for row, length in enumerate(layout.row_lens.tolist()):
+    for row in rows:
+        length = row_lens[row]
         if current and current_tokens + length > max_tokens:
             groups.append(current)
             current, current_tokens = [], 0
@@ -140,8 +147,8 @@ class TreePolicy:
         sequences: a device sync per forward). The tree attention ignores it."""
         return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
 
-    def micro_batches(self, layout: ResponseTreeLayout) -> list[MicroBatch]:
-        return plan_micro_batches(layout, self.micro_batch_tokens)
+    def micro_batches(self, layout: ResponseTreeLayout, rows: Sequence[int] | None = None) -> list[MicroBatch]:
+        return plan_micro_batches(layout, self.micro_batch_tokens, rows)
 
     def hidden_states(self, micro_batch: MicroBatch) -> torch.Tensor:
         """Final hidden states ``[L, H]`` of the micro-batch's packed tokens."""

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.rewards.answer import final_answer, has_valid_format, zero_eos_ended
+from trainer.rewards.answer import grade_completions
 
 MODULUS = 100
-INSTRUCTION_FREE_QUESTION = "What is the result modulo 100?"
 _OPERATIONS = {
     "add": ("Add {}.", "+", lambda value, operand: value + operand),
     "subtract": ("Subtract {}.", "-", lambda value, operand: value - operand),
@@ -30,21 +29,22 @@ _OPERATIONS = {
 
 @dataclass(frozen=True)
 class ArithmeticProblem:
-    """One chained-arithmetic problem: ``start`` then ``steps`` of (operation, operand), all modulo 100."""
+    """One chained-arithmetic problem: ``start`` then ``steps`` of (operation, operand), all modulo ``modulus``."""
 
     start: int
     steps: tuple[tuple[str, int], ...]
+    modulus: int = MODULUS
 
     @property
     def text(self) -> str:
         operations = " ".join(_OPERATIONS[name][0].format(operand) for name, operand in self.steps)
-        return f"Start at {self.start}. {operations} {INSTRUCTION_FREE_QUESTION}"
+        return f"Start at {self.start}. {operations} What is the result modulo {self.modulus}?"
 
     def partial_results(self) -> list[int]:
-        """The running result after each step, ``[r_1, ..., r_K]`` (modulo 100)."""
+        """The running result after each step, ``[r_1, ..., r_K]`` (modulo ``modulus``)."""
         value, results = self.start, []
         for name, operand in self.steps:
-            value = _OPERATIONS[name][2](value, operand) % MODULUS
+            value = _OPERATIONS[name][2](value, operand) % self.modulus
             results.append(value)
         return results
 
@@ -53,16 +53,29 @@ class ArithmeticProblem:
         return self.partial_results()[-1]
 
 
-def generate_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 8) -> ArithmeticProblem:
-    """A random problem with between ``min_steps`` and ``max_steps`` operations."""
+def generate_problem(
+    rng: random.Random,
+    min_steps: int = 2,
+    max_steps: int = 8,
+    *,
+    modulus: int = MODULUS,
+    max_operand: int = 99,
+    max_multiplier: int = 9,
+) -> ArithmeticProblem:
+    """A random problem with between ``min_steps`` and ``max_steps`` operations: add/subtract an
+    operand in ``[1, max_operand]`` or multiply by ``[2, max_multiplier]``, modulo ``modulus``."""
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"expected 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
+    if modulus < 2 or max_operand < 1 or max_multiplier < 2:
+        raise ValueError(
+            f"expected modulus >= 2, max_operand >= 1, max_multiplier >= 2; got {modulus}, {max_operand}, {max_multiplier}"
+        )
     steps = []
     for _ in range(rng.randint(min_steps, max_steps)):
         name = rng.choice(tuple(_OPERATIONS))
-        operand = rng.randint(2, 9) if name == "multiply" else rng.randint(1, 99)
+        operand = rng.randint(2, max_multiplier) if name == "multiply" else rng.randint(1, max_operand)
         steps.append((name, operand))
-    return ArithmeticProblem(start=rng.randint(0, MODULUS - 1), steps=tuple(steps))
+    return ArithmeticProblem(start=rng.randint(0, modulus - 1), steps=tuple(steps), modulus=modulus)
 
 
 def teacher_thinking(problem: ArithmeticProblem, check_prob: float, rng: random.Random) -> str:
@@ -92,6 +105,9 @@ def generate_rows(
     min_steps: int = 2,
     max_steps: int = 8,
     check_probs: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
+    modulus: int = MODULUS,
+    max_operand: int = 99,
+    max_multiplier: int = 9,
 ) -> list[dict]:
     """Rows in the authors' data format: ``problem``, ``answer`` (a string) and ``solution``.
 
@@ -103,7 +119,9 @@ def generate_rows(
     rng = random.Random(seed)
     rows = []
     for _ in range(num_problems):
-        problem = generate_problem(rng, min_steps, max_steps)
+        problem = generate_problem(
+            rng, min_steps, max_steps, modulus=modulus, max_operand=max_operand, max_multiplier=max_multiplier
+        )
         thinking = teacher_thinking(problem, rng.choice(tuple(check_probs)), rng)
         solution = thinking + "\n\n**Final Answer**\n" + teacher_summary(problem.answer)
         rows.append({"problem": problem.text, "answer": str(problem.answer), "solution": solution})
@@ -125,32 +143,40 @@ def _as_int(text: str | None) -> int | None:
         return None
 
 
-def synthetic_reward(
-    completions: Sequence[str], answers: Sequence[object], *, eos_ended: Sequence[bool] | None = None
-) -> tuple[list[float], dict[str, float]]:
-    """The verifier: the math reward's rule with exact integer comparison.
+def _compare_integers(boxed: list[str], truths: list[tuple[int, ...]]) -> tuple[list[float], dict[str, float]]:
+    return [1.0 if _as_int(box) in truth else 0.0 for box, truth in zip(boxed, truths, strict=True)], {}
 
-    completions: [B] decoded texts after the prompt; answers: [B] integers (or their strings) -> scores [B].
-    """
-    if len(completions) != len(answers):
-        raise ValueError(f"got {len(completions)} completions and {len(answers)} answers; expected one answer each")
+
+def _integer_truths(answer: object, index: int) -> tuple[int, ...]:
+    """The acceptable integers of an answer: an int, its string, or a list/tuple of either."""
+    options = answer if isinstance(answer, (list, tuple)) else [answer]
     truths = []
-    for index, answer in enumerate(answers):
-        truth = answer if isinstance(answer, int) and not isinstance(answer, bool) else _as_int(str(answer))
+    for option in options:
+        truth = option if isinstance(option, int) and not isinstance(option, bool) else _as_int(str(option))
         if truth is None:
             raise ValueError(f"answers[{index}] = {answer!r} is not an integer")
         truths.append(truth)
-    formatted = [has_valid_format(completion) for completion in completions]
-    boxed = [final_answer(completion) for completion in completions]
-    scores = [
-        1.0 if ok and _as_int(box) == truth else 0.0 for ok, box, truth in zip(formatted, boxed, truths, strict=True)
-    ]
-    scores = zero_eos_ended(scores, eos_ended)
-    count = max(len(scores), 1)
-    metrics = {
-        "reward/mean": sum(scores) / count,
-        "reward/format_ok": sum(formatted) / count,
-        "reward/boxed": sum(box is not None for box in boxed) / count,
-        "reward/eos_ended": (sum(bool(flag) for flag in eos_ended) / count) if eos_ended is not None else 0.0,
-    }
-    return scores, metrics
+    if not truths:
+        raise ValueError(f"answers[{index}] is empty")
+    return tuple(truths)
+
+
+def synthetic_reward(
+    completions: Sequence[str],
+    answers: Sequence[object],
+    *,
+    format_ok: Sequence[bool] | None = None,
+    eos_in_cut: Sequence[bool] | None = None,
+    lenient: bool = False,
+) -> tuple[list[float], dict[str, float]]:
+    """The verifier: the reward rule (``grade_completions``) with exact integer comparison.
+
+    completions: [B] ``z[:c] + inserted + summary`` texts; answers: [B] integers (their strings, or
+    lists of acceptable ones) -> scores [B] in {0, 1} and metrics.
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"got {len(completions)} completions and {len(answers)} answers; expected one answer each")
+    truths = [_integer_truths(answer, index) for index, answer in enumerate(answers)]
+    return grade_completions(
+        completions, truths, _compare_integers, format_ok=format_ok, eos_in_cut=eos_in_cut, lenient=lenient
+    )

@@ -14,18 +14,18 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from trainer.text_markers import FINAL_ANSWER_HEADER, INSTRUCTION, THINK_END, THINK_START
+
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
-THINK_START = "<think>"
-THINK_END = "</think>"
 SPECIAL_TOKENS = (PAD, EOS, USER, ASSISTANT)
 # Matched before the character split, longest first, so "\n\n" wins over "\n".
 PIECES = (
     THINK_START,
     THINK_END,
-    "**Final Answer**",
+    FINAL_ANSWER_HEADER,
     "\\boxed{",
     "...",
     "\n\n",
@@ -35,7 +35,7 @@ PIECES = (
     "Multiply by ",
     "check: ",
     "modulo 100",
-    "Let's think step by step and output the final answer within \\boxed{}.",
+    INSTRUCTION,
 )
 BASE_CHARACTERS = (*(chr(code) for code in range(32, 127)), "\n")
 CHAT_TEMPLATE = (

@@ -1,31 +1,41 @@
-"""Rewards: plain callables ``(completions, answers) -> (scores, metrics)``.
+"""Rewards: plain callables ``(completions, answers, *, format_ok, eos_in_cut) -> (scores, metrics)``.
 
-``math_reward`` grades the final-answer box with math-verify in a process pool; the synthetic
-task's verifier lives beside the task (``trainer.synthetic``). ``get_reward(name)`` finds either,
-or one a user registered with ``register_reward``.
+``grade_completions`` is the reward rule every reward shares; ``math_reward`` compares answers
+with math-verify in a process pool; the synthetic task's verifier lives beside the task
+(``trainer.synthetic``). ``get_reward(name)`` finds either, or one registered with
+``register_reward``. The pool (and its ``pebble`` dependency) is imported on first use.
 """
 
 from trainer.rewards.answer import (
-    FINAL_ANSWER_HEADER,
-    THINK_END,
+    answer_step,
     ended_with_eos,
     extract_boxed,
     final_answer,
     final_answer_paragraph,
+    grade_completions,
     has_valid_format,
-    zero_eos_ended,
+    last_boxed,
+    strict_answer,
+    think_end_count,
 )
 from trainer.rewards.math_grading import exact_grade, grade_answer, normalize_ground_truth
 from trainer.rewards.math_reward import MathReward, math_reward
-from trainer.rewards.pool import GradeOutcome, GradingPool
 from trainer.rewards.registry import available_rewards, get_reward, register_reward
 
+
+def __getattr__(name: str):
+    if name in ("GradeOutcome", "GradingPool"):
+        from trainer.rewards import pool
+
+        return getattr(pool, name)
+    raise AttributeError(f"module 'trainer.rewards' has no attribute {name!r}")
+
+
 __all__ = [
-    "FINAL_ANSWER_HEADER",
-    "THINK_END",
     "GradeOutcome",
     "GradingPool",
     "MathReward",
+    "answer_step",
     "available_rewards",
     "ended_with_eos",
     "exact_grade",
@@ -34,9 +44,12 @@ __all__ = [
     "final_answer_paragraph",
     "get_reward",
     "grade_answer",
+    "grade_completions",
     "has_valid_format",
+    "last_boxed",
     "math_reward",
     "normalize_ground_truth",
     "register_reward",
-    "zero_eos_ended",
+    "strict_answer",
+    "think_end_count",
 ]

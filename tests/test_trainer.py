@@ -1,0 +1,157 @@
+"""The trainer end to end on a tiny model, and its hand-offs: scoring, alignment, checkpoints."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from anytime_kernels import pack_response_trees, token_advantages
+from trainer.batches import score_rollouts
+from trainer.config import load_config
+from trainer.evaluate import EvalResult
+from trainer.evaluate import main as eval_main
+from trainer.loop import Trainer
+from trainer.rollout import SummaryBatch
+from trainer.synthetic import synthetic_reward
+from trainer.tokenizer import build_tokenizer
+
+TINY = [
+    "model.tokenizer=synthetic",
+    "model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+    "num_key_value_heads: 2, max_position_embeddings: 512}",
+    "data.synthetic={num_train: 32, num_eval: 4, min_steps: 1, max_steps: 2, modulus: 10, max_operand: 9}",
+    "method.preset=ar_linear",
+    "method.b_max=16",
+    "method.num_summaries=2",
+    "rollout.group_size=2",
+    "rollout.summary_max_new_tokens=4",
+    "optim.lr=1e-3",
+    "train.steps=2",
+    "train.prompts_per_step=4",
+    "train.ppo_mini_batch_prompts=2",
+    "train.micro_batch_tokens=512",
+    "train.device=cpu",
+    "sft.steps=2",
+    "sft.batch_size=4",
+    "eval.samples_per_problem=1",
+    "logging.progress=false",
+]
+
+
+def test_score_rollouts_reads_what_the_authors_read():
+    tokenizer = build_tokenizer()
+
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    eos, think_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</think>")
+    truncated, closed = ids("...\n\n...\n\n</think>\n\n**Final Answer**\n"), ids("\n\n**Final Answer**\n")
+    answer, wrong, bad_format = [*ids("\\boxed{4}"), eos], [*ids("\\boxed{5}"), eos], ids("</think>\\boxed{4}")
+    # Trace 0 ended with EOS after 6 tokens; trace 1 closed its thinking with </think> at 6 tokens.
+    thinking = [[*ids("1+3=4"), eos], [*ids("1+3=4"), think_end]]
+    batch = SummaryBatch(
+        prompt_ids=[ids("Q"), ids("Q")],
+        thinking_ids=thinking,
+        cut_lens=torch.tensor([[3, 6], [3, 6]]),
+        inserted_ids=[[tuple(truncated), tuple(truncated)], [tuple(truncated), tuple(closed)]],
+        summary_ids=[[[answer], [answer]], [[wrong], [bad_format]]],
+        summary_finish=[[["stop"], ["stop"]], [["stop"], ["length"]]],
+    )
+    scored = score_rollouts(batch, ["4", "4"], tokenizer, synthetic_reward, think_end_id=think_end,
+                            eos_token_ids=[eos], group_size=2)  # fmt: skip
+    # Trace 0: the early cut scores normally; only the cut that holds the EOS scores 0.
+    # Trace 1: a wrong answer, then a summary with a second </think> token (format rule).
+    assert scored.scores[:, :, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert scored.eos_in_cut.tolist() == [[False, True], [False, False]]
+    assert scored.format_ok[:, :, 0].tolist() == [[True, True], [True, False]]
+    assert scored.completions[0][0][0] == "1+3...\n\n...\n\n</think>\n\n**Final Answer**\n\\boxed{4}"  # EOS dropped
+    assert scored.completions[1][1][0] == "1+3=4</think>\n\n**Final Answer**\n</think>\\boxed{4}"
+
+
+def test_an_advantage_reaches_the_position_that_predicts_its_token():
+    rng = random.Random(0)
+    prompts = [[rng.randrange(50) for _ in range(3)] for _ in range(2)]
+    thinking = [[rng.randrange(50) for _ in range(7)], [rng.randrange(50) for _ in range(4)]]
+    cuts = [[4, 7], [4, 4]]
+    inserted = [[[90], [91, 92]], [[93]]]
+    summaries = [[[[60, 61], [62]], [[63], [64, 65, 66]]], [[[67], [68]], [[69], [70]]]]
+    layout = pack_response_trees(prompts, thinking, cuts, inserted, summaries)
+    thinking_adv = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    summary_adv = torch.arange(8, dtype=torch.float32).view(2, 2, 2) * 10 + 10
+    own = token_advantages(layout, thinking_adv, summary_adv)
+    predicting = token_advantages(layout, thinking_adv, summary_adv, align="predicting")
+    for t in range(layout.num_tokens):
+        if layout.loss_mask[t]:
+            # The target of position t is the token at t + 1, and so is its advantage.
+            assert layout.labels[t] == layout.input_ids[t + 1]
+            assert predicting[t] == own[t + 1]
+        else:
+            assert predicting[t] == 0
+    # By hand: trace 0's last prompt token predicts z_0 (segment 0: 1.0). Its branch (s=1, a=0) is
+    # inserted [91, 92] + summary [63]: 91 predicts an inserted token (untrained), 92 predicts the
+    # summary token (its advantage, 30), 63 predicts nothing.
+    assert predicting[2] == 1.0
+    branch = ((layout.slot == 1) & (layout.summary_index == 0) & (layout.seq_ids == 0)).nonzero().flatten()
+    assert layout.input_ids[branch].tolist() == [91, 92, 63]
+    assert predicting[branch].tolist() == [0.0, 30.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("run")
+    config = load_config(None, TINY)
+    trainer = Trainer(config, run_dir)
+    before = {name: p.detach().clone() for name, p in trainer.parts.policy.model.named_parameters()}
+    evaluations = trainer.run()
+    return run_dir, trainer, before, evaluations
+
+
+def test_two_step_run_trains_and_writes_everything(finished_run):
+    run_dir, trainer, before, evaluations = finished_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert math.isfinite(record["train/loss"]) and record["train/trained_tokens"] > 0
+        assert record["train/updates"] == 2.0  # 4 prompts per step, mini-batches of 2
+        assert 0.0 <= record["rollout/reward_mean"] <= 1.0 and "rollout/accuracy@16" in record
+        assert {"time/think_s", "time/summarize_s", "time/update_s", "time/tokens_per_s"} <= set(record)
+    assert any(r.get("sft/loss") is not None for r in records)
+    changed = [n for n, p in trainer.parts.policy.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed, "no parameter changed"
+    assert set(evaluations) == {"sft", "final"}
+    for name in ("sft", "final"):
+        result = EvalResult.from_json(run_dir / "eval" / f"{name}.json")
+        assert 0.0 <= result.anytime_score <= 1.0 and result.num_problems == 4
+        assert sorted(result.accuracy) == [4, 8, 12, 16]
+        expected = sum(result.weights[b] * result.accuracy[b] for b in result.accuracy)
+        assert result.anytime_score == pytest.approx(expected)
+    assert (run_dir / "budget_accuracy.png").stat().st_size > 1000
+    assert "anytime score" in (run_dir / "report.md").read_text()
+    assert any((run_dir / "tensorboard").iterdir())
+    # The engine's copy was synced with the learner's after the last update.
+    engine_state = trainer.parts.engine.model.state_dict()
+    for name, tensor in trainer.parts.policy.model.state_dict().items():
+        assert torch.equal(engine_state[name], tensor), name
+
+
+def test_checkpoint_loads_in_transformers_and_anytime_eval(finished_run, tmp_path):
+    run_dir, trainer, _, _ = finished_run
+    checkpoint = run_dir / "checkpoints" / "final"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    for name, tensor in trainer.parts.policy.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+    ids = tokenizer.encode("Start at 3. Add 4.", add_special_tokens=False)
+    assert model(torch.tensor([ids])).logits.shape == (1, len(ids), len(tokenizer))
+    eval_main([str(checkpoint), "--out", str(tmp_path), "--name", "again", "logging.progress=false",
+               "logging.tensorboard=false"])  # fmt: skip
+    again = EvalResult.from_json(tmp_path / "eval" / "again.json")
+    assert again.num_problems == 4 and sorted(again.accuracy) == [4, 8, 12, 16]
+    eval_main(["--compare", str(run_dir / "eval" / "sft.json"), str(run_dir / "eval" / "final.json"), "--out",
+               str(tmp_path / "cmp")])  # fmt: skip
+    assert (tmp_path / "cmp" / "compare.png").exists() and "acc@16" in (tmp_path / "cmp" / "compare.md").read_text()

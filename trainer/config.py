@@ -1,0 +1,422 @@
+"""A run's configuration: typed sections, loaded from YAML, then dotted overrides from the command line.
+
+    anytime-train --config configs/tiny-cpu.yaml method.num_summaries=2 optim.lr=3e-4
+
+A YAML file may start from another (``extends: other.yaml``, relative to the file) and name a
+method preset (``method.preset: ar_linear``, from ``configs/paper_presets.yaml``): the preset
+fills the method switches, and keys the file or the command line set win over it. Everything is
+checked before any work starts: an unknown key, a wrong type or an invalid value raises
+``ConfigError`` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from anytime_kernels.advantages import SUMMARY_METHODS, VARIANCE_REDUCTIONS
+from trainer.budgets import PRIOR_PRESETS
+
+PRESETS_PATH = Path(__file__).resolve().parent.parent / "configs" / "paper_presets.yaml"
+AGGREGATIONS = ("token-sum-norm", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ENGINES = ("embedded", "sglang", "sglang_inprocess")
+REWARDS = ("synthetic", "math")
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is not allowed; the message names the key."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _help(
+        "Hugging Face model folder (or GGUF folder with gguf_file); None builds from `config`", None
+    )
+    gguf_file: str | None = _help("GGUF file inside `path` (transformers' gguf_file=); needs gguf + accelerate", None)
+    config: dict | None = _help(
+        "Qwen2Config keywords for a fresh random model (the tiny demo); vocab from the tokenizer", None
+    )
+    tokenizer: str = _help("'synthetic' (the task's local tokenizer) or 'model' (the one beside the weights)", "model")
+    dtype: str = _help("parameter dtype: float32 or bfloat16", "float32")
+    attention_backend: str = _help("tree attention: auto, flex, sdpa, flash_attn, xformers, reference_varlen", "auto")
+    gradient_checkpointing: bool = _help("recompute decoder layers in backward (CUDA runs)", False)
+    autocast: str | None = _help("bfloat16 autocast for the learner (None = off; default on for CUDA)", "auto")
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_train: int = _help("training problems generated", 4096)
+    num_eval: int = _help("held-out problems generated (another seed)", 256)
+    seed: int = _help("generator seed (eval uses seed + 1)", 0)
+    min_steps: int = _help("fewest operations in a problem", 2)
+    max_steps: int = _help("most operations in a problem", 8)
+    modulus: int = _help("results are taken modulo this", 100)
+    max_operand: int = _help("largest add/subtract operand", 99)
+    max_multiplier: int = _help("largest multiplier", 9)
+    check_probs: list[float] | None = _help("teacher verbosity mix: chance of a redundant check line per step", None)
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("'synthetic', or a JSON/JSONL/parquet file, a datasets folder, or a hub name", "synthetic")
+    eval_source: str | None = _help("held-out problems for evaluation (None: the synthetic held-out set)", None)
+    max_prompt_tokens: int | None = _help("drop longer prompts", None)
+    limit: int | None = _help("use the first N training problems", None)
+    eval_limit: int | None = _help("use the first N evaluation problems", None)
+    synthetic: SyntheticDataConfig = _help("the synthetic task's generator", factory=SyntheticDataConfig)
+
+
+@dataclass
+class MethodConfig:
+    preset: str | None = _help("a preset of configs/paper_presets.yaml: fills the switches below", None)
+    b_max: int = _help("thinking budget b_max (largest support point)", 8000)
+    num_slots: int = _help("S, budget support points b_s = b_max * s / S", 4)
+    num_summaries: int = _help("A, summaries per budget slot", 4)
+    prior: str | list[float] = _help("budget prior: uniform, linear, base, or S weights", "linear")
+    variance_reduction: str = _help("thinking baseline: brpo, v1only, v2only, none", "brpo")
+    summary_method: str = _help("summary advantages: brpo (all) or grpo (last summary of last slot)", "brpo")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = _help("embedded (in-process HF + KV forks), sglang (HTTP servers), sglang_inprocess", "embedded")
+    urls: list[str] = _help("SGLang server URLs (engine sglang)", factory=list)
+    group_size: int = _help("G, thinking traces per prompt", 8)
+    temperature: float = _help("sampling temperature of both phases", 1.0)
+    top_p: float = _help("nucleus sampling threshold", 1.0)
+    summary_max_new_tokens: int = _help("summary cap (the authors: 128 - 10 = 118)", 118)
+    max_batch_rows: int = _help("embedded engine: sampled rows decoded together", 64)
+    reward: str = _help("reward by name: synthetic or math (or a registered one / module:function)", "synthetic")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("AdamW learning rate", 1e-6)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.999)
+    eps: float = _help("AdamW epsilon", 1e-8)
+    grad_clip: float | None = _help("max gradient norm (None: no clipping)", 1.0)
+    warmup_steps: int = _help("linear warm-up optimizer steps", 0)
+    schedule: str = _help("learning rate after warm-up: constant, cosine, linear", "constant")
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = _help("PPO ratio clip below 1 (epsilon_low)", 0.2)
+    clip_high: float = _help("PPO ratio clip above 1 (epsilon_high)", 0.2)
+    dual_clip: float | None = _help("dual-clip constant c > 1 for negative advantages (None: off)", None)
+    aggregation: str = _help(
+        "token-sum-norm, token-mean, seq-mean-token-mean, seq-mean-token-sum-norm", "token-sum-norm"
+    )
+    norm_length: int | None = _help(
+        "token-sum-norm divisor per trace (None: b_max + S*A*(delimiter + summary cap))", None
+    )
+    kl_coef: float = _help("weight of the KL to a frozen reference policy (0: no reference)", 0.0)
+    kl_estimator: str = _help("k1, k2 or k3", "k3")
+    entropy_coef: float = _help("entropy bonus weight", 0.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _help("RL steps", 100)
+    prompts_per_step: int = _help("prompts sampled per RL step", 64)
+    ppo_mini_batch_prompts: int = _help("prompts per optimizer step", 32)
+    ppo_epochs: int = _help("passes over a step's rollouts", 1)
+    micro_batch_tokens: int = _help("packed tokens per learner micro-batch (whole trees)", 16384)
+    seed: int = _help("seed of sampling, data order and initialisation", 0)
+    device: str = _help("auto, cpu or cuda", "auto")
+    save_every: int = _help("checkpoint every k steps (0: only at the end)", 0)
+
+
+@dataclass
+class SFTConfig:
+    steps: int = _help("SFT warm-up optimizer steps on the data's solutions (0: none)", 0)
+    batch_size: int = _help("sequences per SFT step", 32)
+    lr: float = _help("SFT learning rate (AdamW, cosine decay to 10%)", 1e-3)
+    warmup_steps: int = _help("SFT linear warm-up steps", 20)
+    weight_decay: float = _help("SFT weight decay", 0.0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help("evaluate every k RL steps (0: only before and after RL)", 0)
+    budgets: list[int] | None = _help("eval budgets (None: the method's support points)", None)
+    prior: str | list[float] = _help("weights of the anytime score over the eval budgets", "uniform")
+    temperature: float = _help("sampling temperature at evaluation", 0.6)
+    samples_per_problem: int = _help("thinking samples per problem", 4)
+    num_problems: int | None = _help("evaluate on the first N problems (None: all)", None)
+    summary_max_new_tokens: int | None = _help("summary cap at evaluation (None: the rollout's)", None)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _help("write TensorBoard events into the run folder", True)
+    wandb: bool = _help("log to Weights & Biases when installed", False)
+    wandb_project: str = _help("wandb project", "anytime-reasoning")
+    progress: bool = _help("rich live display of the phases", True)
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("run name (the run folder's default name)", "run")
+    model: ModelConfig = _help("the policy", factory=ModelConfig)
+    data: DataConfig = _help("training and evaluation problems", factory=DataConfig)
+    method: MethodConfig = _help("budgets and advantage switches", factory=MethodConfig)
+    rollout: RolloutConfig = _help("sampling", factory=RolloutConfig)
+    optim: OptimConfig = _help("optimizer", factory=OptimConfig)
+    loss: LossConfig = _help("policy loss", factory=LossConfig)
+    train: TrainConfig = _help("RL schedule", factory=TrainConfig)
+    sft: SFTConfig = _help("SFT warm-up", factory=SFTConfig)
+    eval: EvalConfig = _help("anytime evaluation", factory=EvalConfig)
+    logging: LoggingConfig = _help("metrics and progress", factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, annotation) -> Any:
+    """``value`` checked (and ints widened to floats) against ``annotation``; ConfigError otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        allowed = " or ".join(_type_name(option) for option in options)
+        raise ConfigError(f"{key}: {value!r} is not {allowed}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not a list of {_type_name(item)}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a mapping")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a bool (true/false)")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an int")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string.
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"section {prefix!r}" if prefix else "the top level"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; allowed: {names}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, key)
+        else:
+            kwargs[name] = _coerce(key, value, annotation)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping, with ``extends:`` resolved (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
+    parent = values.pop("extends", None)
+    if parent is not None:
+        values = _deep_merge(read_yaml(path.parent / parent), values)
+    return values
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value parsed as YAML: numbers, bools, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from error
+    return key.split("."), value
+
+
+def method_presets(path: Path = PRESETS_PATH) -> dict[str, dict]:
+    """The method presets (name -> switches) of ``configs/paper_presets.yaml``."""
+    if not path.is_file():
+        raise ConfigError(f"the method presets file {path} is missing (it ships in the repository's configs/)")
+    presets = (yaml.safe_load(path.read_text()) or {}).get("presets", {})
+    return {name: dict(values) for name, values in presets.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of a YAML file (or the defaults) with ``section.key=value`` overrides applied."""
+    values = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    method = values.get("method") or {}
+    preset = method.get("preset") if isinstance(method, dict) else None
+    if preset is not None:
+        presets = method_presets()
+        if preset not in presets:
+            raise ConfigError(f"method.preset: {preset!r} is not a preset; allowed: {sorted(presets)}")
+        values["method"] = {**presets[preset], **method}
+    config = _build(RunConfig, values, "")
+    validate(config)
+    return config
+
+
+def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks across sections (types were checked while loading)."""
+    from trainer.attention import BACKEND_NAMES
+
+    m, r, o, lo, t, s, e = (config.method, config.rollout, config.optim, config.loss, config.train, config.sft,
+                             config.eval)  # fmt: skip
+    _check(m.num_slots >= 1, "method.num_slots", m.num_slots, ">= 1")
+    _check(m.b_max >= m.num_slots, "method.b_max", m.b_max, f">= method.num_slots ({m.num_slots})")
+    _check(m.num_summaries >= 1, "method.num_summaries", m.num_summaries, ">= 1")
+    if isinstance(m.prior, str):
+        _check(m.prior in PRIOR_PRESETS, "method.prior", m.prior, f"one of {PRIOR_PRESETS} or a list of S weights")
+    else:
+        _check(len(m.prior) == m.num_slots and all(w >= 0 for w in m.prior) and sum(m.prior) > 0,
+               "method.prior", m.prior, f"{m.num_slots} non-negative weights, not all zero")  # fmt: skip
+    _check(m.variance_reduction in VARIANCE_REDUCTIONS, "method.variance_reduction", m.variance_reduction,
+           f"one of {VARIANCE_REDUCTIONS}")  # fmt: skip
+    _check(m.summary_method in SUMMARY_METHODS, "method.summary_method", m.summary_method, f"one of {SUMMARY_METHODS}")
+    _check(r.engine in ENGINES, "rollout.engine", r.engine, f"one of {ENGINES}")
+    _check(r.engine != "sglang" or bool(r.urls), "rollout.urls", r.urls, "at least one URL for engine sglang")
+    _check(r.group_size >= 1, "rollout.group_size", r.group_size, ">= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0 (RL samples)")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
+    _check(r.max_batch_rows >= 1, "rollout.max_batch_rows", r.max_batch_rows, ">= 1")
+    _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype, "float32 or bfloat16")
+    _check(config.model.tokenizer in ("synthetic", "model"), "model.tokenizer", config.model.tokenizer,
+           "synthetic or model")  # fmt: skip
+    _check(config.model.autocast in (None, "auto", "bfloat16"), "model.autocast", config.model.autocast,
+           "null, auto or bfloat16")  # fmt: skip
+    _check(config.model.attention_backend in BACKEND_NAMES, "model.attention_backend",
+           config.model.attention_backend, f"one of {BACKEND_NAMES}")  # fmt: skip
+    _check(config.model.path is not None or config.model.config is not None, "model.path", config.model.path,
+           "a model folder, or model.config for a fresh model")  # fmt: skip
+    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", o.schedule, "constant, cosine or linear")
+    _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
+    _check(0 <= lo.clip_low < 1, "loss.clip_low", lo.clip_low, "in [0, 1)")
+    _check(lo.clip_high >= 0, "loss.clip_high", lo.clip_high, ">= 0")
+    _check(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", lo.dual_clip, "> 1 or null")
+    _check(lo.aggregation in AGGREGATIONS, "loss.aggregation", lo.aggregation, f"one of {AGGREGATIONS}")
+    _check(lo.kl_estimator in KL_ESTIMATORS, "loss.kl_estimator", lo.kl_estimator, f"one of {KL_ESTIMATORS}")
+    _check(lo.kl_coef >= 0, "loss.kl_coef", lo.kl_coef, ">= 0")
+    _check(lo.norm_length is None or lo.norm_length >= 1, "loss.norm_length", lo.norm_length, ">= 1 or null")
+    _check(t.steps >= 0, "train.steps", t.steps, ">= 0")
+    _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, ">= 1")
+    _check(1 <= t.ppo_mini_batch_prompts <= t.prompts_per_step and t.prompts_per_step % t.ppo_mini_batch_prompts == 0,
+           "train.ppo_mini_batch_prompts", t.ppo_mini_batch_prompts,
+           f"a divisor of train.prompts_per_step ({t.prompts_per_step})")  # fmt: skip
+    _check(t.ppo_epochs >= 1, "train.ppo_epochs", t.ppo_epochs, ">= 1")
+    _check(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", t.micro_batch_tokens, ">= 1")
+    _check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda")
+    _check(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft", dataclasses.asdict(s),
+           "steps >= 0, batch_size >= 1, lr > 0")  # fmt: skip
+    _check(e.samples_per_problem >= 1, "eval.samples_per_problem", e.samples_per_problem, ">= 1")
+    _check(e.temperature >= 0, "eval.temperature", e.temperature, ">= 0")
+    if e.budgets is not None:
+        _check(len(e.budgets) >= 1 and all(0 < b <= m.b_max for b in e.budgets) and e.budgets == sorted(set(e.budgets)),
+               "eval.budgets", e.budgets, f"increasing budgets in (0, method.b_max={m.b_max}]")  # fmt: skip
+    d = config.data.synthetic
+    _check(1 <= d.min_steps <= d.max_steps, "data.synthetic.min_steps", d.min_steps,
+           f"1 <= min_steps <= max_steps ({d.max_steps})")  # fmt: skip
+    _check(d.modulus >= 2, "data.synthetic.modulus", d.modulus, ">= 2")
+    _check(r.reward in REWARDS or ":" in r.reward or r.reward.isidentifier(), "rollout.reward", r.reward,
+           f"one of {REWARDS}, a registered name or module:function")  # fmt: skip
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[str]:
+    """One line per key with its type, default and help (``anytime-train --help-config``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        key = f"{prefix}{item.name}"
+        annotation = hints[item.name]
+        if dataclasses.is_dataclass(annotation):
+            lines.extend(describe(annotation, key + "."))
+            continue
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        lines.append(f"{key} ({_type_name(annotation)}, default {default!r}): {item.metadata.get('help', '')}")
+    return lines

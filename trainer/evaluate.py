@@ -1,0 +1,197 @@
+"""Anytime evaluation: accuracy at every thinking budget, the anytime score, and their plots.
+
+Per problem, ``samples_per_problem`` thinking traces are sampled once up to the largest budget at
+the eval temperature, cut at every budget, and one summary per (trace, budget) is sampled from
+the cut; the reward rule scores it. Accuracy at budget b is the mean score; the anytime score is
+``sum_b w_b * accuracy(b)`` (weights from the eval prior). Standard errors are over problems (the
+samples of one problem are averaged first).
+
+CLI (``anytime-eval``)::
+
+    anytime-eval runs/demo/checkpoints/final --out runs/demo/eval --name final
+    anytime-eval --compare runs/a/eval/final.json runs/b/eval/final.json --out cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.batches import score_rollouts
+from trainer.budgets import BudgetSchedule
+from trainer.rollout import RolloutEngine, SamplingParams
+
+
+@dataclass
+class EvalResult:
+    """One evaluation. ``accuracy``/``stderr_by_budget`` map budget -> value (JSON keys are strings)."""
+
+    anytime_score: float
+    stderr: float
+    num_problems: int
+    samples_per_problem: int
+    accuracy: dict[int, float]
+    stderr_by_budget: dict[int, float]
+    weights: dict[int, float]
+    mean_thinking_tokens: float
+    closed_share: float
+    temperature: float
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        for key in ("accuracy", "stderr_by_budget", "weights"):
+            data[key] = {str(budget): value for budget, value in data[key].items()}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> EvalResult:
+        data = json.loads(Path(path).read_text())
+        for key in ("accuracy", "stderr_by_budget", "weights"):
+            data[key] = {int(budget): float(value) for budget, value in data[key].items()}
+        return cls(**data)
+
+
+def _stderr(values: torch.Tensor) -> float:
+    count = values.numel()
+    return float(values.std(unbiased=True) / math.sqrt(count)) if count > 1 else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    engine: RolloutEngine,
+    prompt_ids: Sequence[Sequence[int]],
+    answers: Sequence[object],
+    tokenizer,
+    reward: Callable,
+    *,
+    budgets: Sequence[int],
+    prior: str | Sequence[float] = "uniform",
+    temperature: float = 0.6,
+    samples_per_problem: int = 4,
+    summary_max_new_tokens: int = 118,
+    eos_token_ids: Sequence[int],
+    seed: int = 0,
+) -> EvalResult:
+    """Evaluate the engine's current policy on ``prompt_ids`` (P problems) with their ``answers``."""
+    if len(prompt_ids) != len(answers):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(answers)} answers")
+    if not prompt_ids:
+        raise ValueError("evaluation needs at least one problem")
+    schedule = BudgetSchedule.from_budgets(budgets, prior)
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+    traces = engine.think(prompt_ids, samples_per_problem, schedule.b_max, sampling)
+    rollouts = engine.summarize(traces, schedule, 1, sampling, max_new_tokens=summary_max_new_tokens)
+    trace_answers = [answers[n // samples_per_problem] for n in range(traces.num_traces)]
+    scored = score_rollouts(
+        rollouts,
+        trace_answers,
+        tokenizer,
+        reward,
+        think_end_id=engine.delimiters.think_end_id,
+        eos_token_ids=eos_token_ids,
+        group_size=samples_per_problem,
+    )
+    # [P, K, S]: problems, samples, budgets; averaged over samples first.
+    per_problem = scored.scores[:, :, 0].view(len(prompt_ids), samples_per_problem, -1).double().mean(dim=1)
+    weights = schedule.probs
+    anytime = per_problem @ weights
+    lengths = torch.tensor(traces.thinking_lens, dtype=torch.float64)
+    return EvalResult(
+        anytime_score=float(anytime.mean()),
+        stderr=_stderr(anytime),
+        num_problems=len(prompt_ids),
+        samples_per_problem=samples_per_problem,
+        accuracy={b: float(per_problem[:, s].mean()) for s, b in enumerate(schedule.budgets)},
+        stderr_by_budget={b: _stderr(per_problem[:, s]) for s, b in enumerate(schedule.budgets)},
+        weights={b: float(w) for b, w in zip(schedule.budgets, weights.tolist(), strict=True)},
+        mean_thinking_tokens=float(lengths.mean()),
+        closed_share=sum(f == "think_end" for f in traces.finish) / max(traces.num_traces, 1),
+        temperature=temperature,
+    )
+
+
+def markdown_table(results: dict[str, EvalResult]) -> str:
+    """Accuracy per budget and anytime score (+- standard error) of every run, one row each."""
+    budgets = sorted({b for result in results.values() for b in result.accuracy})
+    header = ["run", *(f"acc@{b}" for b in budgets), "anytime score", "problems", "thinking tokens"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in results.items():
+        cells = [name]
+        for b in budgets:
+            value = result.accuracy.get(b)
+            cells.append("-" if value is None else f"{value:.3f} ± {result.stderr_by_budget[b]:.3f}")
+        cells += [f"{result.anytime_score:.3f} ± {result.stderr:.3f}", str(result.num_problems),
+                  f"{result.mean_thinking_tokens:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, EvalResult], path: str | Path, title: str = "accuracy vs thinking budget") -> Path:
+    """PNG of accuracy vs budget, one line per run with a band of +- one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, result in results.items():
+        budgets = sorted(result.accuracy)
+        accuracy = [result.accuracy[b] for b in budgets]
+        errors = [result.stderr_by_budget[b] if math.isfinite(result.stderr_by_budget[b]) else 0.0 for b in budgets]
+        axes.plot(budgets, accuracy, marker="o", label=f"{name} (anytime {result.anytime_score:.3f})")
+        axes.fill_between(budgets, [a - e for a, e in zip(accuracy, errors, strict=True)],
+                          [a + e for a, e in zip(accuracy, errors, strict=True)], alpha=0.2)  # fmt: skip
+    axes.set_xlabel("thinking budget (tokens)")
+    axes.set_ylabel("accuracy")
+    axes.set_ylim(0, 1)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``anytime-eval``: evaluate a checkpoint or model folder, or overlay saved evaluations."""
+    parser = argparse.ArgumentParser(prog="anytime-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="checkpoint or Hugging Face model folder")
+    parser.add_argument("--config", help="run config YAML (default: the checkpoint's run_config.yaml)")
+    parser.add_argument("--out", type=Path, default=Path("eval_out"), help="folder for the JSON, table and plot")
+    parser.add_argument("--name", default="eval", help="name of this evaluation (its JSON file name)")
+    parser.add_argument("--compare", nargs="+", type=Path, help="overlay these eval JSON files (no model needed)")
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [*args.overrides, *unknown]
+    if args.compare:
+        results = {path.stem if path.stem not in ("final", "sft") else f"{path.parent.parent.name}/{path.stem}":
+                   EvalResult.from_json(path) for path in args.compare}  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(results)
+        (args.out / "compare.md").write_text(table + "\n")
+        plot_curves(results, args.out / "compare.png")
+        print(table)
+        print(f"wrote {args.out / 'compare.md'} and {args.out / 'compare.png'}")
+        return
+    if args.model is None:
+        parser.error("name a checkpoint/model folder, or --compare eval JSON files")
+    from trainer.loop import evaluate_checkpoint
+
+    result = evaluate_checkpoint(Path(args.model), args.config, overrides, args.out, args.name)
+    print(markdown_table({args.name: result}))
+
+
+if __name__ == "__main__":
+    main()

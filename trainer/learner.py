@@ -1,0 +1,180 @@
+"""The learner: old log-probs, then PPO-clip updates over mini-batches of whole prompt groups.
+
+One optimizer step per mini-batch (``ppo_mini_batch_prompts`` prompts, all G traces of each);
+inside it, gradients accumulate over token-balanced micro-batches of whole trees (only one
+micro-batch's activations are alive). A non-finite loss or gradient norm skips the step (counted).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+import torch
+
+from trainer.batches import TrainBatch
+from trainer.config import LossConfig, OptimConfig
+from trainer.loss import policy_loss, token_weights
+from trainer.policy import TreePolicy
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
+    """AdamW and a per-optimizer-step LR schedule (linear warm-up, then constant/cosine/linear decay)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    warmup, total = max(optim.warmup_steps, 0), max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        if optim.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Learner:
+    """Scores and updates a ``TreePolicy``.
+
+    Args:
+        policy: the trained policy.
+        optimizer, scheduler: from ``make_optimizer``.
+        loss: the loss settings.
+        grad_clip: max gradient norm (None: none).
+        norm_length: the ``token-sum-norm`` constant per trace.
+        temperature: the rollout temperature (log-probs of softmax(z / T), the sampled distribution).
+        reference: a frozen ``TreePolicy`` for the KL term (``loss.kl_coef > 0``).
+        seed: shuffles the mini-batch order of every epoch.
+    """
+
+    def __init__(
+        self,
+        policy: TreePolicy,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        loss: LossConfig,
+        *,
+        grad_clip: float | None,
+        norm_length: int,
+        temperature: float = 1.0,
+        reference: TreePolicy | None = None,
+        seed: int = 0,
+    ) -> None:
+        if loss.kl_coef > 0 and reference is None:
+            raise ValueError("loss.kl_coef > 0 needs a reference policy")
+        self.policy = policy
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss = loss
+        self.grad_clip = grad_clip
+        self.norm_length = norm_length
+        self.temperature = temperature
+        self.reference = reference
+        self.rng = random.Random(seed)
+        self.skipped_updates = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    @torch.no_grad()
+    def _positions_logprobs(self, policy: TreePolicy, batch: TrainBatch) -> torch.Tensor:
+        out = torch.zeros(batch.layout.num_tokens, device=self.device)
+        for micro_batch in policy.micro_batches(batch.layout):
+            result = policy.logprobs(micro_batch, temperature=self.temperature)
+            out[result.positions.to(self.device)] = result.logprobs
+        return out
+
+    def fill_logprobs(self, batch: TrainBatch, num_updates: int) -> None:
+        """The sampling policy's log-probs (skipped with a single on-policy update, where the
+        current log-probs are the old ones) and the reference's (with a KL term)."""
+        if num_updates > 1:
+            batch.old_logprobs = self._positions_logprobs(self.policy, batch)
+        if self.loss.kl_coef > 0:
+            batch.ref_logprobs = self._positions_logprobs(self.reference, batch)
+
+    def update(self, batch: TrainBatch, mini_batch_prompts: int, epochs: int) -> dict[str, float]:
+        """PPO updates over ``epochs`` passes of shuffled mini-batches; returns the step's metrics."""
+        num_updates = epochs * math.ceil(batch.num_prompts / mini_batch_prompts)
+        self.fill_logprobs(batch, num_updates)
+        device = self.device
+        advantages = batch.advantages.to(device)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        grad_norms, losses, learning_rates = [], [], []
+        self.policy.model.train()
+        for _ in range(epochs):
+            order = list(range(batch.num_prompts))
+            self.rng.shuffle(order)
+            for start in range(0, len(order), mini_batch_prompts):
+                rows = batch.prompt_rows(order[start : start + mini_batch_prompts])
+                loss, grad_norm = self._optimizer_step(batch, rows, advantages, sums)
+                losses.append(loss)
+                grad_norms.append(grad_norm)
+                learning_rates.append(self.optimizer.param_groups[0]["lr"])
+        tokens = max(float(sums.pop("tokens")), 1.0)
+        metrics = {f"train/{name}": float(value) / tokens for name, value in sums.items()}
+        metrics["train/clip_fraction"] = metrics.pop("train/clipped", 0.0)
+        metrics.update(
+            {
+                "train/loss": sum(losses) / len(losses),
+                "train/grad_norm": sum(grad_norms) / len(grad_norms),
+                "train/lr": learning_rates[-1],
+                "train/updates": float(num_updates),
+                "train/trained_tokens": tokens,
+                "train/skipped_updates": float(self.skipped_updates),
+            }
+        )
+        return metrics
+
+    def _optimizer_step(self, batch: TrainBatch, rows: list[int], advantages, sums) -> tuple[float, float]:
+        device = self.device
+        layout = batch.layout
+        index = layout.tree_token_index(rows)
+        trained = index[layout.loss_mask[index]]
+        weights = torch.zeros(layout.num_tokens, device=device)
+        weights[trained.to(device)] = token_weights(
+            self.loss.aggregation, batch.lineage_ids[trained], len(rows), self.norm_length
+        ).to(device)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        need_entropy = self.loss.entropy_coef > 0
+        for micro_batch in self.policy.micro_batches(layout, rows):
+            result = self.policy.logprobs(micro_batch, temperature=self.temperature, return_entropy=need_entropy)
+            positions = result.positions.to(device)
+            old = result.logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[positions]
+            terms = policy_loss(
+                result.logprobs,
+                old,
+                advantages[positions],
+                weights[positions],
+                clip_low=self.loss.clip_low,
+                clip_high=self.loss.clip_high,
+                dual_clip=self.loss.dual_clip,
+                ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[positions],
+                kl_coef=self.loss.kl_coef,
+                kl_estimator=self.loss.kl_estimator,
+                entropy=result.entropy,
+                entropy_coef=self.loss.entropy_coef,
+            )
+            terms.loss.backward()
+            total += terms.loss.detach()
+            for name, value in terms.sums.items():
+                sums[name] += value
+        parameters = [p for p in self.policy.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm) if parameters else torch.zeros(())
+        loss_value, norm_value = float(total), float(grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+        else:
+            self.skipped_updates += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_value, norm_value

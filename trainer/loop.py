@@ -1,0 +1,234 @@
+"""The lean trainer: one RL step reads like the data flow of ARCHITECTURE.md.
+
+    prompts -> think (G traces) -> summarize (A per slot, prefix shared) -> score -> pack
+    -> BRPO advantages -> old log-probs -> PPO-clip updates -> weight sync -> metrics
+
+``Trainer.rl_step`` is that step; ``Trainer.run`` adds the SFT warm-up, periodic anytime
+evaluation, checkpoints and the report. Setup (models, data, engine) is in ``trainer.components``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from anytime_kernels import advantage_stats
+from trainer import components
+from trainer.batches import build_train_batch, score_rollouts
+from trainer.checkpoint import load_trainer_state, save_checkpoint
+from trainer.config import RunConfig, load_config
+from trainer.evaluate import EvalResult, evaluate, markdown_table, plot_curves
+from trainer.metrics import Display, MetricsLogger, PhaseTimer
+from trainer.rollout import SamplingParams
+from trainer.sft import sft_examples, sft_warmup
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Owns the run: policy, learner, rollout engine, reward, data, metrics, run folder."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: str | Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.parts = components.build(config, self.run_dir, resume=resume)
+        self.start_step = 0
+        self.sft_done = False
+        if resume is not None:
+            state = load_trainer_state(Path(resume), self.parts.learner.optimizer)
+            self.start_step, self.sft_done = state["step"], state.get("sft_done", True)
+        self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            tensorboard=config.logging.tensorboard,
+            wandb=config.logging.wandb,
+            project=config.logging.wandb_project,
+            config=config.to_dict(),
+        )
+        self.display: Display | None = None
+
+    # -- one RL step ---------------------------------------------------------------------------
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        """Rollout, reward, advantages and PPO updates for one batch of prompts; returns its metrics."""
+        p, c = self.parts, self.config
+        timer = PhaseTimer(self.display)
+        prompts = p.sampler.batch(step)
+        with timer.phase("think"):
+            traces = p.engine.think([q.token_ids for q in prompts], c.rollout.group_size, c.method.b_max, self.sampling)
+        with timer.phase("summarize"):
+            rollouts = p.engine.summarize(
+                traces, p.schedule, c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens
+            )
+        with timer.phase("score"):
+            answers = [q.answer for q in prompts for _ in range(c.rollout.group_size)]
+            scored = score_rollouts(
+                rollouts, answers, p.tokenizer, p.reward, think_end_id=p.engine.delimiters.think_end_id,
+                eos_token_ids=p.eos_token_ids, group_size=c.rollout.group_size,
+            )  # fmt: skip
+        with timer.phase("advantages"):
+            batch = build_train_batch(
+                scored, p.schedule, variance_reduction=c.method.variance_reduction,
+                summary_method=c.method.summary_method,
+            )  # fmt: skip
+        with timer.phase("update"):
+            train_metrics = p.learner.update(batch, c.train.ppo_mini_batch_prompts, c.train.ppo_epochs)
+        with timer.phase("sync"):
+            p.engine.update_weights(p.policy.model)
+        return {**self._rollout_metrics(traces, scored, batch), **train_metrics, **timer.metrics()}
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self, max_steps: int | None = None) -> dict[str, EvalResult]:
+        """SFT warm-up, evaluation, RL steps (with periodic evaluation), final evaluation and report."""
+        c = self.config
+        steps = c.train.steps if max_steps is None else min(max_steps, c.train.steps)
+        sft_steps = c.sft.steps
+        if max_steps is not None and c.train.steps > 0:
+            sft_steps = max(1, round(c.sft.steps * steps / c.train.steps)) if c.sft.steps else 0
+        evaluations: dict[str, EvalResult] = {}
+        start = time.perf_counter()
+        try:
+            if sft_steps and not self.sft_done:
+                self._sft(sft_steps)
+                evaluations["sft"] = self.evaluate("sft", step=0)
+            elif self.start_step == 0:
+                evaluations["start"] = self.evaluate("start", step=0)
+            self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress)
+            for step in range(self.start_step, steps):
+                step_start = time.perf_counter()
+                metrics = self.rl_step(step)
+                metrics["time/step_s"] = time.perf_counter() - step_start
+                metrics["time/tokens_per_s"] = metrics["train/trained_tokens"] / metrics["time/step_s"]
+                if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps:
+                    result = self.evaluate(f"step{step + 1}", step=step + 1)
+                    metrics["eval/anytime_score"] = result.anytime_score
+                self.metrics.log(step + 1, metrics)
+                self.display.advance(
+                    f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
+                )
+                if c.train.save_every and (step + 1) % c.train.save_every == 0:
+                    self.save(f"step{step + 1}", step + 1)
+            self.display.close()
+            evaluations["final"] = self.evaluate("final", step=steps)
+            self.save("final", steps)
+            self._report(evaluations, time.perf_counter() - start)
+        finally:
+            if self.display is not None:
+                self.display.close()
+            self.metrics.close()
+        return evaluations
+
+    def _sft(self, steps: int) -> None:
+        p = self.parts
+        examples = sft_examples(p.train_prompts, p.tokenizer)
+        display = Display(steps, "SFT", enabled=self.config.logging.progress)
+
+        def on_step(step: int, metrics: dict) -> None:
+            if (step + 1) % 10 == 0 or step + 1 == steps:
+                self.metrics.log(-steps + step + 1, metrics)
+            display.advance(f"loss {metrics['sft/loss']:.3f}")
+
+        try:
+            sft_warmup(p.policy, examples, self.config.sft, seed=self.config.train.seed, steps=steps, on_step=on_step)
+        finally:
+            display.close()
+        p.engine.update_weights(p.policy.model)
+        self.sft_done = True
+
+    def evaluate(self, name: str, step: int) -> EvalResult:
+        """Anytime evaluation of the current policy on the held-out problems -> ``eval/<name>.json``."""
+        p, c = self.parts, self.config
+        budgets = c.eval.budgets or p.schedule.budgets
+        prompts = p.eval_prompts[: c.eval.num_problems] if c.eval.num_problems else p.eval_prompts
+        result = evaluate(
+            p.engine,
+            [q.token_ids for q in prompts],
+            [q.answer for q in prompts],
+            p.tokenizer,
+            p.reward,
+            budgets=budgets,
+            prior=c.eval.prior,
+            temperature=c.eval.temperature,
+            samples_per_problem=c.eval.samples_per_problem,
+            summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
+            eos_token_ids=p.eos_token_ids,
+            seed=c.train.seed + 1,
+        )
+        p.engine.reset_stats()
+        result.to_json(self.run_dir / "eval" / f"{name}.json")
+        self.metrics.log(step, {"eval/anytime_score": result.anytime_score, "eval/stderr": result.stderr,
+                                **{f"eval/accuracy@{b}": a for b, a in result.accuracy.items()}})  # fmt: skip
+        logger.info("eval %s: anytime score %.3f +- %.3f", name, result.anytime_score, result.stderr)
+        return result
+
+    def save(self, name: str, step: int) -> Path:
+        p = self.parts
+        return save_checkpoint(
+            self.run_dir / "checkpoints" / name, p.policy.model, p.tokenizer, self.config,
+            step=step, sft_done=self.sft_done, optimizer=p.learner.optimizer,
+        )  # fmt: skip
+
+    def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:
+        plot_curves(evaluations, self.run_dir / "budget_accuracy.png", title=f"{self.config.name}: accuracy vs budget")
+        names = list(evaluations)
+        lines = [f"# {self.config.name}", "", markdown_table(evaluations), ""]
+        if len(names) >= 2:
+            first, last = evaluations[names[0]], evaluations[names[-1]]
+            gain = last.anytime_score - first.anytime_score
+            combined = (first.stderr**2 + last.stderr**2) ** 0.5
+            lines.append(
+                f"Anytime score {names[0]} -> {names[-1]}: {first.anytime_score:.3f} -> {last.anytime_score:.3f} "
+                f"({gain:+.3f}, {gain / combined if combined > 0 else float('nan'):.1f} combined standard errors) "
+                f"on {last.num_problems} held-out problems x {last.samples_per_problem} samples."
+            )
+        lines += ["", f"Wall time {seconds:.0f} s; per-step metrics in metrics.jsonl; plot: budget_accuracy.png."]
+        (self.run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def _rollout_metrics(self, traces, scored, batch) -> dict[str, float]:
+        p = self.parts
+        stats = advantage_stats(scored.scores, batch.layout.cut_lens, scored.group_size, p.schedule.probs)
+        mean_score = stats.mean_score.tolist()
+        engine_stats = p.engine.reset_stats()
+        summaries = [len(ids) for per_trace in scored.rollouts.summary_ids for slot in per_trace for ids in slot]
+        uniform = 1.0 / len(mean_score)
+        metrics = {
+            "rollout/reward_mean": float(scored.scores.mean()),
+            "rollout/anytime_score": sum(uniform * s for s in mean_score),
+            **{f"rollout/accuracy@{b}": s for b, s in zip(p.schedule.budgets, mean_score, strict=True)},
+            "rollout/thinking_tokens": sum(traces.thinking_lens) / max(traces.num_traces, 1),
+            "rollout/summary_tokens": sum(summaries) / max(len(summaries), 1),
+            "rollout/closed_share": sum(f == "think_end" for f in traces.finish) / max(traces.num_traces, 1),
+            "rollout/cache_hit_share": engine_stats.summarize.cache_hit_share,
+            "rollout/packed_tokens": float(batch.layout.num_tokens),
+            **{
+                k.replace("reward/", "rollout/reward_"): v
+                for k, v in scored.reward_metrics.items()
+                if k != "reward/mean"
+            },
+        }
+        for name, ratios in stats.variance_ratio.items():
+            for b, value in zip(p.schedule.budgets, ratios.tolist(), strict=True):
+                metrics[f"advantages/variance_ratio/{name}@{b}"] = value
+        return metrics
+
+
+def train(config: RunConfig, run_dir: str | Path, *, max_steps: int | None = None, resume=None):
+    """Run a whole training job; returns the evaluations by name."""
+    return Trainer(config, run_dir, resume=resume).run(max_steps)
+
+
+def evaluate_checkpoint(model_dir: Path, config_path: str | None, overrides, out_dir: Path, name: str) -> EvalResult:
+    """Evaluate a checkpoint (or model folder) with its saved run config (or ``config_path``)."""
+    config_file = config_path or (model_dir / "run_config.yaml" if (model_dir / "run_config.yaml").exists() else None)
+    config = load_config(config_file, [*overrides, f"model.path={model_dir}", "model.tokenizer=model",
+                                       "model.config=null", "model.gguf_file=null"])  # fmt: skip
+    trainer = Trainer(config, out_dir)
+    try:
+        return trainer.evaluate(name, step=0)
+    finally:
+        trainer.metrics.close()

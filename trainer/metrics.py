@@ -1,0 +1,112 @@
+"""Run metrics: ``metrics.jsonl`` (one object per step, flushed at once, so a crash loses nothing),
+TensorBoard events in the run folder, Weights & Biases when installed and enabled, and a rich live
+display of the step's phases with an ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """Writes every step's metrics to ``metrics.jsonl``, TensorBoard and (optionally) wandb."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False, project: str = "", config=None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self._wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                logger.warning("logging.wandb is on but wandb is not installed; skipping wandb")
+            else:
+                self._wandb = wandb_module.init(project=project, dir=str(run_dir), config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                    for k, v in metrics.items()}}  # fmt: skip
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class PhaseTimer:
+    """Seconds per phase of a step (``with timer.phase("think"): ...``), shown live when a display is given."""
+
+    def __init__(self, display: Display | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self.display = display
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.display is not None:
+            self.display.phase(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{name}_s": value for name, value in self.seconds.items()}
+
+
+class Display:
+    """A rich progress bar over the run's steps: the current phase, ETA, and the latest key figures."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[phase]}"),
+            TextColumn("{task.fields[figures]}"),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total, phase="", figures="")
+
+    def phase(self, name: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, phase=f"[cyan]{name}")
+
+    def advance(self, figures: str = "") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, figures=figures, phase="")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
