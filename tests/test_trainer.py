@@ -155,3 +155,21 @@ def test_checkpoint_loads_in_transformers_and_anytime_eval(finished_run, tmp_pat
     eval_main(["--compare", str(run_dir / "eval" / "sft.json"), str(run_dir / "eval" / "final.json"), "--out",
                str(tmp_path / "cmp")])  # fmt: skip
     assert (tmp_path / "cmp" / "compare.png").exists() and "acc@16" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
+    run_dir, trainer, _, _ = finished_run
+    checkpoint = run_dir / "checkpoints" / "final"
+    config = load_config(None, [*TINY, "train.steps=3", "logging.tensorboard=false"])
+    resumed = Trainer(config, tmp_path, resume=checkpoint)
+    assert resumed.start_step == 2 and resumed.sft_done
+    for name, tensor in trainer.parts.policy.model.state_dict().items():
+        torch.testing.assert_close(resumed.parts.policy.model.state_dict()[name], tensor, msg=name)
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert resumed.parts.learner.optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+    assert resumed.parts.learner.scheduler.last_epoch == saved["scheduler"]["last_epoch"] == 4  # 2 steps x 2 updates
+    evaluations = resumed.run()
+    assert set(evaluations) == {"final"}  # no SFT and no start evaluation on resume
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]  # fmt: skip
+    assert steps == [3]

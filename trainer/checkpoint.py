@@ -26,6 +26,7 @@ def save_checkpoint(
     step: int,
     sft_done: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
 ) -> Path:
     """Write the checkpoint atomically (temporary folder, then rename) and return its path."""
     path = Path(path)
@@ -43,20 +44,26 @@ def save_checkpoint(
     (partial / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     (partial / "trainer_state.json").write_text(json.dumps({"step": step, "sft_done": sft_done}) + "\n")
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        state = {"optimizer": optimizer.state_dict()}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        torch.save(state, partial / "optimizer.pt")
     if path.exists():
         shutil.rmtree(path)
     partial.rename(path)
     return path
 
 
-def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """The saved step (and SFT flag); restores the optimizer's state when both exist."""
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None = None, scheduler=None) -> dict:
+    """The saved step (and SFT flag); restores the optimizer's (and LR schedule's) state when saved."""
     state_path = Path(path) / "trainer_state.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint: it has no trainer_state.json")
     state = json.loads(state_path.read_text())
     optimizer_path = Path(path) / "optimizer.pt"
     if optimizer is not None and optimizer_path.is_file():
-        optimizer.load_state_dict(torch.load(optimizer_path, map_location="cpu", weights_only=True))
+        saved = torch.load(optimizer_path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and "scheduler" in saved:
+            scheduler.load_state_dict(saved["scheduler"])
     return state

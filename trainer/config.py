@@ -46,7 +46,9 @@ class ModelConfig:
     path: str | None = _help(
         "Hugging Face model folder (or GGUF folder with gguf_file); None builds from `config`", None
     )
-    gguf_file: str | None = _help("GGUF file inside `path` (transformers' gguf_file=); needs gguf + accelerate", None)
+    gguf_file: str | None = _help(
+        "GGUF file: inside `path`, a full path, or package:NAME/file.gguf (needs gguf + accelerate)", None
+    )
     config: dict | None = _help(
         "Qwen2Config keywords for a fresh random model (the tiny demo); vocab from the tokenizer", None
     )
@@ -372,8 +374,8 @@ def validate(config: RunConfig) -> None:
            "null, auto or bfloat16")  # fmt: skip
     _check(config.model.attention_backend in BACKEND_NAMES, "model.attention_backend",
            config.model.attention_backend, f"one of {BACKEND_NAMES}")  # fmt: skip
-    _check(config.model.path is not None or config.model.config is not None, "model.path", config.model.path,
-           "a model folder, or model.config for a fresh model")  # fmt: skip
+    _check(config.model.path is not None or config.model.config is not None or config.model.gguf_file is not None,
+           "model.path", config.model.path, "a model folder, model.gguf_file, or model.config for a fresh model")  # fmt: skip
     _check(o.lr > 0, "optim.lr", o.lr, "> 0")
     _check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", o.schedule, "constant, cosine or linear")
     _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")

