@@ -9,6 +9,7 @@
 # a failed or timed-out step is recorded and the next one runs. Without CUDA (a dry run) the
 # GPU-only steps are skipped with the reason. Everything lands in OUT_DIR: one log per step,
 # env.json, steps.tsv, the benchmark CSVs and report.md, printed last.
+# GPU_CHECK_STEPS="gpu_tests bench_e2e" runs only the named steps (preflight and build always run).
 # Exit status: 0 when no step failed or timed out, 1 otherwise (the report is written either way).
 set -uo pipefail
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR}
@@ -30,10 +31,16 @@ record() { # name status seconds limit note
   echo "-- $1: $2 (${3} s) $5"
 }
 
+selected() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ " $GPU_CHECK_STEPS preflight build build_cpu_only " == *" $1 "* ]]; }
+
 # step NAME LIMIT_S COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, record the outcome.
 step() {
   local name=$1 limit=$2
   shift 2
+  if ! selected "$name"; then
+    record "$name" skipped 0 "$limit" "not in GPU_CHECK_STEPS"
+    return 0
+  fi
   local left=$((BUDGET_S - ($(date +%s) - START)))
   if ((left < 10)); then
     record "$name" skipped 0 "$limit" "the check's budget of ${BUDGET_S} s is spent"
@@ -102,6 +109,7 @@ bench logprobs 150
 bench tree_attention 90 --quick
 bench tree_forward 75 --quick
 bench advantages 45
+bench e2e 120
 bench rollout 60 --quick
 bench tree_pack 30 --quick
 if ! { has_module pebble && has_module math_verify; }; then

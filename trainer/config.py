@@ -151,7 +151,8 @@ class SFTConfig:
     batch_size: int = _help("sequences per SFT step", 32)
     lr: float = _help("SFT learning rate (AdamW, cosine decay to 10%)", 1e-3)
     warmup_steps: int = _help("SFT linear warm-up steps", 20)
-    weight_decay: float = _help("SFT weight decay", 0.0)
+    weight_decay: float = _help("SFT weight decay (matrices only)", 0.0)
+    beta2: float = _help("SFT AdamW beta2", 0.999)
 
 
 @dataclass

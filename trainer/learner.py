@@ -144,9 +144,9 @@ class Learner:
         ).to(device)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        need_entropy = self.loss.entropy_coef > 0
         for micro_batch in self.policy.micro_batches(layout, rows):
-            result = self.policy.logprobs(micro_batch, temperature=self.temperature, return_entropy=need_entropy)
+            # Entropy comes out of the same fused LM-head pass; it is logged even without a bonus.
+            result = self.policy.logprobs(micro_batch, temperature=self.temperature, return_entropy=True)
             positions = result.positions.to(device)
             old = result.logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[positions]
             terms = policy_loss(

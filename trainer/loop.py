@@ -93,6 +93,7 @@ class Trainer:
         try:
             if sft_steps and not self.sft_done:
                 self._sft(sft_steps)
+                self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
                 evaluations["sft"] = self.evaluate("sft", step=0)
             elif self.start_step == 0:
                 evaluations["start"] = self.evaluate("start", step=0)
@@ -196,9 +197,11 @@ class Trainer:
         engine_stats = p.engine.reset_stats()
         summaries = [len(ids) for per_trace in scored.rollouts.summary_ids for slot in per_trace for ids in slot]
         uniform = 1.0 / len(mean_score)
+        anytime = sum(uniform * s for s in mean_score)
         metrics = {
+            "anytime_score": anytime,  # of this step's rollouts, uniform over the training budgets
             "rollout/reward_mean": float(scored.scores.mean()),
-            "rollout/anytime_score": sum(uniform * s for s in mean_score),
+            "rollout/anytime_score": anytime,
             **{f"rollout/accuracy@{b}": s for b, s in zip(p.schedule.budgets, mean_score, strict=True)},
             "rollout/thinking_tokens": sum(traces.thinking_lens) / max(traces.num_traces, 1),
             "rollout/summary_tokens": sum(summaries) / max(len(summaries), 1),

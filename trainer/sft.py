@@ -53,7 +53,8 @@ def sft_warmup(
 ) -> list[dict]:
     """Train ``policy`` on ``examples`` for ``steps`` (default ``config.steps``) optimizer steps.
 
-    AdamW at ``config.lr`` with linear warm-up and cosine decay to 10%; gradient norm clipped at 1.
+    AdamW at ``config.lr`` (weight decay on matrices only) with linear warm-up and cosine decay to
+    10%; gradient norm clipped at 1.
     The loss is the mean negative log-likelihood over the batch's solution tokens. Returns one
     metrics dict per step (``sft/loss``, ``sft/tokens``, ``sft/lr``, ``sft/seconds``).
     """
@@ -63,9 +64,12 @@ def sft_warmup(
     if not examples:
         raise ValueError("SFT needs examples with a solution; the data set has none (set sft.steps=0)")
     model = policy.model
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-    )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
     warmup = min(config.warmup_steps, max(steps - 1, 0))
 
     def factor(step: int) -> float:
