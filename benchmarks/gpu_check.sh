@@ -109,7 +109,7 @@ bench logprobs 150
 bench tree_attention 90 --quick
 bench tree_forward 75 --quick
 bench advantages 45
-bench e2e 120
+bench e2e 150 --quick
 bench rollout 60 --quick
 bench tree_pack 30 --quick
 if ! { has_module pebble && has_module math_verify; }; then
