@@ -28,8 +28,10 @@ def _relative(paths: list[str]) -> list[str]:
     return sorted(os.path.relpath(path, ROOT) for path in paths)
 
 
-def _build_cuda() -> bool:
-    if os.environ.get("ANYTIME_KERNELS_NO_CUDA") == "1":
+def _build_cuda(cuda_sources: list[str]) -> bool:
+    """CUDA sources (csrc/cuda/*.cu, none at present: the GPU kernels are Triton) are compiled
+    when there are any, torch has CUDA and nvcc is found, unless ANYTIME_KERNELS_NO_CUDA=1."""
+    if not cuda_sources or os.environ.get("ANYTIME_KERNELS_NO_CUDA") == "1":
         return False
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
@@ -39,8 +41,8 @@ def _extension():
     headers = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.h")))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     link_flags = ["-fopenmp"]
-    if _build_cuda():
-        cuda_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cuda_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    if _build_cuda(cuda_sources):
         return cpp_extension.CUDAExtension(
             "anytime_kernels._C",
             sources=cpp_sources + cuda_sources,

@@ -4,7 +4,6 @@ Every op has a public function here that checks its arguments and dispatches to 
 (CUDA), the compiled C++ op (CPU) or a pure-torch reference (``backend=`` forces one).
 """
 
-from anytime_kernels._extension import ops
 from anytime_kernels.advantages import (
     AdvantageStats,
     advantage_stats,
@@ -17,7 +16,6 @@ from anytime_kernels.tree import (
     ResponseTreeLayout,
     TokenKind,
     pack_response_trees,
-    tree_attention_mask,
     tree_mask_mod,
 )
 
@@ -29,10 +27,8 @@ __all__ = [
     "advantage_stats",
     "brpo_advantages",
     "fused_logprobs",
-    "ops",
     "pack_response_trees",
     "token_advantages",
-    "tree_attention_mask",
     "tree_mask_mod",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,6 @@ version. Every input is checked here, before any kernel launches.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,23 +16,11 @@ import torch
 
 from anytime_kernels._extension import ops
 from anytime_kernels.advantages_reference import brpo_advantages_reference, token_advantages_reference
+from anytime_kernels.backends import resolve_backend
 from anytime_kernels.tree import ResponseTreeLayout
 
 VARIANCE_REDUCTIONS = ("brpo", "v1only", "v2only", "none")
 SUMMARY_METHODS = ("brpo", "grpo")
-BACKENDS = ("auto", "triton", "cpp", "reference")
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpp"
-    if backend == "cpp" and device.type != "cpu":
-        raise ValueError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
-    return backend
 
 
 def _check_scores(scores: torch.Tensor) -> None:
@@ -138,7 +125,7 @@ def brpo_advantages(
             negative or decreasing cut lengths, mismatched shapes or devices, unknown names.
     """
     probs = _check_inputs(scores, cut_lens, group_size, budget_probs, variance_reduction, summary_method)
-    chosen = _resolve_backend(backend, scores.device)
+    chosen = resolve_backend("brpo_advantages", backend, scores.device)
     if chosen == "reference":
         return brpo_advantages_reference(scores, cut_lens, group_size, probs, variance_reduction, summary_method)
     if chosen == "cpp":
@@ -207,7 +194,7 @@ def _token_advantages(
             raise ValueError(f"{name} must have shape {list(shape)} to match the layout, got {tuple(tensor.shape)}")
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but the layout is on {device}")
-    chosen = _resolve_backend(backend, device)
+    chosen = resolve_backend("token_advantages", backend, device)
     if chosen == "reference":
         return token_advantages_reference(
             layout.seq_ids, layout.token_kind, layout.slot, layout.summary_index, thinking_adv, summary_adv

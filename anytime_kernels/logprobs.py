@@ -10,23 +10,22 @@ With ``z = hidden[rows] @ weight.T / T``, ``p = softmax(z)`` and upstream gradie
     logprob = z[target] - lse(z)          entropy = lse(z) - sum_j p_j z_j
     dL/dz_j = g_lp * (onehot(target)_j - p_j) - g_ent * p_j * (z_j - sum_k p_k z_k)
 
-Backends (``backend=``): ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``), ``cpu`` (the
-compiled C++/OpenMP op), ``reference`` (plain torch with full logits), ``auto`` (triton on CUDA,
-cpu on CPU). Accumulation is fp32 whatever the input dtype.
+Backends (``backend=``, ``anytime_kernels.backends``): ``triton`` (CUDA; CPU under
+``TRITON_INTERPRET=1``), ``cpp`` (the compiled C++/OpenMP op), ``reference`` (plain torch with
+full logits), ``auto`` (triton on CUDA, cpp on CPU). Accumulation is fp32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from anytime_kernels._extension import ops
+from anytime_kernels.backends import resolve_backend
 from anytime_kernels.logprobs_reference import fused_logprobs_reference
 from anytime_kernels.tree import IGNORE_INDEX
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -54,7 +53,7 @@ def fused_logprobs(
             point predicts several branch tokens). Default: row i for target i, with M == N.
         temperature: logits are divided by it before the softmax; > 0.
         return_entropy: also return the entropy of each row's distribution (differentiable).
-        backend: ``auto``, ``triton``, ``cpu`` or ``reference``.
+        backend: ``auto``, ``triton``, ``cpp`` or ``reference``.
         check_values: range-check ``targets`` and ``rows`` (one device sync on CUDA). Callers that
             checked them on the host already (``TreePolicy``) pass False to keep the step sync-free;
             shapes, dtypes and devices are always checked.
@@ -63,8 +62,9 @@ def fused_logprobs(
         fp32 ``logprobs [M]``, and fp32 ``entropy [M]`` when ``return_entropy``.
 
     Raises:
-        ValueError: on a bad shape, dtype, device, index range, temperature or backend, before any
-            kernel runs.
+        TypeError: a non-tensor argument. ValueError: a bad shape, dtype, device, index range,
+            temperature or backend name. BackendUnavailableError: a backend that cannot run on
+            these tensors. All before any kernel runs.
     """
     hidden, weight = _autocast_operands(hidden, weight)
     backend = _validate(hidden, weight, targets, rows, temperature, backend, check_values)
@@ -76,7 +76,7 @@ def fused_logprobs(
 
 def _autocast_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise ValueError(f"hidden and weight must be tensors, got {type(hidden).__name__} and {type(weight).__name__}")
+        raise TypeError(f"hidden and weight must be tensors, got {type(hidden).__name__} and {type(weight).__name__}")
     device_type = hidden.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -103,10 +103,8 @@ def _validate(
     check_values: bool = True,
 ) -> str:
     """Check every argument; return the concrete backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(targets, torch.Tensor) or (rows is not None and not isinstance(rows, torch.Tensor)):
-        raise ValueError("targets (and rows, when given) must be tensors")
+        raise TypeError("targets (and rows, when given) must be tensors")
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"hidden must be [N, H] and weight [V, H], got shapes {tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -136,13 +134,7 @@ def _validate(
         raise ValueError(f"hidden, weight, targets and rows must be on one device, got {sorted(map(str, devices))}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    device = hidden.device.type
-    if backend == "auto":
-        backend = "triton" if device == "cuda" else "cpu"
-    if backend == "cpu" and device != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got {device}")
-    if backend == "triton" and device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
+    backend = resolve_backend("fused_logprobs", backend, hidden.device)
     if not check_values:
         return backend
     vocab = weight.shape[0]
@@ -158,13 +150,11 @@ def _validate(
     return backend
 
 
-def _cpu_forward(hidden, weight, targets, temperature, compute_entropy):
-    logprobs, entropy, lse = ops.fused_logprobs_forward(hidden, weight, targets, temperature, compute_entropy)
-    mean_logit = lse - entropy if compute_entropy else entropy
-    return logprobs, entropy, lse, mean_logit
+def _cpp_forward(hidden, weight, targets, temperature, compute_entropy):
+    return ops.fused_logprobs_forward(hidden, weight, targets, temperature, compute_entropy)
 
 
-def _cpu_backward(
+def _cpp_backward(
     hidden, weight, targets, lse, mean_logit, grad_logprobs, grad_entropy, temperature, need_hidden, need_weight
 ):
     grad_hidden, grad_weight = ops.fused_logprobs_backward(
@@ -178,7 +168,7 @@ def _backend_module(backend: str):
         from anytime_kernels import logprobs_triton
 
         return logprobs_triton.forward, logprobs_triton.backward
-    return _cpu_forward, _cpu_backward
+    return _cpp_forward, _cpp_backward
 
 
 class _FusedLogprobs(torch.autograd.Function):
@@ -189,9 +179,12 @@ class _FusedLogprobs(torch.autograd.Function):
         forward_impl, _ = _backend_module(backend)
         with torch.autocast(hidden.device.type, enabled=False):
             selected = hidden if rows is None else hidden.index_select(0, rows)
-            logprobs, entropy, lse, mean_logit = forward_impl(
+            # Both backends return (logprobs, entropy, lse); entropy is empty without return_entropy.
+            logprobs, entropy, lse = forward_impl(
                 selected.contiguous(), weight.contiguous(), targets.contiguous(), temperature, return_entropy
             )
+        # The backward of the entropy needs the mean logit sum_j p_j z_j = lse - entropy.
+        mean_logit = lse - entropy if return_entropy else entropy
         ctx.save_for_backward(hidden, weight, targets, rows, lse, mean_logit)
         ctx.temperature, ctx.return_entropy, ctx.backend = temperature, return_entropy, backend
         ctx.set_materialize_grads(False)

@@ -222,8 +222,9 @@ def _row_blocks(num_rows: int) -> list[tuple[int, int]]:
 
 def forward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, compute_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probs, entropy, lse and mean logit (all fp32 ``[M]``) of validated contiguous operands.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs, entropy (empty unless ``compute_entropy``) and lse, fp32 ``[M]``, of validated
+    contiguous operands: what the C++ op returns.
 
     Args:
         hidden: ``[M, H]`` the rows that predict the targets (already gathered).
@@ -234,7 +235,7 @@ def forward(
     fp32 = {"dtype": torch.float32, "device": hidden.device}
     if num_rows == 0:
         empty = torch.zeros(0, **fp32)
-        return empty, empty, empty, empty
+        return empty, empty, empty
     chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
     running_max = torch.full((num_rows,), float("-inf"), **fp32)
     running_sum = torch.zeros(num_rows, **fp32)
@@ -262,11 +263,11 @@ def forward(
     valid = targets != IGNORE_INDEX
     logprobs = torch.where(valid, target_logit - lse, 0.0)
     if not compute_entropy:
-        return logprobs, torch.zeros(0, **fp32), lse, torch.zeros(0, **fp32)
+        return logprobs, torch.zeros(0, **fp32), lse
     mean_logit = running_weighted / running_sum
     # lse >= mean logit exactly; rounding can leave a tiny negative entropy.
     entropy = torch.where(valid, (lse - mean_logit).clamp_min(0.0), 0.0)
-    return logprobs, entropy, lse, mean_logit
+    return logprobs, entropy, lse
 
 
 def backward(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from anytime_kernels._extension import ops
+from anytime_kernels.backends import resolve_backend
 from anytime_kernels.tree_reference import pack_response_trees_reference
 
 IGNORE_INDEX = -100
@@ -293,7 +294,7 @@ def pack_response_trees(
         cut_lens: ``[N, S]`` cut length c_s of every budget slot, non-decreasing, at most L_n.
         inserted_ids: per trace, one token list per distinct cut (the inserted delimiter).
         summary_ids: per trace, S lists of A token lists (the summaries of each slot).
-        backend: ``cpp`` (compiled op, OpenMP over traces), ``python`` (reference), or ``auto`` (cpp).
+        backend: ``cpp`` (compiled op, OpenMP over traces), ``reference`` (plain Python), or ``auto`` (cpp).
 
     Returns:
         A ``ResponseTreeLayout`` on the CPU.
@@ -302,12 +303,11 @@ def pack_response_trees(
         ValueError: naming the trace and the value, for a cut beyond the trace, decreasing cuts,
             negative ids, wrong nesting or mismatched counts.
     """
-    if backend not in ("auto", "cpp", "python"):
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
+    backend = resolve_backend("pack_response_trees", backend, "cpu", supports=("cpp", "reference"))
     tokens, segment_offsets, cuts, num_inserted, num_summaries = _flatten(
         prompt_ids, thinking_ids, cut_lens, inserted_ids, summary_ids
     )
-    if backend == "python":
+    if backend == "reference":
         outputs = pack_response_trees_reference(tokens, segment_offsets, cuts, num_inserted, num_summaries)
     else:
         outputs = ops.pack_response_trees(tokens, segment_offsets, cuts, num_inserted, num_summaries)
@@ -322,12 +322,6 @@ def pack_response_trees(
         thinking_lens=lengths[first_segment + 1],
         num_summaries=num_summaries,
     )
-
-
-def tree_attention_mask(layout: ResponseTreeLayout, row: int) -> torch.Tensor:
-    """Dense ``[R, R]`` bool mask of one row (True = may attend), for SDPA; built on the layout's device."""
-    rows = layout.row_slice(row)
-    return ops.tree_attention_mask(layout.prefix_end[rows], layout.branch_start[rows], rows.start)
 
 
 def tree_mask_mod(layout: ResponseTreeLayout, padded_len: int | None = None) -> Callable:

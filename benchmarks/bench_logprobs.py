@@ -1,4 +1,4 @@
-"""Fused per-token log-probs: ours (`fused`, backend auto) against the full-logits `reference`,
+"""Fused per-token log-probs: ours (`triton` on CUDA, `cpp` on CPU: what backend `auto` picks) against the full-logits `reference`,
 Liger-Kernel's chunked selective log-prob (`liger`) and Apple's Cut Cross-Entropy (`cce`, CUDA
 only, exact gradients: `filter_eps=None`), both from the `bench` extra, plus on CUDA the three
 bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight).
@@ -6,7 +6,7 @@ bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_
 Cases `fwd` (no grad, as for old-policy log-probs) and `fwd_bwd` (log-probs, then the backward
 of sum(g * logprobs) into hidden and the LM head). Sizes: CPU N=4096, H=512, V=32000 fp32 (quick:
 N=1024, H=256, V=8000); CUDA N=16384, H=1536 (and 2048), V=151936 bf16, then an M sweep of
-`fused` alone (64k, 256k rows; quick: 64k) whose time and memory per row should stay flat.
+ours alone (64k, 256k rows; quick: 64k) whose time and memory per row should stay flat.
 Targets: CPU fwd_bwd peak memory <= 25% of reference and time <= reference; CUDA faster than
 liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms.
 """
@@ -40,7 +40,7 @@ def cce_logprobs(hidden, weight, targets):
 
 
 PROVIDERS = {
-    "fused": lambda hidden, weight, targets: fused_logprobs(hidden, weight, targets),
+    "ours": lambda hidden, weight, targets: fused_logprobs(hidden, weight, targets),
     "reference": fused_logprobs_reference,
     "liger": liger_logprobs,
     "cce": cce_logprobs,
@@ -93,7 +93,8 @@ def main() -> None:
     else:
         dtype, sizes = torch.float32, [(1024, 256, 8000)] if args.quick else [(4096, 512, 32000)]
         warmup, repeat = 0, 3
-    providers = dict(PROVIDERS)
+    ours = "triton" if device == "cuda" else "cpp"
+    providers = {ours if name == "ours" else name: fn for name, fn in PROVIDERS.items()}
     if _ChunkedSelectiveLogProbFunction is None:
         del providers["liger"]
         print("liger: not available (pip install liger-kernel, the `bench` extra); no liger rows")
@@ -119,28 +120,28 @@ def main() -> None:
         if device == "cuda":
             gemms = bare_gemms(*inputs[:2])
             results.add(f"fwd_bwd_{size}", "bare_gemms", "time_ms", time_ms(gemms, device, warmup=2, repeat=5), "ms")
-        checks.extend(target_lines(results, f"fwd_bwd_{size}", device))
+        checks.extend(target_lines(results, ours, f"fwd_bwd_{size}", device))
         del inputs
     base = sizes[0]
     for num_rows, width, vocab in sweep:
         size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
         inputs = make_inputs(num_rows, width, vocab, dtype, device)
-        measure(f"fwd_bwd_{size}", "fused", step(providers["fused"], "fwd_bwd", *inputs))
+        measure(f"fwd_bwd_{size}", ours, step(providers[ours], "fwd_bwd", *inputs))
         del inputs
-        checks.append(sweep_line(results, base, (num_rows, width, vocab), dtype))
+        checks.append(sweep_line(results, ours, base, (num_rows, width, vocab), dtype))
     results.finish(args.out, notes=checks)
 
 
-def sweep_line(results: Results, base: tuple, size: tuple, dtype: torch.dtype) -> str:
+def sweep_line(results: Results, ours: str, base: tuple, size: tuple, dtype: torch.dtype) -> str:
     """Time and peak memory per row at ``size`` relative to ``base``: 1.0 means linear in M."""
 
     def case(shape):
         return f"fwd_bwd_N{shape[0]}_H{shape[1]}_V{shape[2]}_{str(dtype).removeprefix('torch.')}"
 
     rows = size[0] / base[0]
-    time_ratio = results.value(case(size), "fused", "time_ms") / results.value(case(base), "fused", "time_ms") / rows
+    time_ratio = results.value(case(size), ours, "time_ms") / results.value(case(base), ours, "time_ms") / rows
     memory_ratio = (
-        results.value(case(size), "fused", "peak_mem_mb") / results.value(case(base), "fused", "peak_mem_mb") / rows
+        results.value(case(size), ours, "peak_mem_mb") / results.value(case(base), ours, "peak_mem_mb") / rows
     )
     return (
         f"M sweep {base[0]} -> {size[0]} rows: time per row x{time_ratio:.2f}, peak memory per row "
@@ -148,7 +149,7 @@ def sweep_line(results: Results, base: tuple, size: tuple, dtype: torch.dtype) -
     )
 
 
-def target_lines(results: Results, case: str, device: str) -> list[str]:
+def target_lines(results: Results, ours: str, case: str, device: str) -> list[str]:
     def value(provider, metric):
         return results.value(case, provider, metric)
 
@@ -156,17 +157,17 @@ def target_lines(results: Results, case: str, device: str) -> list[str]:
         verdict = "met" if ratio <= limit else "NOT met"
         return f"{case}: {label} = {ratio:.3f} (target <= {limit}) {verdict}"
 
-    fused_time, fused_mem = value("fused", "time_ms"), value("fused", "peak_mem_mb")
+    fused_time, fused_mem = value(ours, "time_ms"), value(ours, "peak_mem_mb")
     lines = []
     if device == "cpu":
-        lines.append(line("fused/reference peak memory", fused_mem / value("reference", "peak_mem_mb"), 0.25))
-        lines.append(line("fused/reference time", fused_time / value("reference", "time_ms"), 1.0))
+        lines.append(line(f"{ours}/reference peak memory", fused_mem / value("reference", "peak_mem_mb"), 0.25))
+        lines.append(line(f"{ours}/reference time", fused_time / value("reference", "time_ms"), 1.0))
         return lines
     for baseline in ("liger", "cce"):
         if value(baseline, "time_ms") is not None:
-            lines.append(line(f"fused/{baseline} time", fused_time / value(baseline, "time_ms"), 1.0))
-            lines.append(line(f"fused/{baseline} peak memory", fused_mem / value(baseline, "peak_mem_mb"), 1.0))
-    lines.append(line("fused/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
+            lines.append(line(f"{ours}/{baseline} time", fused_time / value(baseline, "time_ms"), 1.0))
+            lines.append(line(f"{ours}/{baseline} peak memory", fused_mem / value(baseline, "peak_mem_mb"), 1.0))
+    lines.append(line(f"{ours}/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
     return lines
 
 

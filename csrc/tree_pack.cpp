@@ -237,43 +237,16 @@ std::vector<at::Tensor> pack_response_trees_cpu(
           token_kind, slot, summary_index, prefix_end, branch_start};
 }
 
-// Dense boolean tree mask of one packed row: mask[q, k] = k <= q and
-// (k >= branch_start[q] or k < prefix_end[q]), in row-relative coordinates.
-at::Tensor tree_attention_mask_cpu(const at::Tensor& prefix_end_in, const at::Tensor& branch_start_in,
-                                   int64_t row_start) {
-  TORCH_CHECK_VALUE(prefix_end_in.dim() == 1 && prefix_end_in.sizes() == branch_start_in.sizes(),
-                    "prefix_end and branch_start must be 1-D of equal length, got ", prefix_end_in.sizes(),
-                    " and ", branch_start_in.sizes());
-  const at::Tensor prefix_end = prefix_end_in.to(at::kLong).contiguous();
-  const at::Tensor branch_start = branch_start_in.to(at::kLong).contiguous();
-  const int64_t len = prefix_end.numel();
-  at::Tensor mask = at::empty({len, len}, at::TensorOptions().dtype(at::kBool));
-  bool* out = mask.data_ptr<bool>();
-  const int64_t* pe = prefix_end.data_ptr<int64_t>();
-  const int64_t* bs = branch_start.data_ptr<int64_t>();
-  at::parallel_for(0, len, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t prefix = pe[q] - row_start;
-      const int64_t branch = bs[q] - row_start;
-      bool* row = out + q * len;
-      for (int64_t k = 0; k < len; ++k) row[k] = k <= q && (k >= branch || k < prefix);
-    }
-  });
-  return mask;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(anytime_kernels, m) {
   m.def(
       "pack_response_trees(Tensor tokens, Tensor segment_offsets, Tensor cut_lens, Tensor num_inserted, "
       "int num_summaries) -> Tensor[]");
-  m.def("tree_attention_mask(Tensor prefix_end, Tensor branch_start, int row_start) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anytime_kernels, CPU, m) {
   m.impl("pack_response_trees", &pack_response_trees_cpu);
-  m.impl("tree_attention_mask", &tree_attention_mask_cpu);
 }
 
 }  // namespace anytime_kernels

@@ -11,7 +11,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from anytime_kernels import advantage_stats, brpo_advantages, ops, pack_response_trees, token_advantages
+from anytime_kernels import advantage_stats, brpo_advantages, pack_response_trees, token_advantages
+from anytime_kernels._extension import ops
+from anytime_kernels.backends import BackendUnavailableError
 from trainer.budgets import budget_prior, budget_support, cut_lengths
 
 BACKENDS = ("cpp", "triton", "reference")
@@ -343,7 +345,7 @@ def test_bad_names_raise(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         brpo_advantages(**GOOD, backend="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+    with pytest.raises(BackendUnavailableError, match="brpo_advantages: backend 'triton' needs CUDA tensors"):
         brpo_advantages(**GOOD, backend="triton")
 
 

@@ -9,9 +9,10 @@ import torch
 import anytime_kernels.logprobs as logprobs_module
 import anytime_kernels.logprobs_triton as logprobs_triton
 from anytime_kernels import IGNORE_INDEX, fused_logprobs
+from anytime_kernels.backends import BackendUnavailableError
 from anytime_kernels.logprobs_reference import fused_logprobs_reference
 
-BACKENDS = ("cpu", "triton")
+BACKENDS = ("cpp", "triton")
 
 
 def make_case(num_hidden, width, vocab, num_targets=None, *, repeated_rows=False, ignore=(), seed=0):
@@ -100,8 +101,8 @@ def test_bf16_matches_reference(backend):
 
 def test_cpu_op_several_row_blocks():
     """More rows than the C++ op's row block (512), fp16 included."""
-    check_against_reference("cpu", make_case(num_hidden=1100, width=8, vocab=300, ignore=(7, 600)))
-    check_against_reference("cpu", make_case(num_hidden=600, width=8, vocab=100), dtype=torch.float16)
+    check_against_reference("cpp", make_case(num_hidden=1100, width=8, vocab=300, ignore=(7, 600)))
+    check_against_reference("cpp", make_case(num_hidden=600, width=8, vocab=100), dtype=torch.float16)
 
 
 def test_triton_several_vocab_chunks(monkeypatch):
@@ -247,10 +248,14 @@ def test_bad_input_raises_before_any_kernel(name, monkeypatch):
         fused_logprobs(hidden, weight, targets, **kwargs)
 
 
-def test_cpu_backend_refuses_other_devices():
+def test_backend_errors_follow_the_one_policy():
     hidden, weight, targets = _good()
-    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
-        fused_logprobs(hidden.to("meta"), weight.to("meta"), targets.to("meta"), backend="cpu")
+    with pytest.raises(BackendUnavailableError, match="backend 'cpp' runs on CPU tensors, got tensors on meta"):
+        fused_logprobs(hidden.to("meta"), weight.to("meta"), targets.to("meta"), backend="cpp", check_values=False)
+    with pytest.raises(TypeError, match="hidden and weight must be tensors"):
+        fused_logprobs(hidden.tolist(), weight, targets)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        fused_logprobs(hidden, weight, targets, backend=1)
 
 
 @pytest.mark.gpu

@@ -9,11 +9,11 @@ from anytime_kernels import (
     IGNORE_INDEX,
     TokenKind,
     pack_response_trees,
-    tree_attention_mask,
     tree_mask_mod,
 )
+from anytime_kernels.attention import dense_tree_mask
 
-BACKENDS = ("cpp", "python")
+BACKENDS = ("cpp", "reference")
 FIELDS = (
     "input_ids",
     "position_ids",
@@ -119,7 +119,9 @@ def test_cpp_matches_python_reference_on_random_batches(num_traces, num_slots, n
     rng = random.Random(num_traces * 100 + num_slots * 10 + num_summaries)
     for _ in range(5):
         batch = random_batch(rng, num_traces, num_slots, num_summaries)
-        assert_layouts_equal(pack_response_trees(*batch, backend="cpp"), pack_response_trees(*batch, backend="python"))
+        assert_layouts_equal(
+            pack_response_trees(*batch, backend="cpp"), pack_response_trees(*batch, backend="reference")
+        )
 
 
 def test_tensor_inputs_match_list_inputs():
@@ -143,7 +145,12 @@ def test_every_branch_sees_exactly_its_standalone_sequence(seed):
     layout = pack_response_trees(prompts, thinking, cuts, inserted, summaries)
     for n in range(len(prompts)):
         rows = layout.row_slice(n)
-        mask = tree_attention_mask(layout, n)
+        # The SDPA path's mask of this tree alone (offsets made row-relative).
+        mask = dense_tree_mask(
+            torch.zeros(rows.stop - rows.start, dtype=torch.int32),
+            layout.prefix_end[rows] - rows.start,
+            layout.branch_start[rows] - rows.start,
+        )
         ids, positions = layout.input_ids[rows], layout.position_ids[rows]
         kinds, slots, summary_index = layout.token_kind[rows], layout.slot[rows], layout.summary_index[rows]
         distinct = sorted(set(cuts[n]))
@@ -170,10 +177,13 @@ def test_mask_mod_matches_block_diagonal_dense_masks():
     q = torch.arange(padded).view(-1, 1)
     k = torch.arange(padded).view(1, -1)
     got = mask_mod(0, 0, q, k)
+    # The rule written out token by token: k <= q, same tree, and k in q's branch or visible trunk prefix.
     expected = torch.zeros(padded, padded, dtype=torch.bool)
     for n in range(layout.num_traces):
         rows = layout.row_slice(n)
-        expected[rows, rows] = tree_attention_mask(layout, n)
+        for q in range(rows.start, rows.stop):
+            for k in range(rows.start, q + 1):
+                expected[q, k] = k >= layout.branch_start[q] or k < layout.prefix_end[q]
     expected[total:, total:] = torch.eye(5, dtype=torch.bool)
     assert torch.equal(got, expected)
 
@@ -222,11 +232,3 @@ def test_float_tokens_and_bad_backend_are_rejected():
         pack_response_trees([torch.ones(2)], [[1]], [[1]], [[[1]]], [[[[1]]]])
     with pytest.raises(ValueError, match="backend must be"):
         pack_response_trees([[1]], [[1]], [[1]], [[[1]]], [[[[1]]]], backend="triton")
-
-
-@pytest.mark.gpu
-def test_cuda_dense_mask_matches_cpu():
-    layout = pack_response_trees(*random_batch(random.Random(5), 3, 4, 2))
-    on_cuda = layout.to("cuda")
-    for n in range(layout.num_traces):
-        assert torch.equal(tree_attention_mask(on_cuda, n).cpu(), tree_attention_mask(layout, n))
