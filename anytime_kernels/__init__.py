@@ -10,11 +10,10 @@ from anytime_kernels.advantages import (
     brpo_advantages,
     token_advantages,
 )
+from anytime_kernels.constants import IGNORE_INDEX, TokenKind
 from anytime_kernels.logprobs import fused_logprobs
 from anytime_kernels.tree import (
-    IGNORE_INDEX,
     ResponseTreeLayout,
-    TokenKind,
     pack_response_trees,
     tree_mask_mod,
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from anytime_kernels.tree import TokenKind
+from anytime_kernels.constants import TokenKind
 
 
 def brpo_advantages_reference(

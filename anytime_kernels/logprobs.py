@@ -23,8 +23,8 @@ import torch
 
 from anytime_kernels._extension import ops
 from anytime_kernels.backends import resolve_backend
+from anytime_kernels.constants import IGNORE_INDEX
 from anytime_kernels.logprobs_reference import fused_logprobs_reference
-from anytime_kernels.tree import IGNORE_INDEX
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from anytime_kernels.tree import IGNORE_INDEX
+from anytime_kernels.constants import IGNORE_INDEX
 
 
 def fused_logprobs_reference(

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anytime_kernels.tree import IGNORE_INDEX
+from anytime_kernels.constants import IGNORE_INDEX
 
 # Bytes of one (row block x vocabulary chunk) tile: fp32 logits plus their gradient in the input dtype.
 CHUNK_BYTES = 768 * 2**20

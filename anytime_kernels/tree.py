@@ -17,7 +17,6 @@ the last trunk token has no single successor (its successors are the branches' i
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -25,20 +24,10 @@ import torch
 
 from anytime_kernels._extension import ops
 from anytime_kernels.backends import resolve_backend
+from anytime_kernels.constants import PACKED_FIELDS
 from anytime_kernels.tree_reference import pack_response_trees_reference
 
-IGNORE_INDEX = -100
-
 TokenIds = Sequence[int] | torch.Tensor
-
-
-class TokenKind(enum.IntEnum):
-    """Kind of a packed token; values are shared with csrc/tree_pack.cpp."""
-
-    PROMPT = 0
-    THINKING = 1
-    INSERTED = 2
-    SUMMARY = 3
 
 
 @dataclass
@@ -185,20 +174,6 @@ _PER_TOKEN_FIELDS = (
     "branch_start",
 )
 
-_OUTPUT_NAMES = (
-    "input_ids",
-    "position_ids",
-    "labels",
-    "loss_mask",
-    "cu_seqlens",
-    "seq_ids",
-    "token_kind",
-    "slot",
-    "summary_index",
-    "prefix_end",
-    "branch_start",
-)
-
 
 def _as_ids(value: TokenIds, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
@@ -316,7 +291,7 @@ def pack_response_trees(
     first_segment = torch.cumsum(stride, 0) - stride
     lengths = segment_offsets[1:] - base
     return ResponseTreeLayout(
-        **dict(zip(_OUTPUT_NAMES, outputs, strict=True)),
+        **dict(zip(PACKED_FIELDS, outputs, strict=True)),
         cut_lens=cuts,
         prompt_lens=lengths[first_segment],
         thinking_lens=lengths[first_segment + 1],

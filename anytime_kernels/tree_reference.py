@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
-PROMPT, THINKING, INSERTED, SUMMARY = 0, 1, 2, 3
+from anytime_kernels.constants import IGNORE_INDEX, TokenKind
+
+PROMPT, THINKING, INSERTED, SUMMARY = (int(kind) for kind in TokenKind)
 
 
 def _check_trace(n: int, cuts: list[int], thinking_len: int, num_inserted: int, tokens: list[int]) -> None:

@@ -22,13 +22,12 @@
 #include <tuple>
 #include <vector>
 
+#include "constants.h"
 #include "memory.h"
 
 namespace anytime_kernels {
 namespace {
 
-// Token kinds; must match anytime_kernels/tree.py::TokenKind.
-constexpr int8_t kSummary = 3;
 // Scores entries (G * S * A per group) per parallel work item; smaller inputs run inline, where a
 // thread wake-up would cost more than the work.
 constexpr int64_t kGrainScores = 32768;

@@ -22,7 +22,7 @@
 // repeated rows before casting).
 //
 // The Python wrapper validates inputs, gathers hidden[rows], and zeroes g_lp/g_ent on ignored
-// targets, so these ops see contiguous [M, H] rows and in-range or -100 targets.
+// targets, so these ops see contiguous [M, H] rows and in-range or kIgnoreIndex targets.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <optional>
 #include <vector>
+
+#include "constants.h"
 
 namespace anytime_kernels {
 namespace {
@@ -195,7 +197,7 @@ std::vector<at::Tensor> fused_logprobs_forward_cpu(const at::Tensor& hidden_in, 
         weighted += rweighted[idx] * scale;
       }
       const float row_lse = row_max + static_cast<float>(std::log(sum));
-      const bool valid = target_ptr[row0 + r] != -100;
+      const bool valid = target_ptr[row0 + r] != kIgnoreIndex;
       lse_ptr[row0 + r] = row_lse;
       logprob_ptr[row0 + r] = valid ? target_logit_ptr[r] - row_lse : 0.0f;
       if (compute_entropy) entropy_ptr[row0 + r] = valid ? row_lse - static_cast<float>(weighted / sum) : 0.0f;

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "constants.h"
 #include "memory.h"
 
 #include <cstdint>
@@ -19,13 +20,6 @@
 
 namespace anytime_kernels {
 namespace {
-
-constexpr int64_t kIgnoreIndex = -100;
-// Token kinds; must match anytime_kernels/tree.py::TokenKind.
-constexpr int8_t kPrompt = 0;
-constexpr int8_t kThinking = 1;
-constexpr int8_t kInserted = 2;
-constexpr int8_t kSummary = 3;
 
 struct TraceView {
   int64_t segment_base;  // index of this trace's prompt segment
