@@ -30,46 +30,31 @@ threads slower and noisier).
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import torch
-from common import _REPO_ROOT, Results, environment_line, parse_args, synchronize
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from common import Results, environment_line, parse_args, synchronize
 
 from trainer.budgets import BudgetSchedule
 from trainer.rollout import EmbeddedEngine, SamplingParams
-
-if str(_REPO_ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT / "tests"))
-from fixtures.tiny_policy import tiny_tokenizer
+from trainer.tiny import FIRST_CHARACTER_ID, char_tokenizer, tiny_causal_lm
 
 NUM_SLOTS, NUM_SUMMARIES = 4, 4
 SUMMARY_SAMPLING = SamplingParams(temperature=1.0, seed=1)
 
 
-def benchmark_policy(vocab_size: int, device: str) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=16384,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
+def benchmark_policy(vocab_size: int, device: str) -> torch.nn.Module:
+    model = tiny_causal_lm(
+        vocab_size, hidden_size=768, intermediate_size=3072, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=64
     )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).eval().to(device)
+    return model.to(device)
 
 
 def teacher_forced_traces(num_traces: int, b_max: int, tokenizer, seed: int) -> list[list[int]]:
     """Random trace token ids, lengths in [3/4 b_max, b_max]; a trace shorter than b_max closes its thinking."""
     generator = torch.Generator().manual_seed(seed)
     think_end = tokenizer.convert_tokens_to_ids("</think>")
-    first_plain = 3  # ids 0..2 are EOS, <think>, </think> (tests/fixtures/tiny_policy.py)
+    first_plain = FIRST_CHARACTER_ID
     traces = []
     for _ in range(num_traces):
         length = int(torch.randint(b_max * 3 // 4, b_max + 1, (), generator=generator))
@@ -87,7 +72,7 @@ def main() -> None:
     print(environment_line(args.device))
     # (prompts, traces per prompt, b_max, timed runs per provider)
     cases = [(1, 2, 2048, 1)] if args.quick else [(2, 2, 4096, 2), (2, 2, 8000, 2)]
-    tokenizer = tiny_tokenizer()
+    tokenizer = char_tokenizer()
     model = benchmark_policy(len(tokenizer), args.device)
     results = Results("rollout", args.out)
     for num_prompts, group_size, b_max, repeat in cases:

@@ -18,10 +18,10 @@ import statistics
 
 import torch
 from common import Results, environment_line, parse_args, peak_memory_mb, time_ms
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from anytime_kernels import pack_response_trees
 from trainer.policy import TreePolicy
+from trainer.tiny import tiny_causal_lm
 
 
 def make_rollouts(num_traces, prompt_len, b_max, num_slots, num_summaries, summary_len, vocab, seed=0):
@@ -61,9 +61,8 @@ def per_branch_rollouts(rollouts):
 
 
 def build_model(config: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**config))
-    return model.to(device=device, dtype=dtype).train()
+    model = tiny_causal_lm(**config, dtype=dtype)
+    return model.to(device=device).train()
 
 
 CPU_CASE = dict(
@@ -72,11 +71,10 @@ CPU_CASE = dict(
         vocab_size=4096,
         hidden_size=64,
         intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_positions=2048,
     ),
     rollouts=dict(num_traces=4, prompt_len=64, b_max=512, num_slots=4, num_summaries=4, summary_len=32),
     micro_batch_tokens=4096,
@@ -91,11 +89,10 @@ GPU_CASE = dict(
         vocab_size=151936,
         hidden_size=896,
         intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        max_positions=32768,
     ),
     rollouts=dict(num_traces=4, prompt_len=200, b_max=8000, num_slots=4, num_summaries=4, summary_len=130),
     micro_batch_tokens=32768,

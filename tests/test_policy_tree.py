@@ -10,35 +10,23 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from anytime_kernels import pack_response_trees
 from anytime_kernels.attention import dense_tree_mask, flex_block_mask
 from anytime_kernels.backends import BackendUnavailableError
 from trainer.attention import prepare_tree_attention, resolve_backend
 from trainer.policy import TreePolicy, plan_micro_batches
+from trainer.tiny import tiny_causal_lm
 
 VOCAB = 96
 
 
 def tiny_model(family: str, seed: int = 0, hidden_size: int = 32):
     """Head size hidden_size / 4: 8 by default (CPU); GPU tests use 64 (flex needs head_dim >= 16)."""
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=hidden_size,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
-    model.set_attn_implementation("sdpa")
-    return model.float().eval()
+    return tiny_causal_lm(
+        VOCAB, family=family, hidden_size=hidden_size, intermediate_size=2 * hidden_size, max_positions=256,
+        tie_word_embeddings=family == "qwen2", seed=seed,
+    )  # fmt: skip
 
 
 def random_rollouts(seed: int, num_traces: int = 3, num_slots: int = 3, num_summaries: int = 2):

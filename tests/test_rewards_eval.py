@@ -34,7 +34,11 @@ def as_model_would_write(answer: str) -> str:
 def problems():
     missing = [name for name in EVAL_SETS if not (EVAL_DIR / f"{name}.json").is_file()]
     if missing:
-        pytest.fail(f"evaluation sets {missing} not found under {EVAL_DIR}")
+        # The data sets ship beside the project in its workspace, never inside the repository.
+        pytest.skip(
+            f"evaluation sets {missing} (AIME, AMC, MATH-500, Minerva in the authors' JSON format) are read from "
+            f"{EVAL_DIR}, which this checkout does not have; place them there to run these tests"
+        )
     loaded = []
     for name in EVAL_SETS:
         rows, bad_rows = load_problems(EVAL_DIR / f"{name}.json")

@@ -203,6 +203,14 @@ class RolloutEngine(abc.ABC):
         eos_token_id: the policy's end-of-sequence id.
     """
 
+    @staticmethod
+    def tokenizer_setup(tokenizer) -> tuple[Delimiters, int]:
+        """``(delimiters, eos_token_id)`` of a policy's tokenizer, for a subclass's ``__init__``."""
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
+        return Delimiters.from_tokenizer(tokenizer), int(eos)
+
     def __init__(self, delimiters: Delimiters, eos_token_id: int) -> None:
         if not isinstance(eos_token_id, int) or eos_token_id < 0:
             raise ValueError(f"eos_token_id must be a non-negative int, got {eos_token_id!r}")

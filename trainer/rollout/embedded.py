@@ -29,7 +29,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from trainer.budgets import Delimiters
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
 from trainer.rollout.radix import RadixIndex
 
@@ -113,10 +112,7 @@ class EmbeddedEngine(RolloutEngine):
         max_batch_rows: int = 64,
         seed: int = 0,
     ) -> None:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
-        super().__init__(Delimiters.from_tokenizer(tokenizer), int(eos))
+        super().__init__(*self.tokenizer_setup(tokenizer))
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         self.model = model.eval()

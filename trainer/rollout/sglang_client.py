@@ -25,7 +25,6 @@ from typing import Any
 import requests
 import torch
 
-from trainer.budgets import Delimiters
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
 from trainer.rollout.sglang_protocol import MalformedResponse, generate_payload, parse_generate_response
 
@@ -61,10 +60,7 @@ class SGLangEngine(RolloutEngine):
         backoff_s: float = 1.0,
         max_workers: int = 64,
     ) -> None:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
-        super().__init__(Delimiters.from_tokenizer(tokenizer), int(eos))
+        super().__init__(*self.tokenizer_setup(tokenizer))
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("SGLangEngine needs at least one server URL")

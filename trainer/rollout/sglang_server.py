@@ -18,7 +18,6 @@ from pathlib import Path
 import requests
 import torch
 
-from trainer.budgets import Delimiters
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
 from trainer.rollout.sglang_protocol import parse_generate_response, sampling_params_payload
 
@@ -144,10 +143,7 @@ class SGLangInProcessEngine(RolloutEngine):
                 "SGLangInProcessEngine needs the sglang package (pip install 'anytime-kernels[sglang]', "
                 "CUDA machines only); use EmbeddedEngine or SGLangEngine with a server URL instead"
             ) from error
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
-        super().__init__(Delimiters.from_tokenizer(tokenizer), int(eos))
+        super().__init__(*self.tokenizer_setup(tokenizer))
         options = {"schedule_policy": "lpm", "skip_tokenizer_init": True, **engine_kwargs}
         self.engine = sglang.Engine(model_path=str(model_path), **options)
 
