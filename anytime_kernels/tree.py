@@ -161,18 +161,7 @@ class ResponseTreeLayout:
         return ResponseTreeLayout(**moved)
 
 
-_PER_TOKEN_FIELDS = (
-    "input_ids",
-    "position_ids",
-    "labels",
-    "loss_mask",
-    "seq_ids",
-    "token_kind",
-    "slot",
-    "summary_index",
-    "prefix_end",
-    "branch_start",
-)
+_PER_TOKEN_FIELDS = tuple(name for name in PACKED_FIELDS if name != "cu_seqlens")
 
 
 def _as_ids(value: TokenIds, what: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from anytime_kernels.constants import IGNORE_INDEX, TokenKind
+from anytime_kernels.constants import IGNORE_INDEX, PACKED_FIELDS, TokenKind
 
 PROMPT, THINKING, INSERTED, SUMMARY = (int(kind) for kind in TokenKind)
 
@@ -47,20 +47,7 @@ def pack_response_trees_reference(
     def segment(index: int) -> list[int]:
         return flat[offsets[index] : offsets[index + 1]]
 
-    columns: dict[str, list[int]] = {
-        name: []
-        for name in (
-            "input_ids",
-            "position_ids",
-            "labels",
-            "seq_ids",
-            "token_kind",
-            "slot",
-            "summary_index",
-            "prefix_end",
-            "branch_start",
-        )
-    }
+    columns: dict[str, list[int]] = {name: [] for name in PACKED_FIELDS if name not in ("loss_mask", "cu_seqlens")}
     cu_seqlens = [0]
     base = 0
     for n, cuts in enumerate(all_cuts):

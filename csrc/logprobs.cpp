@@ -45,21 +45,21 @@ constexpr int64_t kVocabTile = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Worker slots for `num_items` work items: one per intra-op thread, never more than the items.
-int64_t num_slots(int64_t num_items) {
+// Workers for `num_items` work items: one per intra-op thread, never more than the items.
+int64_t num_workers(int64_t num_items) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
 }
 
-// Runs body(item, slot) for every item in [0, num_items) on `slots` workers. Items are claimed one
+// Runs body(item, worker) for every item in [0, num_items) on `workers` workers. Items are claimed one
 // at a time from a shared counter rather than split into fixed shares up front: on a shared or
 // oversubscribed machine a worker the OS deschedules then delays only the item it holds, not a
-// whole share of the work. `slot` in [0, slots) names the worker, for per-worker buffers.
+// whole share of the work. `worker` in [0, workers) names the worker, for per-worker buffers.
 template <typename Body>
-void parallel_claim(int64_t num_items, int64_t slots, const Body& body) {
+void parallel_claim(int64_t num_items, int64_t workers, const Body& body) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t slot = begin; slot < end; ++slot) {
-      for (int64_t item = next.fetch_add(1); item < num_items; item = next.fetch_add(1)) body(item, slot);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t item = next.fetch_add(1); item < num_items; item = next.fetch_add(1)) body(item, worker);
     }
   });
 }
@@ -112,7 +112,7 @@ std::vector<at::Tensor> fused_logprobs_forward_cpu(const at::Tensor& hidden_in, 
 
   const float inv_temperature = static_cast<float>(1.0 / temperature);
   const int64_t num_tiles = ceil_div(vocab, kVocabTile);
-  const int64_t slots = num_slots(num_tiles);
+  const int64_t workers = num_workers(num_tiles);
   const int64_t block_rows = std::min(kRowBlock, num_rows);
   const int64_t* target_ptr = targets.data_ptr<int64_t>();
   float* logprob_ptr = logprobs.data_ptr<float>();
@@ -122,13 +122,13 @@ std::vector<at::Tensor> fused_logprobs_forward_cpu(const at::Tensor& hidden_in, 
   // Per worker: the logits and exp tiles, a converted weight tile, the tile's row maxima, and the
   // running (max, sum of exp, sum of exp * logit) of every row of the block over its tiles so far.
   const int64_t tile_elems = block_rows * kVocabTile;
-  const at::Tensor logits_bufs = at::empty({slots, tile_elems}, fp32);
-  const at::Tensor exp_bufs = at::empty({slots, tile_elems}, fp32);
-  const at::Tensor weight_bufs = at::empty({slots, kVocabTile * width}, fp32);
-  const at::Tensor stat_bufs = at::empty({slots, 3, block_rows}, fp32);  // tile max, sum, weighted
-  at::Tensor run_max = at::empty({slots, block_rows}, fp32);
-  at::Tensor run_sum = at::empty({slots, block_rows}, fp32);
-  at::Tensor run_weighted = at::empty({slots, block_rows}, fp32);
+  const at::Tensor logits_bufs = at::empty({workers, tile_elems}, fp32);
+  const at::Tensor exp_bufs = at::empty({workers, tile_elems}, fp32);
+  const at::Tensor weight_bufs = at::empty({workers, kVocabTile * width}, fp32);
+  const at::Tensor stat_bufs = at::empty({workers, 3, block_rows}, fp32);  // tile max, sum, weighted
+  at::Tensor run_max = at::empty({workers, block_rows}, fp32);
+  at::Tensor run_sum = at::empty({workers, block_rows}, fp32);
+  at::Tensor run_weighted = at::empty({workers, block_rows}, fp32);
   at::Tensor target_logit = at::empty({block_rows}, fp32);
   float* target_logit_ptr = target_logit.data_ptr<float>();
 
@@ -140,13 +140,13 @@ std::vector<at::Tensor> fused_logprobs_forward_cpu(const at::Tensor& hidden_in, 
     run_weighted.zero_();
     target_logit.zero_();
 
-    parallel_claim(num_tiles, slots, [&](int64_t tile, int64_t slot) {
+    parallel_claim(num_tiles, workers, [&](int64_t tile, int64_t worker) {
       const int64_t v0 = tile * kVocabTile;
       const int64_t count = std::min(kVocabTile, vocab - v0);
-      at::Tensor scratch = weight_bufs[slot];
-      at::Tensor logits = as_matrix(logits_bufs[slot], rows, count);
-      at::Tensor exps = as_matrix(exp_bufs[slot], rows, count);
-      at::Tensor stats = stat_bufs[slot];
+      at::Tensor scratch = weight_bufs[worker];
+      at::Tensor logits = as_matrix(logits_bufs[worker], rows, count);
+      at::Tensor exps = as_matrix(exp_bufs[worker], rows, count);
+      at::Tensor stats = stat_bufs[worker];
       at::Tensor tile_max = stats[0].narrow(0, 0, rows);
       at::Tensor tile_sum = stats[1].narrow(0, 0, rows);
       at::Tensor tile_weighted = stats[2].narrow(0, 0, rows);
@@ -163,9 +163,9 @@ std::vector<at::Tensor> fused_logprobs_forward_cpu(const at::Tensor& hidden_in, 
       const float* tmax = tile_max.data_ptr<float>();
       const float* tsum = tile_sum.data_ptr<float>();
       const float* tweighted = tile_weighted.data_ptr<float>();
-      float* rmax = run_max[slot].data_ptr<float>();
-      float* rsum = run_sum[slot].data_ptr<float>();
-      float* rweighted = run_weighted[slot].data_ptr<float>();
+      float* rmax = run_max[worker].data_ptr<float>();
+      float* rsum = run_sum[worker].data_ptr<float>();
+      float* rweighted = run_weighted[worker].data_ptr<float>();
       for (int64_t r = 0; r < rows; ++r) {
         const float merged = std::max(rmax[r], tmax[r]);
         const float old_scale = std::exp(rmax[r] - merged), tile_scale = std::exp(tmax[r] - merged);
@@ -187,9 +187,9 @@ std::vector<at::Tensor> fused_logprobs_forward_cpu(const at::Tensor& hidden_in, 
     const float* rweighted = run_weighted.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
       float row_max = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < slots; ++s) row_max = std::max(row_max, rmax[s * block_rows + r]);
+      for (int64_t s = 0; s < workers; ++s) row_max = std::max(row_max, rmax[s * block_rows + r]);
       double sum = 0.0, weighted = 0.0;
-      for (int64_t s = 0; s < slots; ++s) {
+      for (int64_t s = 0; s < workers; ++s) {
         const int64_t idx = s * block_rows + r;
         if (rsum[idx] == 0.0f) continue;
         const double scale = std::exp(static_cast<double>(rmax[idx]) - row_max);
@@ -237,17 +237,17 @@ std::vector<at::Tensor> fused_logprobs_backward_cpu(const at::Tensor& hidden_in,
 
   const float inv_temperature = static_cast<float>(1.0 / temperature);
   const int64_t num_tiles = ceil_div(vocab, kVocabTile);
-  const int64_t slots = num_slots(num_tiles);
+  const int64_t workers = num_workers(num_tiles);
   const int64_t block_rows = std::min(kRowBlock, num_rows);
   const int64_t* target_ptr = targets.data_ptr<int64_t>();
 
   // Per worker: the recomputed logits tile (turned into dL/dz in place), the probabilities (only
   // with an entropy gradient), a converted weight tile, and its share of the block's grad_hidden.
   const int64_t tile_elems = block_rows * kVocabTile;
-  const at::Tensor logits_bufs = at::empty({slots, tile_elems}, fp32);
-  const at::Tensor prob_bufs = has_entropy_grad ? at::empty({slots, tile_elems}, fp32) : at::Tensor();
-  const at::Tensor weight_bufs = at::empty({slots, kVocabTile * width}, fp32);
-  at::Tensor hidden_partials = need_hidden ? at::empty({slots, block_rows, width}, fp32) : at::Tensor();
+  const at::Tensor logits_bufs = at::empty({workers, tile_elems}, fp32);
+  const at::Tensor prob_bufs = has_entropy_grad ? at::empty({workers, tile_elems}, fp32) : at::Tensor();
+  const at::Tensor weight_bufs = at::empty({workers, kVocabTile * width}, fp32);
+  at::Tensor hidden_partials = need_hidden ? at::empty({workers, block_rows, width}, fp32) : at::Tensor();
 
   for (int64_t row0 = 0; row0 < num_rows; row0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, num_rows - row0);
@@ -263,16 +263,16 @@ std::vector<at::Tensor> fused_logprobs_backward_cpu(const at::Tensor& hidden_in,
     }
     if (need_hidden) hidden_partials.zero_();
 
-    parallel_claim(num_tiles, slots, [&](int64_t tile, int64_t slot) {
+    parallel_claim(num_tiles, workers, [&](int64_t tile, int64_t worker) {
       const int64_t v0 = tile * kVocabTile;
       const int64_t count = std::min(kVocabTile, vocab - v0);
-      at::Tensor scratch = weight_bufs[slot];
-      at::Tensor grad_logits = as_matrix(logits_bufs[slot], rows, count);
+      at::Tensor scratch = weight_bufs[worker];
+      at::Tensor grad_logits = as_matrix(logits_bufs[worker], rows, count);
       const at::Tensor weight_tile = weight_tile_fp32(weight, v0, count, scratch);
       tile_logits(grad_logits, block, weight_tile, inv_temperature);
       // dL/dz = -p * (g_lp + g_ent * (z - mean_z)), plus g_lp at the target.
       if (has_entropy_grad) {
-        at::Tensor probs = as_matrix(prob_bufs[slot], rows, count);
+        at::Tensor probs = as_matrix(prob_bufs[worker], rows, count);
         at::sub_out(probs, grad_logits, block_lse);
         probs.exp_();
         grad_logits.sub_(block_mean).mul_(neg_grad_entropy).add_(neg_grad).mul_(probs);
@@ -285,7 +285,7 @@ std::vector<at::Tensor> fused_logprobs_backward_cpu(const at::Tensor& hidden_in,
         if (local >= 0 && local < count) grad_logit_ptr[r * count + local] += grad_ptr[r];
       }
       if (need_hidden) {
-        at::Tensor partial = hidden_partials[slot].narrow(0, 0, rows);
+        at::Tensor partial = hidden_partials[worker].narrow(0, 0, rows);
         partial.addmm_(grad_logits, weight_tile, 1.0, inv_temperature);
       }
       if (need_weight) {

@@ -66,8 +66,8 @@ std::vector<at::Tensor> pack_response_trees_cpu(
   TORCH_CHECK_VALUE(num_inserted.numel() == num_traces, "num_inserted must have ", num_traces,
                     " entries (one per trace), got ", num_inserted.numel());
 
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  const int64_t* seg = segment_offsets.data_ptr<int64_t>();
+  const int64_t* tokens_ptr = tokens.data_ptr<int64_t>();
+  const int64_t* segment_ptr = segment_offsets.data_ptr<int64_t>();
   const int64_t* cuts_all = cut_lens.data_ptr<int64_t>();
   const int64_t* ins = num_inserted.data_ptr<int64_t>();
   const int64_t num_segments = segment_offsets.numel() - 1;
@@ -83,8 +83,8 @@ std::vector<at::Tensor> pack_response_trees_cpu(
     const int64_t trace_segments = 2 + ins[n] + num_slots * num_summaries;
     TORCH_CHECK_VALUE(segment_base + trace_segments <= num_segments, "trace ", n,
                       ": segment_offsets has too few segments (", num_segments, ") for the traces");
-    const int64_t prompt_len = seg[segment_base + 1] - seg[segment_base];
-    const int64_t thinking_len = seg[segment_base + 2] - seg[segment_base + 1];
+    const int64_t prompt_len = segment_ptr[segment_base + 1] - segment_ptr[segment_base];
+    const int64_t thinking_len = segment_ptr[segment_base + 2] - segment_ptr[segment_base + 1];
     for (int64_t s = 0; s < num_slots; ++s) {
       TORCH_CHECK_VALUE(cuts[s] >= 0, "trace ", n, ": cut_lens[", s, "] = ", cuts[s], " is negative");
       TORCH_CHECK_VALUE(cuts[s] <= thinking_len, "trace ", n, ": cut_lens[", s, "] = ", cuts[s],
@@ -97,10 +97,10 @@ std::vector<at::Tensor> pack_response_trees_cpu(
                       " inserted delimiters, expected one per distinct cut (", distinct[num_slots - 1] + 1, ")");
     int64_t len = prompt_len + thinking_len;
     for (int64_t s = 0; s < num_slots; ++s) {
-      const int64_t inserted_len = seg[segment_base + 3 + distinct[s]] - seg[segment_base + 2 + distinct[s]];
+      const int64_t inserted_len = segment_ptr[segment_base + 3 + distinct[s]] - segment_ptr[segment_base + 2 + distinct[s]];
       for (int64_t a = 0; a < num_summaries; ++a) {
         const int64_t g = segment_base + 2 + ins[n] + s * num_summaries + a;
-        len += inserted_len + (seg[g + 1] - seg[g]);
+        len += inserted_len + (segment_ptr[g + 1] - segment_ptr[g]);
       }
     }
     row_len[n] = len;
@@ -108,30 +108,30 @@ std::vector<at::Tensor> pack_response_trees_cpu(
   }
   TORCH_CHECK_VALUE(segment_base == num_segments, "segment_offsets describes ", num_segments,
                     " segments but the traces use ", segment_base);
-  TORCH_CHECK_VALUE(tokens.numel() == (num_segments > 0 ? seg[num_segments] : 0), "tokens has ",
-                    tokens.numel(), " entries but segment_offsets ends at ", seg[num_segments]);
+  TORCH_CHECK_VALUE(tokens.numel() == (num_segments > 0 ? segment_ptr[num_segments] : 0), "tokens has ",
+                    tokens.numel(), " entries but segment_offsets ends at ", segment_ptr[num_segments]);
   if (tokens.numel() > 0) {
     const int64_t min_id = tokens.min().item<int64_t>();
     if (min_id < 0) {
-      const int64_t* first = tok;
+      const int64_t* first = tokens_ptr;
       while (*first >= 0) ++first;
-      const int64_t flat = first - tok;
+      const int64_t flat = first - tokens_ptr;
       int64_t bad_trace = 0;
       for (int64_t n = 0; n < num_traces; ++n) {
-        if (seg[views[n].segment_base] <= flat) bad_trace = n;
+        if (segment_ptr[views[n].segment_base] <= flat) bad_trace = n;
       }
       TORCH_CHECK_VALUE(false, "trace ", bad_trace, ": token id ", *first, " is negative");
     }
   }
 
   auto cu_seqlens = at::empty({num_traces + 1}, at::kInt);
-  int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  int32_t* row_offsets = cu_seqlens.data_ptr<int32_t>();
   int64_t total = 0;
-  cu[0] = 0;
+  row_offsets[0] = 0;
   for (int64_t n = 0; n < num_traces; ++n) {
     total += row_len[n];
     TORCH_CHECK_VALUE(total < INT32_MAX, "packed batch exceeds 2^31 tokens");
-    cu[n + 1] = static_cast<int32_t>(total);
+    row_offsets[n + 1] = static_cast<int32_t>(total);
   }
 
   at::Tensor input_ids = empty_huge({total}, at::kLong);
@@ -145,14 +145,14 @@ std::vector<at::Tensor> pack_response_trees_cpu(
   at::Tensor branch_start = empty_huge({total}, at::kInt);
 
   int64_t* out_ids = input_ids.data_ptr<int64_t>();
-  int64_t* out_pos = position_ids.data_ptr<int64_t>();
-  int64_t* out_lab = labels.data_ptr<int64_t>();
+  int64_t* out_positions = position_ids.data_ptr<int64_t>();
+  int64_t* out_labels = labels.data_ptr<int64_t>();
   int32_t* out_seq = seq_ids.data_ptr<int32_t>();
   int8_t* out_kind = token_kind.data_ptr<int8_t>();
   int32_t* out_slot = slot.data_ptr<int32_t>();
-  int32_t* out_sidx = summary_index.data_ptr<int32_t>();
-  int32_t* out_pe = prefix_end.data_ptr<int32_t>();
-  int32_t* out_bs = branch_start.data_ptr<int32_t>();
+  int32_t* out_summary_index = summary_index.data_ptr<int32_t>();
+  int32_t* out_prefix_end = prefix_end.data_ptr<int32_t>();
+  int32_t* out_branch_start = branch_start.data_ptr<int32_t>();
 
   // ---- parallel fill, one trace per work item ----
   at::parallel_for(0, num_traces, 1, [&](int64_t begin, int64_t end) {
@@ -160,66 +160,66 @@ std::vector<at::Tensor> pack_response_trees_cpu(
     for (int64_t n = begin; n < end; ++n) {
       const int64_t* cuts = cuts_all + n * num_slots;
       distinct_cut_index(cuts, num_slots, distinct_local.data());
-      const int64_t g0 = views[n].segment_base;
-      const int64_t* prompt = tok + seg[g0];
-      const int64_t prompt_len = seg[g0 + 1] - seg[g0];
-      const int64_t* thinking = tok + seg[g0 + 1];
-      const int64_t thinking_len = seg[g0 + 2] - seg[g0 + 1];
-      const int32_t row_start = cu[n];
+      const int64_t prompt_segment = views[n].segment_base;
+      const int64_t* prompt = tokens_ptr + segment_ptr[prompt_segment];
+      const int64_t prompt_len = segment_ptr[prompt_segment + 1] - segment_ptr[prompt_segment];
+      const int64_t* thinking = tokens_ptr + segment_ptr[prompt_segment + 1];
+      const int64_t thinking_len = segment_ptr[prompt_segment + 2] - segment_ptr[prompt_segment + 1];
+      const int32_t row_start = row_offsets[n];
       int64_t t = row_start;
       // Trunk: prompt then thinking, plain causal attention within the row.
       const int64_t first_thinking_slot = thinking_len > 0 ? thinking_slot(cuts, num_slots, 0) : -1;
       for (int64_t j = 0; j < prompt_len; ++j, ++t) {
         out_ids[t] = prompt[j];
-        out_pos[t] = j;
-        out_lab[t] = (j == prompt_len - 1 && first_thinking_slot >= 0) ? thinking[0] : kIgnoreIndex;
+        out_positions[t] = j;
+        out_labels[t] = (j == prompt_len - 1 && first_thinking_slot >= 0) ? thinking[0] : kIgnoreIndex;
         out_seq[t] = static_cast<int32_t>(n);
         out_kind[t] = kPrompt;
         out_slot[t] = -1;
-        out_sidx[t] = -1;
-        out_pe[t] = row_start;
-        out_bs[t] = row_start;
+        out_summary_index[t] = -1;
+        out_prefix_end[t] = row_start;
+        out_branch_start[t] = row_start;
       }
-      int64_t s_cur = 0;  // segment slot advances monotonically along the thinking
+      int64_t segment_slot = 0;  // segment slot advances monotonically along the thinking
       for (int64_t j = 0; j < thinking_len; ++j, ++t) {
-        while (s_cur < num_slots && j >= cuts[s_cur]) ++s_cur;
-        const int64_t slot_j = s_cur < num_slots ? s_cur : -1;
+        while (segment_slot < num_slots && j >= cuts[segment_slot]) ++segment_slot;
+        const int64_t thinking_slot_j = segment_slot < num_slots ? segment_slot : -1;
         const bool next_trained = j + 1 < thinking_len && (j + 1) < cuts[num_slots - 1];
         out_ids[t] = thinking[j];
-        out_pos[t] = prompt_len + j;
-        out_lab[t] = next_trained ? thinking[j + 1] : kIgnoreIndex;
+        out_positions[t] = prompt_len + j;
+        out_labels[t] = next_trained ? thinking[j + 1] : kIgnoreIndex;
         out_seq[t] = static_cast<int32_t>(n);
         out_kind[t] = kThinking;
-        out_slot[t] = static_cast<int32_t>(slot_j);
-        out_sidx[t] = -1;
-        out_pe[t] = row_start;
-        out_bs[t] = row_start;
+        out_slot[t] = static_cast<int32_t>(thinking_slot_j);
+        out_summary_index[t] = -1;
+        out_prefix_end[t] = row_start;
+        out_branch_start[t] = row_start;
       }
       // Branches: inserted delimiter of the slot's distinct cut, then the summary.
       for (int64_t s = 0; s < num_slots; ++s) {
-        const int64_t gi = g0 + 2 + distinct_local[s];
-        const int64_t* inserted = tok + seg[gi];
-        const int64_t inserted_len = seg[gi + 1] - seg[gi];
+        const int64_t inserted_segment = prompt_segment + 2 + distinct_local[s];
+        const int64_t* inserted = tokens_ptr + segment_ptr[inserted_segment];
+        const int64_t inserted_len = segment_ptr[inserted_segment + 1] - segment_ptr[inserted_segment];
         const int64_t visible_end = row_start + prompt_len + cuts[s];
         for (int64_t a = 0; a < num_summaries; ++a) {
-          const int64_t gs = g0 + 2 + views[n].num_inserted + s * num_summaries + a;
-          const int64_t* summary = tok + seg[gs];
-          const int64_t summary_len = seg[gs + 1] - seg[gs];
+          const int64_t summary_segment = prompt_segment + 2 + views[n].num_inserted + s * num_summaries + a;
+          const int64_t* summary = tokens_ptr + segment_ptr[summary_segment];
+          const int64_t summary_len = segment_ptr[summary_segment + 1] - segment_ptr[summary_segment];
           const int64_t branch_begin = t;
           const int64_t branch_len = inserted_len + summary_len;
           for (int64_t i = 0; i < branch_len; ++i, ++t) {
             const bool is_inserted = i < inserted_len;
             out_ids[t] = is_inserted ? inserted[i] : summary[i - inserted_len];
-            out_pos[t] = prompt_len + cuts[s] + i;
+            out_positions[t] = prompt_len + cuts[s] + i;
             // Only summary tokens are trained targets: the label of position i is the next
             // branch token when that token is a summary token.
-            out_lab[t] = (i + 1 < branch_len && i + 1 >= inserted_len) ? summary[i + 1 - inserted_len] : kIgnoreIndex;
+            out_labels[t] = (i + 1 < branch_len && i + 1 >= inserted_len) ? summary[i + 1 - inserted_len] : kIgnoreIndex;
             out_seq[t] = static_cast<int32_t>(n);
             out_kind[t] = is_inserted ? kInserted : kSummary;
             out_slot[t] = static_cast<int32_t>(s);
-            out_sidx[t] = static_cast<int32_t>(a);
-            out_pe[t] = static_cast<int32_t>(visible_end);
-            out_bs[t] = static_cast<int32_t>(branch_begin);
+            out_summary_index[t] = static_cast<int32_t>(a);
+            out_prefix_end[t] = static_cast<int32_t>(visible_end);
+            out_branch_start[t] = static_cast<int32_t>(branch_begin);
           }
         }
       }

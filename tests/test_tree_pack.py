@@ -12,20 +12,11 @@ from anytime_kernels import (
     tree_mask_mod,
 )
 from anytime_kernels.attention import dense_tree_mask
+from anytime_kernels.constants import PACKED_FIELDS
 
 BACKENDS = ("cpp", "reference")
 FIELDS = (
-    "input_ids",
-    "position_ids",
-    "labels",
-    "loss_mask",
-    "cu_seqlens",
-    "seq_ids",
-    "token_kind",
-    "slot",
-    "summary_index",
-    "prefix_end",
-    "branch_start",
+    *PACKED_FIELDS,
     "cut_lens",
     "prompt_lens",
     "thinking_lens",

@@ -51,6 +51,28 @@ class _Prefilled:
     cached: int
 
 
+class _DecodeRows:
+    """The sampled rows of one decode batch: request ``i`` owns ``n_i`` consecutive rows."""
+
+    def __init__(self, batch: list[GenerationRequest]) -> None:
+        self.batch = batch
+        self.request_of = [i for i, request in enumerate(batch) for _ in range(request.n)]
+        self.input_lens = [len(batch[i].input_ids) for i in self.request_of]
+        self.count = len(self.request_of)
+        self.outputs: list[list[int]] = [[] for _ in range(self.count)]
+        self.reasons: list[str | None] = [None] * self.count
+
+    def request(self, row: int) -> GenerationRequest:
+        return self.batch[self.request_of[row]]
+
+    def per_request(self) -> list[tuple[list[list[int]], list[str]]]:
+        grouped: list[tuple[list[list[int]], list[str]]] = [([], []) for _ in self.batch]
+        for row, i in enumerate(self.request_of):
+            grouped[i][0].append(self.outputs[row])
+            grouped[i][1].append(self.reasons[row])
+        return grouped
+
+
 class _PreallocatedLayer(DynamicLayer):
     """A cache layer that writes into a buffer sized for the whole decode.
 
@@ -208,68 +230,76 @@ class EmbeddedEngine(RolloutEngine):
     def _decode(
         self, batch: list[GenerationRequest], prefilled: list[_Prefilled]
     ) -> list[tuple[list[list[int]], list[str]]]:
-        row_request = [i for i, request in enumerate(batch) for _ in range(request.n)]
-        input_lens = [len(batch[i].input_ids) for i in row_request]
-        width = max(input_lens)
-        num_rows = len(row_request)
-        layers = []
-        for layer in range(len(prefilled[0].keys)):
-            heads, _, head_dim = prefilled[0].keys[layer].shape
-            keys = prefilled[0].keys[layer].new_zeros(num_rows, heads, width, head_dim)
-            values = torch.zeros_like(keys)
-            for row, i in enumerate(row_request):
-                keys[row, :, width - input_lens[row] :] = prefilled[i].keys[layer]
-                values[row, :, width - input_lens[row] :] = prefilled[i].values[layer]
-            layers.append((keys, values))
-        capacity = width + max(request.max_new_tokens for request in batch)
-        cache = DynamicCache()
-        cache.layers = [_PreallocatedLayer(keys, values, capacity) for keys, values in layers]
-        del layers
-        mask = torch.zeros(num_rows, width, dtype=torch.long, device=self.device)
-        for row, length in enumerate(input_lens):
-            mask[row, width - length :] = 1
-        logits = torch.stack([prefilled[i].logits for i in row_request])
-
-        outputs: list[list[int]] = [[] for _ in range(num_rows)]
-        reasons: list[str | None] = [None] * num_rows
-        present = list(range(num_rows))  # batch position -> row; finished rows leave in bulk
+        """Sample every row of the batch to a stop token or its cap; outputs regrouped per request."""
+        rows = _DecodeRows(batch)
+        cache, mask = self._stack_caches(rows, prefilled)
+        logits = torch.stack([prefilled[i].logits for i in rows.request_of])
+        present = list(range(rows.count))  # batch position -> row; finished rows leave in bulk
         while True:
             tokens = self._sample(
-                logits, [batch[row_request[row]] for row in present], [len(outputs[r]) for r in present]
+                logits, [rows.request(row) for row in present], [len(rows.outputs[row]) for row in present]
             )
-            for position, (row, token) in enumerate(zip(present, tokens.tolist(), strict=True)):
-                if reasons[row] is not None:
-                    continue
-                request = batch[row_request[row]]
-                outputs[row].append(token)
-                if token in request.stop_token_ids:
-                    reasons[row] = "stop"
-                elif len(outputs[row]) >= request.max_new_tokens:
-                    reasons[row] = "length"
-                else:
-                    continue
-                if request.cache_output and self.prefix_sharing:
-                    self._store(cache, position, mask, request.input_ids, outputs[row])
-            keep = [position for position, row in enumerate(present) if reasons[row] is None]
+            self._append_tokens(rows, present, tokens.tolist(), cache, mask)
+            keep = [position for position, row in enumerate(present) if rows.reasons[row] is None]
             if not keep:
                 break
-            # Compacting copies the cache (reads and writes it: about two decode steps of cache
-            # reads); finished rows left in would cost up to ``finished * steps_left`` row-steps.
-            steps_left = max(batch[row_request[row]].max_new_tokens - len(outputs[row]) for row in present)
-            if (len(present) - len(keep)) * steps_left >= 2 * len(present):
+            if self._worth_compacting(rows, present, keep):
                 mask = self._select_rows(cache, mask, keep)
                 tokens = tokens[keep]
                 present = [present[p] for p in keep]
             mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
             positions = torch.tensor(
-                [[input_lens[row] + len(outputs[row]) - 1] for row in present], dtype=torch.long, device=self.device
+                [[rows.input_lens[row] + len(rows.outputs[row]) - 1] for row in present],
+                dtype=torch.long,
+                device=self.device,
             )
             logits = self._forward(tokens[:, None], positions, cache, attention_mask=mask)
-        per_request: list[tuple[list[list[int]], list[str]]] = [([], []) for _ in batch]
-        for row, i in enumerate(row_request):
-            per_request[i][0].append(outputs[row])
-            per_request[i][1].append(reasons[row])
-        return per_request
+        return rows.per_request()
+
+    def _stack_caches(self, rows: _DecodeRows, prefilled: list[_Prefilled]) -> tuple[DynamicCache, torch.Tensor]:
+        """One left-padded cache of all rows (each request's prefill repeated for its n samples),
+        preallocated for the longest decode, and its attention mask ``[rows, width]``."""
+        width = max(rows.input_lens)
+        layers = []
+        for layer in range(len(prefilled[0].keys)):
+            heads, _, head_dim = prefilled[0].keys[layer].shape
+            keys = prefilled[0].keys[layer].new_zeros(rows.count, heads, width, head_dim)
+            values = torch.zeros_like(keys)
+            for row, i in enumerate(rows.request_of):
+                keys[row, :, width - rows.input_lens[row] :] = prefilled[i].keys[layer]
+                values[row, :, width - rows.input_lens[row] :] = prefilled[i].values[layer]
+            layers.append((keys, values))
+        capacity = width + max(request.max_new_tokens for request in rows.batch)
+        cache = DynamicCache()
+        cache.layers = [_PreallocatedLayer(keys, values, capacity) for keys, values in layers]
+        mask = torch.zeros(rows.count, width, dtype=torch.long, device=self.device)
+        for row, length in enumerate(rows.input_lens):
+            mask[row, width - length :] = 1
+        return cache, mask
+
+    def _append_tokens(self, rows: _DecodeRows, present: list[int], tokens: list[int], cache, mask) -> None:
+        """Append each unfinished row's token; a row that stops (stop token or cap) is finished and,
+        for a request with ``cache_output``, stored in the prefix index."""
+        for position, (row, token) in enumerate(zip(present, tokens, strict=True)):
+            if rows.reasons[row] is not None:
+                continue
+            request = rows.request(row)
+            rows.outputs[row].append(token)
+            if token in request.stop_token_ids:
+                rows.reasons[row] = "stop"
+            elif len(rows.outputs[row]) >= request.max_new_tokens:
+                rows.reasons[row] = "length"
+            else:
+                continue
+            if request.cache_output and self.prefix_sharing:
+                self._store(cache, position, mask, request.input_ids, rows.outputs[row])
+
+    @staticmethod
+    def _worth_compacting(rows: _DecodeRows, present: list[int], keep: list[int]) -> bool:
+        """Compacting copies the cache (reads and writes it: about two decode steps of cache reads);
+        finished rows left in would cost up to ``finished * steps_left`` row-steps."""
+        steps_left = max(rows.request(row).max_new_tokens - len(rows.outputs[row]) for row in present)
+        return (len(present) - len(keep)) * steps_left >= 2 * len(present)
 
     def _store(self, cache: DynamicCache, position: int, mask: torch.Tensor, input_ids, output_ids) -> None:
         """Keep a finished row's keys/values for ``input + output[:-1]`` (the last token has none)."""
