@@ -105,6 +105,18 @@ def test_cpu_op_several_row_blocks():
     check_against_reference("cpp", make_case(num_hidden=600, width=8, vocab=100), dtype=torch.float16)
 
 
+def test_cpp_op_many_vocab_tiles_per_worker():
+    """One thread: a single worker merges every vocabulary tile (20000 / 256 = 79) into its online
+    log-sum-exp, so each merge must rescale the running sums by the tile's new maximum."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        case = make_case(num_hidden=24, width=16, vocab=20000, num_targets=30, repeated_rows=True, ignore=(4,))
+        check_against_reference("cpp", case, temperature=0.9)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_triton_several_vocab_chunks(monkeypatch):
     """Chunk the vocabulary (last chunk ragged) by shrinking the chunk budget."""
     monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 30 * 8 * 64)

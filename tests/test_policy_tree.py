@@ -46,19 +46,20 @@ def random_rollouts(seed: int, num_traces: int = 3, num_slots: int = 3, num_summ
     return prompts, thinking, cuts, inserted, summaries
 
 
-def reference_logprobs(model, rollouts, layout) -> torch.Tensor:
-    """Per-target log-probs from ordinary per-branch and per-trace sequences, in layout order."""
+def reference_logprobs(model, rollouts, layout, temperature: float = 1.0):
+    """Per-target log-probs (and entropies) at ``temperature`` from ordinary per-branch and per-trace
+    sequences through the model's own attention, in layout order."""
     prompts, thinking, cuts, inserted, summaries = rollouts
     cache: dict[tuple, torch.Tensor] = {}
 
     def sequence_logprobs(key, ids):
         if key not in cache:
             logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-            cache[key] = torch.log_softmax(logits, -1)
+            cache[key] = torch.log_softmax(logits / temperature, -1)
         return cache[key]
 
     positions = layout.loss_mask.nonzero().flatten()
-    values = []
+    values, entropies = [], []
     for t in positions.tolist():
         n, s, a = int(layout.seq_ids[t]), int(layout.slot[t]), int(layout.summary_index[t])
         position, target = int(layout.position_ids[t]), int(layout.labels[t])
@@ -72,7 +73,8 @@ def reference_logprobs(model, rollouts, layout) -> torch.Tensor:
             table = sequence_logprobs((n, s, a), ids)
         assert ids[position + 1] == target
         values.append(table[position, target])
-    return positions, torch.stack(values)
+        entropies.append(-(table[position].exp() * table[position]).sum())
+    return positions, torch.stack(values), torch.stack(entropies)
 
 
 def grads_of(model, loss):
@@ -91,7 +93,7 @@ def test_tree_logprobs_and_gradients_equal_per_branch_forwards(family, backend):
     policy = TreePolicy(tree_model, attention_backend=backend, micro_batch_tokens=10_000)
 
     got = policy.forward(layout)
-    positions, expected = reference_logprobs(reference_model, rollouts, layout)
+    positions, expected, _ = reference_logprobs(reference_model, rollouts, layout)
     assert torch.equal(got.positions, positions)
     torch.testing.assert_close(got.logprobs, expected, rtol=1e-5, atol=1e-5)
 
@@ -101,6 +103,35 @@ def test_tree_logprobs_and_gradients_equal_per_branch_forwards(family, backend):
     assert tree_grads.keys() == reference_grads.keys()
     for name in reference_grads:
         torch.testing.assert_close(tree_grads[name], reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_temperature_entropy_and_micro_batches_equal_per_branch_forwards():
+    rollouts = random_rollouts(seed=9, num_traces=4)
+    layout = pack_response_trees(*rollouts)
+    reference_model = tiny_model("qwen2")
+    tree_model = copy.deepcopy(reference_model)
+    policy = TreePolicy(tree_model, attention_backend="sdpa", micro_batch_tokens=1)  # a tree per micro-batch
+    assert len(policy.micro_batches(layout)) == 4
+    got = policy.forward(layout, temperature=0.7, return_entropy=True)
+    positions, expected, entropy = reference_logprobs(reference_model, rollouts, layout, temperature=0.7)
+    assert torch.equal(got.positions, positions)
+    torch.testing.assert_close(got.logprobs, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.entropy, entropy, rtol=1e-5, atol=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    weights, entropy_weights = (
+        torch.randn(positions.numel(), generator=generator),
+        torch.randn(positions.numel(), generator=generator),
+    )
+    tree_grads = grads_of(tree_model, (got.logprobs * weights + got.entropy * entropy_weights).sum())
+    reference_grads = grads_of(reference_model, (expected * weights + entropy * entropy_weights).sum())
+    for name in reference_grads:
+        torch.testing.assert_close(tree_grads[name], reference_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
 
 
 def test_micro_batching_packs_whole_trees_without_leaking_between_them():
@@ -160,9 +191,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     checkpointed = TreePolicy(copy.deepcopy(model), attention_backend="sdpa", gradient_checkpointing=True)
     checkpointed.model.train()
     plain.model.train()
+    calls = [count_calls(p.model.model.layers[0].mlp) for p in (plain, checkpointed)]
     grads = [grads_of(p.model, p.forward(layout).logprobs.sum()) for p in (plain, checkpointed)]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    # One micro-batch: the checkpointed layer runs again during backward.
+    assert calls[0][0] == 1 and calls[1][0] == 2
 
 
 def test_bf16_autocast_is_close_to_fp32():
@@ -170,8 +204,12 @@ def test_bf16_autocast_is_close_to_fp32():
     model = tiny_model("qwen2")
     fp32 = TreePolicy(copy.deepcopy(model), attention_backend="sdpa")
     bf16 = TreePolicy(copy.deepcopy(model), attention_backend="sdpa", autocast_dtype=torch.bfloat16)
+    dtypes = []
+    for policy in (fp32, bf16):
+        policy.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     with torch.no_grad():
         full, half = fp32.forward(layout, return_entropy=True), bf16.forward(layout, return_entropy=True)
+    assert dtypes == [torch.float32, torch.bfloat16]  # the autocast really runs the layers in bf16
     assert half.logprobs.dtype == torch.float32
     torch.testing.assert_close(half.logprobs, full.logprobs, rtol=0.05, atol=0.05)
     torch.testing.assert_close(half.entropy, full.entropy, rtol=0.05, atol=0.05)

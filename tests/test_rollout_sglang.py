@@ -115,12 +115,14 @@ def test_transient_faults_are_retried_and_nothing_is_lost_or_duplicated(policy, 
 
 def test_a_hung_request_times_out_and_is_retried(policy, server):
     _, tokenizer = policy
-    server.hang_seconds = 1.5
+    server.hang_seconds = 3.0
     server.inject_faults(["hang"])
     remote = client(server.url, tokenizer, timeout_s=0.5)
     start = time.perf_counter()
     out = remote.think([[8, 9]], 2, 3, GREEDY)
-    assert out.num_traces == 2 and time.perf_counter() - start >= 0.5
+    elapsed = time.perf_counter() - start
+    # Abandoned at its 0.5 s timeout and retried: well before the hang would have ended.
+    assert out.num_traces == 2 and 0.5 <= elapsed < 2.0
 
 
 def test_persistent_faults_raise_a_clear_error(policy, server):

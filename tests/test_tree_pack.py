@@ -29,9 +29,12 @@ def random_batch(rng: random.Random, num_traces: int, num_slots: int, num_summar
     """Ragged rollouts; some traces end before the later budgets (shared distinct cuts)."""
     b_max = rng.randint(1, 24)
     budgets = [max(1, b_max * (s + 1) // num_slots) for s in range(num_slots)]
+    if rng.random() < 0.3:
+        budgets[0] = 0  # a cut of 0: the summary reads the prompt alone
     prompts, thinking, cuts, inserted, summaries = [], [], [], [], []
     for _ in range(num_traces):
-        length = rng.randint(0, b_max)
+        # Past b_max now and then: thinking beyond the last cut (ingested traces), never trained.
+        length = rng.randint(0, b_max + 6)
         trace_cuts = [min(b, length) for b in budgets]
         prompts.append([rng.randrange(1000) for _ in range(rng.randint(1, 6))])
         thinking.append([rng.randrange(1000) for _ in range(length)])
@@ -113,6 +116,16 @@ def test_cpp_matches_python_reference_on_random_batches(num_traces, num_slots, n
         assert_layouts_equal(
             pack_response_trees(*batch, backend="cpp"), pack_response_trees(*batch, backend="reference")
         )
+
+
+def test_random_batches_cover_the_edge_cases():
+    """The random batches above include thinking beyond the last cut and a cut of 0 with thinking."""
+    beyond = zero_cut = 0
+    for seed in range(8):
+        _, thinking, cuts, _, _ = random_batch(random.Random(seed), 6, 4, 3)
+        beyond += sum(len(z) > c[-1] for z, c in zip(thinking, cuts, strict=True))
+        zero_cut += sum(c[0] == 0 and len(z) > 0 for z, c in zip(thinking, cuts, strict=True))
+    assert beyond >= 5 and zero_cut >= 5
 
 
 def test_tensor_inputs_match_list_inputs():

@@ -90,7 +90,10 @@ class GenerationOutput:
     ``finish_reasons[i]`` is ``"stop"`` (a stop token, kept as the last output id) or ``"length"``;
     ``cached_tokens[i]`` is ``meta_info.cached_tokens``, the prompt tokens served from cache.
     ``prefilled_tokens`` is the number of prompt tokens the engine actually computed for the
-    request (its n samples share one prefill).
+    request (its n samples share one prefill). ``output_logprobs[i][j]``, where the engine reports
+    them, is the log-probability of ``output_ids[i][j]`` under the model's distribution at the
+    request's temperature (``log_softmax(logits / T)``; T = 1 for greedy), before top-p and
+    ``min_new_tokens`` masking: what the learner's ``TreePolicy.logprobs`` computes for that token.
     """
 
     output_ids: list[list[int]]
@@ -98,6 +101,7 @@ class GenerationOutput:
     prompt_tokens: int
     cached_tokens: list[int]
     prefilled_tokens: int
+    output_logprobs: list[list[float]] | None = None
 
 
 @dataclass

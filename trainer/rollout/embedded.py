@@ -60,16 +60,18 @@ class _DecodeRows:
         self.input_lens = [len(batch[i].input_ids) for i in self.request_of]
         self.count = len(self.request_of)
         self.outputs: list[list[int]] = [[] for _ in range(self.count)]
+        self.logprobs: list[list[float]] = [[] for _ in range(self.count)]
         self.reasons: list[str | None] = [None] * self.count
 
     def request(self, row: int) -> GenerationRequest:
         return self.batch[self.request_of[row]]
 
-    def per_request(self) -> list[tuple[list[list[int]], list[str]]]:
-        grouped: list[tuple[list[list[int]], list[str]]] = [([], []) for _ in self.batch]
+    def per_request(self) -> list[tuple[list[list[int]], list[str], list[list[float]]]]:
+        grouped: list[tuple[list[list[int]], list[str], list[list[float]]]] = [([], [], []) for _ in self.batch]
         for row, i in enumerate(self.request_of):
             grouped[i][0].append(self.outputs[row])
             grouped[i][1].append(self.reasons[row])
+            grouped[i][2].append(self.logprobs[row])
         return grouped
 
 
@@ -185,9 +187,10 @@ class EmbeddedEngine(RolloutEngine):
         batch = [requests[i] for i in chunk]
         prefilled = [self._prefill(request) for request in batch]
         samples = self._decode(batch, prefilled)
-        for i, request, pre, (ids, reasons) in zip(chunk, batch, prefilled, samples, strict=True):
+        for i, request, pre, (ids, reasons, logprobs) in zip(chunk, batch, prefilled, samples, strict=True):
             outputs[i] = GenerationOutput(
                 output_ids=ids,
+                output_logprobs=logprobs,
                 finish_reasons=reasons,
                 prompt_tokens=len(request.input_ids),
                 cached_tokens=[pre.cached] * request.n,
@@ -203,7 +206,8 @@ class EmbeddedEngine(RolloutEngine):
             logits_to_keep=1,
             **{self._cache_argument: cache},
         )
-        return out.logits[:, -1].float()
+        logits = out.logits[:, -1]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays
 
     def _prefill(self, request: GenerationRequest) -> _Prefilled:
         ids = request.input_ids
@@ -229,17 +233,17 @@ class EmbeddedEngine(RolloutEngine):
 
     def _decode(
         self, batch: list[GenerationRequest], prefilled: list[_Prefilled]
-    ) -> list[tuple[list[list[int]], list[str]]]:
-        """Sample every row of the batch to a stop token or its cap; outputs regrouped per request."""
+    ) -> list[tuple[list[list[int]], list[str], list[list[float]]]]:
+        """Sample every row of the batch to a stop token or its cap; (ids, reasons, log-probs) per request."""
         rows = _DecodeRows(batch)
         cache, mask = self._stack_caches(rows, prefilled)
         logits = torch.stack([prefilled[i].logits for i in rows.request_of])
         present = list(range(rows.count))  # batch position -> row; finished rows leave in bulk
         while True:
-            tokens = self._sample(
+            tokens, logprobs = self._sample(
                 logits, [rows.request(row) for row in present], [len(rows.outputs[row]) for row in present]
             )
-            self._append_tokens(rows, present, tokens.tolist(), cache, mask)
+            self._append_tokens(rows, present, tokens.tolist(), logprobs.tolist(), cache, mask)
             keep = [position for position, row in enumerate(present) if rows.reasons[row] is None]
             if not keep:
                 break
@@ -277,14 +281,17 @@ class EmbeddedEngine(RolloutEngine):
             mask[row, width - length :] = 1
         return cache, mask
 
-    def _append_tokens(self, rows: _DecodeRows, present: list[int], tokens: list[int], cache, mask) -> None:
+    def _append_tokens(
+        self, rows: _DecodeRows, present: list[int], tokens: list[int], logprobs: list[float], cache, mask
+    ) -> None:
         """Append each unfinished row's token; a row that stops (stop token or cap) is finished and,
         for a request with ``cache_output``, stored in the prefix index."""
-        for position, (row, token) in enumerate(zip(present, tokens, strict=True)):
+        for position, (row, token, logprob) in enumerate(zip(present, tokens, logprobs, strict=True)):
             if rows.reasons[row] is not None:
                 continue
             request = rows.request(row)
             rows.outputs[row].append(token)
+            rows.logprobs[row].append(logprob)
             if token in request.stop_token_ids:
                 rows.reasons[row] = "stop"
             elif len(rows.outputs[row]) >= request.max_new_tokens:
@@ -321,13 +328,25 @@ class EmbeddedEngine(RolloutEngine):
             layer.select(index, first)
         return mask[:, first:]
 
-    def _sample(self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int]) -> torch.Tensor:
-        """Next token ``[B]`` from ``logits [B, V]`` under each row's sampling settings."""
+    def _sample(
+        self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token ``[B]`` from ``logits [B, V]`` under each row's sampling settings, and its
+        log-probability ``[B]`` under ``log_softmax(logits / T)`` (T = 1 for greedy rows)."""
+        temperatures = torch.tensor(
+            [r.sampling.temperature for r in requests], device=logits.device, dtype=logits.dtype
+        )
+        scaled = torch.log_softmax(logits / torch.where(temperatures > 0, temperatures, 1.0)[:, None], dim=-1)
+        tokens = self._choose(logits, requests, generated, temperatures)
+        return tokens, scaled.gather(-1, tokens[:, None])[:, 0]
+
+    def _choose(
+        self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int], temperatures: torch.Tensor
+    ) -> torch.Tensor:
         for row, (request, count) in enumerate(zip(requests, generated, strict=True)):
             if count < request.sampling.min_new_tokens:
                 logits[row, list(request.stop_token_ids)] = float("-inf")
         greedy = logits.argmax(dim=-1)
-        temperatures = torch.tensor([r.sampling.temperature for r in requests], device=logits.device)
         if bool((temperatures == 0).all()):
             return greedy
         probs = torch.softmax(logits / temperatures.clamp_min(1e-6)[:, None], dim=-1)
