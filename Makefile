@@ -9,7 +9,7 @@ OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install test train lint bench bench-quick wheel gpu-wheels clean
+.PHONY: install test train compare lint bench bench-quick wheel gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/anytime-train --config configs/tiny-cpu.yaml --out $(OUT)
+
+# AR (BRPO) vs GRPO from one SFT checkpoint, 3 seeds each (about 30 min on 2 cores; QUICK=1: under 10).
+compare: $(STAMP)
+	$(PY) benchmarks/bench_anytime_vs_grpo.py --out $(if $(OUT_COMPARE),$(OUT_COMPARE),bench_out) $(if $(QUICK),--quick,)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

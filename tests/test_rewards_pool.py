@@ -93,3 +93,31 @@ def test_argument_checks():
         GradingPool(double_or_fail, timeout_s=0)
     with pytest.raises(ValueError, match="must exceed timeout_s"):
         GradingPool(double_or_fail, timeout_s=2.0, hard_timeout_s=1.0)
+
+
+SCRIPT = """
+print("top-level ran")
+from trainer.rewards import math_reward
+scores, _ = math_reward(["x</think>\\n\\n**Final Answer**\\n\\\\boxed{\\\\frac{1}{2}}", "x</think>\\n\\n**Final Answer**\\n\\\\boxed{3}"],
+                        ["0.5", "4"])
+print("scores", scores)
+"""
+
+
+@pytest.mark.parametrize("how", ["script without a main guard", "python -c", "standard input"])
+def test_math_reward_works_from_quick_scripts(how, tmp_path):
+    """The workers never re-run the caller's main module (which would start pools of its own)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "quick.py"
+    path.write_text(SCRIPT)
+    command = {
+        "script without a main guard": ([sys.executable, str(path)], None),
+        "python -c": ([sys.executable, "-c", SCRIPT], None),
+        "standard input": ([sys.executable, "-"], SCRIPT),
+    }[how]
+    done = subprocess.run(command[0], input=command[1], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("top-level ran") == 1
+    assert "scores [1.0, 0.0]" in done.stdout

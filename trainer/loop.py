@@ -81,8 +81,12 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def run(self, max_steps: int | None = None) -> dict[str, EvalResult]:
-        """SFT warm-up, evaluation, RL steps (with periodic evaluation), final evaluation and report."""
+    def run(self, max_steps: int | None = None, *, evaluate_start: bool = True) -> dict[str, EvalResult]:
+        """SFT warm-up, evaluation, RL steps (with periodic evaluation), final evaluation and report.
+
+        ``evaluate_start=False`` skips the evaluation before RL when there is no SFT to evaluate
+        (e.g. several runs that start from one evaluated SFT checkpoint).
+        """
         c = self.config
         steps = c.train.steps if max_steps is None else min(max_steps, c.train.steps)
         sft_steps = c.sft.steps
@@ -95,7 +99,7 @@ class Trainer:
                 self._sft(sft_steps)
                 self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
                 evaluations["sft"] = self.evaluate("sft", step=0)
-            elif self.start_step == 0:
+            elif self.start_step == 0 and evaluate_start:
                 evaluations["start"] = self.evaluate("start", step=0)
             self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress)
             for step in range(self.start_step, steps):
@@ -207,6 +211,9 @@ class Trainer:
             "rollout/summary_tokens": sum(summaries) / max(len(summaries), 1),
             "rollout/closed_share": sum(f == "think_end" for f in traces.finish) / max(traces.num_traces, 1),
             "rollout/cache_hit_share": engine_stats.summarize.cache_hit_share,
+            "rollout/sampled_tokens": float(
+                engine_stats.think.generated_tokens + engine_stats.summarize.generated_tokens
+            ),
             "rollout/packed_tokens": float(batch.layout.num_tokens),
             **{
                 k.replace("reward/", "rollout/reward_"): v

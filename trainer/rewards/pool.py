@@ -13,6 +13,7 @@ Either way the answer scores 0 and is counted, and the other answers keep their 
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 import multiprocessing
 import os
@@ -101,9 +102,11 @@ class GradingPool:
         self._initializer = initializer
         self._preload = tuple(preload)
         self._pool: ProcessPool | None = None
+        self._restore_main: Callable[[], None] = _noop
 
     def _ensure_pool(self) -> ProcessPool:
         if self._pool is None or not self._pool.active:
+            self._restore_main = _keep_workers_from_rerunning_main(self.grade_fn)
             self._pool = ProcessPool(
                 max_workers=self.num_workers,
                 initializer=self._initializer,
@@ -151,12 +154,34 @@ class GradingPool:
             self._pool.stop()
             self._pool.join()
             self._pool = None
+            self._restore_main()
 
     def __enter__(self) -> GradingPool:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _keep_workers_from_rerunning_main(grade_fn: Callable[..., float]) -> Callable[[], None]:
+    """Stop every worker from re-running the caller's main script; returns the undo.
+
+    A spawned or fork-server child re-imports ``__main__`` from its file unless the module has a
+    spec named ``__main__``: a quick script without an ``if __name__ == "__main__":`` guard (or
+    code piped on standard input) would then run again in every worker, start pools of its own
+    and kill them ("All workers expired"). Grading functions live in importable modules, so the
+    workers need nothing from ``__main__``; a grading function defined in ``__main__`` itself keeps
+    the standard behaviour (and needs the guard).
+    """
+    main = sys.modules.get("__main__")
+    if main is None or getattr(grade_fn, "__module__", None) == "__main__" or getattr(main, "__spec__", None):
+        return _noop
+    main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+
+    def restore() -> None:
+        main.__spec__ = None
+
+    return restore
 
 
 def _worker_context(grade_fn: Callable[..., float], preload: Sequence[str]):
