@@ -1,8 +1,10 @@
 """Checkpoints in Hugging Face format: ``transformers``, SGLang and ``anytime-eval`` load them as they are.
 
 A checkpoint folder holds the model (``config.json`` + safetensors), the tokenizer, the run's
-config (``run_config.yaml``) and, for resuming, ``trainer_state.json`` and ``optimizer.pt``. It is
-written into a temporary folder and renamed into place, so a crash mid-save never leaves a torn one.
+config (``run_config.yaml``) and, for resuming, ``trainer_state.json`` (step, SFT flag, how many
+lines of ``metrics.jsonl`` it covers), ``optimizer.pt`` (optimizer and LR schedule) and
+``rng.pt`` (every random state of the run). It is written into ``<name>.partial`` and renamed into
+place, so a crash mid-save leaves only a ``.partial`` folder, which ``latest_checkpoint`` ignores.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def save_checkpoint(
     sft_done: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
+    rng_state: dict | None = None,
+    metrics_lines: int | None = None,
 ) -> Path:
     """Write the checkpoint atomically (temporary folder, then rename) and return its path."""
     path = Path(path)
@@ -42,12 +46,16 @@ def save_checkpoint(
         model.config._attn_implementation = implementation
     tokenizer.save_pretrained(partial)
     (partial / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (partial / "trainer_state.json").write_text(json.dumps({"step": step, "sft_done": sft_done}) + "\n")
+    if rng_state is not None:
+        torch.save(rng_state, partial / "rng.pt")
     if optimizer is not None:
         state = {"optimizer": optimizer.state_dict()}
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         torch.save(state, partial / "optimizer.pt")
+    # Written last: a folder with trainer_state.json is a complete checkpoint.
+    trainer_state = {"step": step, "sft_done": sft_done, "metrics_lines": metrics_lines}
+    (partial / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n")
     if path.exists():
         shutil.rmtree(path)
     partial.rename(path)
@@ -67,3 +75,44 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None = Non
         if scheduler is not None and "scheduler" in saved:
             scheduler.load_state_dict(saved["scheduler"])
     return state
+
+
+def load_rng_state(path: Path) -> dict | None:
+    """The random states saved with a checkpoint (None for one written without them)."""
+    rng_path = Path(path) / "rng.pt"
+    return torch.load(rng_path, weights_only=False) if rng_path.is_file() else None
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``checkpoints_dir`` (``.partial`` ones ignored)."""
+    best: tuple[int, float, Path] | None = None
+    if not Path(checkpoints_dir).is_dir():
+        return None
+    for folder in Path(checkpoints_dir).iterdir():
+        state = folder / "trainer_state.json"
+        if folder.name.endswith(".partial") or not state.is_file():
+            continue
+        try:
+            step = int(json.loads(state.read_text())["step"])
+        except (ValueError, KeyError, json.JSONDecodeError):
+            continue
+        key = (step, state.stat().st_mtime, folder)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` complete periodic checkpoints (``step<N>``); returns what went."""
+    periodic = sorted(
+        (
+            folder
+            for folder in Path(checkpoints_dir).glob("step*")
+            if folder.name[4:].isdigit() and (folder / "trainer_state.json").is_file()
+        ),
+        key=lambda folder: int(folder.name[4:]),
+    )
+    removed = periodic[: max(len(periodic) - keep, 0)]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed

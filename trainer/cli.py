@@ -23,7 +23,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<name>)")
     parser.add_argument("--max-steps", type=int, help="stop after N RL steps (the SFT warm-up shrinks in proportion)")
-    parser.add_argument("--resume", type=Path, help="checkpoint folder to resume from")
+    parser.add_argument("--resume", help="checkpoint folder to resume from, or 'auto' (the run folder's newest)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
     args = parser.parse_args(argv)
@@ -73,3 +73,7 @@ def bench_main(argv: Sequence[str] | None = None) -> None:
             failed.append(name)
     if failed:
         sys.exit(f"benchmarks failed: {failed}")
+
+
+if __name__ == "__main__":
+    train_main()

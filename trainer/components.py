@@ -18,7 +18,7 @@ import torch
 
 from trainer.budgets import BudgetSchedule, Delimiters
 from trainer.config import RunConfig
-from trainer.data import DataConfig, Prompt, load_prompts
+from trainer.data import DataConfig, DataError, Prompt, load_prompts
 from trainer.learner import Learner, make_optimizer
 from trainer.models import eos_token_ids, load_model, load_tokenizer
 from trainer.policy import TreePolicy
@@ -65,6 +65,7 @@ class RunParts:
     reward: object
     eos_token_ids: list[int]
     sampler: PromptSampler
+    data_counts: dict
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +76,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prompts(config: RunConfig, tokenizer, run_dir: Path) -> tuple[list[Prompt], list[Prompt]]:
+def prompt_limit(config: RunConfig, context: int, delimiters: Delimiters) -> int:
+    """The longest prompt that leaves room for b_max thinking tokens and one summary branch."""
+    if config.data.max_prompt_tokens is not None:
+        return config.data.max_prompt_tokens
+    branch = max(len(delimiters.truncated), len(delimiters.closed)) + config.rollout.summary_max_new_tokens
+    limit = context - config.method.b_max - branch
+    if limit < 1:
+        raise ValueError(
+            f"the model's context of {context} tokens holds no prompt next to method.b_max={config.method.b_max} and "
+            f"a summary branch of {branch} tokens; lower method.b_max or rollout.summary_max_new_tokens"
+        )
+    return limit
+
+
+def _prompts(
+    config: RunConfig, tokenizer, run_dir: Path, max_prompt_tokens: int
+) -> tuple[list[Prompt], list[Prompt], dict]:
+    """Training and evaluation prompts, and what was skipped (``data/...`` counts)."""
     d = config.data
     sources = {"train": d.source, "eval": d.eval_source}
     if d.source == "synthetic" or d.eval_source is None:
@@ -93,12 +111,25 @@ def _prompts(config: RunConfig, tokenizer, run_dir: Path) -> tuple[list[Prompt],
             sources["eval"] = str(save_rows(generate_rows(s.num_eval, seed=s.seed + 1, **options),
                                             run_dir / "data" / "eval.jsonl"))  # fmt: skip
     limits = {"train": d.limit, "eval": d.eval_limit}
-    sets = {
-        name: load_prompts(DataConfig(source=source, max_prompt_tokens=d.max_prompt_tokens, limit=limits[name]),
-                           tokenizer).prompts
-        for name, source in sources.items()
-    }  # fmt: skip
-    return sets["train"], sets["eval"]
+    sets, skipped = {}, {}
+    for name, source in sources.items():
+        loaded = load_prompts(
+            DataConfig(source=source, max_prompt_tokens=max_prompt_tokens, limit=limits[name],
+                       skip_bad_rows=d.skip_bad_rows),
+            tokenizer,
+        )  # fmt: skip
+        if loaded.too_long and not d.skip_long_prompts:
+            first = loaded.too_long[0]
+            raise DataError(
+                f"{first.source}: row {first.index} has a prompt longer than {max_prompt_tokens} tokens (and "
+                f"{loaded.num_too_long - 1} more); set data.skip_long_prompts=true to skip them, or raise "
+                "data.max_prompt_tokens"
+            )
+        sets[name] = loaded.prompts
+        skipped[f"data/{name}_too_long"] = float(loaded.num_too_long)
+        skipped[f"data/{name}_bad_rows"] = float(loaded.num_bad_rows)
+        skipped[f"data/{name}_prompts"] = float(len(loaded.prompts))
+    return sets["train"], sets["eval"], skipped
 
 
 def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path) -> RolloutEngine:
@@ -108,7 +139,10 @@ def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: P
     if r.engine == "sglang":
         from trainer.rollout import SGLangEngine
 
-        return SGLangEngine(r.urls, tokenizer, weights_dir=run_dir)
+        return SGLangEngine(
+            r.urls, tokenizer, weights_dir=run_dir, timeout_s=r.request_timeout_s, max_retries=r.max_retries,
+            backoff_s=r.retry_backoff_s,
+        )  # fmt: skip
     from trainer.rollout import SGLangInProcessEngine
 
     if config.model.path is None:
@@ -136,8 +170,10 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
             model_config, path=str(resume), tokenizer="model", config=None, gguf_file=None
         )
     tokenizer = load_tokenizer(model_config)
-    train_prompts, eval_prompts = _prompts(config, tokenizer, run_dir)
     model = load_model(model_config, tokenizer, device, seed=config.train.seed)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
+    limit = prompt_limit(config, context, Delimiters.from_tokenizer(tokenizer))
+    train_prompts, eval_prompts, data_counts = _prompts(config, tokenizer, run_dir, limit)
     rollout_model = copy.deepcopy(model).eval() if config.rollout.engine == "embedded" else model
     engine = make_engine(config, rollout_model, tokenizer, run_dir)
     autocast = model_config.autocast
@@ -163,6 +199,7 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         policy, optimizer, scheduler, config.loss,
         grad_clip=config.optim.grad_clip, norm_length=norm_length(config, engine.delimiters),
         temperature=config.rollout.temperature, reference=reference, seed=t.seed,
+        max_skipped_updates=t.max_skipped_updates,
     )  # fmt: skip
     m = config.method
     prior = m.prior if isinstance(m.prior, str) else tuple(m.prior)
@@ -178,4 +215,5 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         reward=get_reward(config.rollout.reward),
         eos_token_ids=eos_token_ids(model, tokenizer),
         sampler=PromptSampler(train_prompts, t.prompts_per_step, t.seed),
+        data_counts=data_counts,
     )

@@ -76,7 +76,11 @@ class SyntheticDataConfig:
 class DataConfig:
     source: str = _help("'synthetic', or a JSON/JSONL/parquet file, a datasets folder, or a hub name", "synthetic")
     eval_source: str | None = _help("held-out problems for evaluation (None: the synthetic held-out set)", None)
-    max_prompt_tokens: int | None = _help("drop longer prompts", None)
+    max_prompt_tokens: int | None = _help(
+        "longest prompt (None: the model's context minus b_max and one summary branch)", None
+    )
+    skip_long_prompts: bool = _help("skip (and count) longer prompts; false: stop, naming the first one", True)
+    skip_bad_rows: bool = _help("skip (and count) malformed rows; false: stop, naming the row", False)
     limit: int | None = _help("use the first N training problems", None)
     eval_limit: int | None = _help("use the first N evaluation problems", None)
     synthetic: SyntheticDataConfig = _help("the synthetic task's generator", factory=SyntheticDataConfig)
@@ -97,6 +101,9 @@ class MethodConfig:
 class RolloutConfig:
     engine: str = _help("embedded (in-process HF + KV forks), sglang (HTTP servers), sglang_inprocess", "embedded")
     urls: list[str] = _help("SGLang server URLs (engine sglang)", factory=list)
+    request_timeout_s: float = _help("engine sglang: read timeout of one request (a hung request is retried)", 3600.0)
+    max_retries: int = _help("engine sglang: retries of a failed request, with exponential backoff", 4)
+    retry_backoff_s: float = _help("engine sglang: first backoff between retries", 1.0)
     group_size: int = _help("G, thinking traces per prompt", 8)
     temperature: float = _help("sampling temperature of both phases", 1.0)
     top_p: float = _help("nucleus sampling threshold", 1.0)
@@ -143,6 +150,8 @@ class TrainConfig:
     seed: int = _help("seed of sampling, data order and initialisation", 0)
     device: str = _help("auto, cpu or cuda", "auto")
     save_every: int = _help("checkpoint every k steps (0: only at the end)", 0)
+    keep_checkpoints: int = _help("periodic checkpoints kept (the newest; sft and final are always kept)", 3)
+    max_skipped_updates: int = _help("stop the run after this many non-finite updates in a row", 10)
 
 
 @dataclass
@@ -364,6 +373,9 @@ def validate(config: RunConfig) -> None:
     _check(r.engine in ENGINES, "rollout.engine", r.engine, f"one of {ENGINES}")
     _check(r.engine != "sglang" or bool(r.urls), "rollout.urls", r.urls, "at least one URL for engine sglang")
     _check(r.group_size >= 1, "rollout.group_size", r.group_size, ">= 1")
+    _check(r.request_timeout_s > 0, "rollout.request_timeout_s", r.request_timeout_s, "> 0")
+    _check(r.max_retries >= 0 and r.retry_backoff_s >= 0, "rollout.max_retries", r.max_retries,
+           ">= 0 (and rollout.retry_backoff_s >= 0)")  # fmt: skip
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0 (RL samples)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
@@ -395,6 +407,8 @@ def validate(config: RunConfig) -> None:
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", t.ppo_epochs, ">= 1")
     _check(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", t.micro_batch_tokens, ">= 1")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _check(t.max_skipped_updates >= 1, "train.max_skipped_updates", t.max_skipped_updates, ">= 1")
     _check(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft", dataclasses.asdict(s),
            "steps >= 0, batch_size >= 1, lr > 0")  # fmt: skip
     _check(e.samples_per_problem >= 1, "eval.samples_per_problem", e.samples_per_problem, ">= 1")

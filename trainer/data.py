@@ -67,6 +67,7 @@ class PromptSet:
     prompts: list[Prompt]
     num_too_long: int = 0
     num_bad_rows: int = 0
+    too_long: list[Problem] = field(default_factory=list)
 
 
 @dataclass
@@ -268,17 +269,19 @@ def build_prompts(
     """Chat-formatted, tokenized prompts; those longer than ``max_prompt_tokens`` are dropped and counted."""
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
-    prompts, too_long = [], 0
+    prompts, too_long = [], []
     for problem in problems:
         text = format_prompt(problem.problem, tokenizer, instruction=instruction, thinking_opener=thinking_opener)
         token_ids = tuple(tokenizer.encode(text, add_special_tokens=False))
         if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
-            too_long += 1
+            too_long.append(problem)
             continue
         prompts.append(Prompt(text=text, token_ids=token_ids, problem=problem))
     if too_long:
-        logger.warning("dropped %d of %d prompts longer than %d tokens", too_long, len(problems), max_prompt_tokens)
-    return PromptSet(prompts=prompts, num_too_long=too_long)
+        logger.warning(
+            "dropped %d of %d prompts longer than %d tokens", len(too_long), len(problems), max_prompt_tokens
+        )
+    return PromptSet(prompts=prompts, num_too_long=len(too_long), too_long=too_long)
 
 
 def load_prompts(config: DataConfig, tokenizer) -> PromptSet:

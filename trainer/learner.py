@@ -7,6 +7,7 @@ micro-batch's activations are alive). A non-finite loss or gradient norm skips t
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import defaultdict
@@ -17,6 +18,8 @@ from trainer.batches import TrainBatch
 from trainer.config import LossConfig, OptimConfig
 from trainer.loss import policy_loss, token_weights
 from trainer.policy import TreePolicy
+
+logger = logging.getLogger(__name__)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
@@ -66,6 +69,7 @@ class Learner:
         temperature: float = 1.0,
         reference: TreePolicy | None = None,
         seed: int = 0,
+        max_skipped_updates: int = 10,
     ) -> None:
         if loss.kl_coef > 0 and reference is None:
             raise ValueError("loss.kl_coef > 0 needs a reference policy")
@@ -79,6 +83,8 @@ class Learner:
         self.reference = reference
         self.rng = random.Random(seed)
         self.skipped_updates = 0
+        self.skipped_in_a_row = 0
+        self.max_skipped_updates = max_skipped_updates
 
     @property
     def device(self) -> torch.device:
@@ -173,8 +179,17 @@ class Learner:
         loss_value, norm_value = float(total), float(grad_norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()
+            self.scheduler.step()
+            self.skipped_in_a_row = 0
         else:
             self.skipped_updates += 1
+            self.skipped_in_a_row += 1
+            logger.warning("skipped an update: loss %s, gradient norm %s", loss_value, norm_value)
+            if self.skipped_in_a_row >= self.max_skipped_updates:
+                raise FloatingPointError(
+                    f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient norm "
+                    f"(last: loss {loss_value}, gradient norm {norm_value}); stopping. Lower optim.lr, check the "
+                    "rewards and the data, or resume from the last checkpoint"
+                )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return loss_value, norm_value

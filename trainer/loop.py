@@ -10,13 +10,22 @@ evaluation, checkpoints and the report. Setup (models, data, engine) is in ``tra
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
+
+import torch
 
 from anytime_kernels import advantage_stats
 from trainer import components
 from trainer.batches import build_train_batch, score_rollouts
-from trainer.checkpoint import load_trainer_state, save_checkpoint
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_rng_state,
+    load_trainer_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from trainer.config import RunConfig, load_config
 from trainer.evaluate import EvalResult, evaluate, markdown_table, plot_curves
 from trainer.metrics import Display, MetricsLogger, PhaseTimer
@@ -30,15 +39,23 @@ class Trainer:
     """Owns the run: policy, learner, rollout engine, reward, data, metrics, run folder."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: str | Path | None = None) -> None:
+        """``resume``: a checkpoint folder, or ``"auto"`` for the newest complete checkpoint of
+        ``run_dir`` (a fresh start when there is none)."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume == "auto":
+            resume = latest_checkpoint(self.run_dir / "checkpoints")
+            logger.info("resume auto: %s", resume or "no complete checkpoint, starting fresh")
         self.parts = components.build(config, self.run_dir, resume=resume)
         self.start_step = 0
         self.sft_done = False
         if resume is not None:
             state = load_trainer_state(Path(resume), self.parts.learner.optimizer, self.parts.learner.scheduler)
             self.start_step, self.sft_done = state["step"], state.get("sft_done", True)
+            self._restore_random_states(load_rng_state(Path(resume)))
+            if Path(resume).parent == self.run_dir / "checkpoints":
+                _truncate_lines(self.run_dir / "metrics.jsonl", state.get("metrics_lines"))
         self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -48,6 +65,8 @@ class Trainer:
             config=config.to_dict(),
         )
         self.display: Display | None = None
+        if self.start_step == 0:
+            self.metrics.log(0, self.parts.data_counts)
 
     # -- one RL step ---------------------------------------------------------------------------
 
@@ -170,11 +189,40 @@ class Trainer:
         return result
 
     def save(self, name: str, step: int) -> Path:
+        """A complete resumable checkpoint; keeps the newest ``train.keep_checkpoints`` periodic ones."""
         p = self.parts
-        return save_checkpoint(
+        path = save_checkpoint(
             self.run_dir / "checkpoints" / name, p.policy.model, p.tokenizer, self.config,
             step=step, sft_done=self.sft_done, optimizer=p.learner.optimizer, scheduler=p.learner.scheduler,
+            rng_state=self._random_states(), metrics_lines=self.metrics.lines,
         )  # fmt: skip
+        prune_checkpoints(self.run_dir / "checkpoints", self.config.train.keep_checkpoints)
+        return path
+
+    def _random_states(self) -> dict:
+        states = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "learner": self.parts.learner.rng.getstate(),
+        }
+        generator = getattr(self.parts.engine, "_generator", None)
+        if generator is not None:
+            states["engine"] = generator.get_state()
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return states
+
+    def _restore_random_states(self, states: dict | None) -> None:
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        random.setstate(states["python"])
+        self.parts.learner.rng.setstate(states["learner"])
+        generator = getattr(self.parts.engine, "_generator", None)
+        if generator is not None and "engine" in states:
+            generator.set_state(states["engine"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:
         plot_curves(evaluations, self.run_dir / "budget_accuracy.png", title=f"{self.config.name}: accuracy vs budget")
@@ -225,6 +273,15 @@ class Trainer:
             for b, value in zip(p.schedule.budgets, ratios.tolist(), strict=True):
                 metrics[f"advantages/variance_ratio/{name}@{b}"] = value
         return metrics
+
+
+def _truncate_lines(path: Path, lines: int | None) -> None:
+    """Keep the first ``lines`` lines of ``path``: the metrics a resumed checkpoint covers (a crash
+    after the checkpoint would otherwise leave the steps it redoes twice)."""
+    if lines is None or not path.is_file():
+        return
+    kept = path.read_text().splitlines(keepends=True)[:lines]
+    path.write_text("".join(kept))
 
 
 def train(config: RunConfig, run_dir: str | Path, *, max_steps: int | None = None, resume=None):

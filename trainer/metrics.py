@@ -21,6 +21,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False, project: str = "", config=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lines = len(self.path.read_text(encoding="utf-8").splitlines()) if self.path.exists() else 0
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
         self._writer = None
         if tensorboard:
@@ -41,6 +42,7 @@ class MetricsLogger:
                                     for k, v in metrics.items()}}  # fmt: skip
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.lines += 1
         if self._writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):

@@ -1,0 +1,161 @@
+"""A long run survives being killed, and faults end a step cleanly: crash-safe resume, engine
+failures, non-finite updates, equal rewards, bad data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import TINY
+
+from anytime_kernels import brpo_advantages
+from trainer.checkpoint import latest_checkpoint, prune_checkpoints
+from trainer.components import PromptSampler
+from trainer.config import load_config
+from trainer.data import DataError
+from trainer.loop import Trainer
+from trainer.models import load_model
+from trainer.rollout import EmbeddedEngine, ProtocolServer, SGLangServerError
+
+RUN = [*TINY, "train.steps=5", "train.save_every=1", "logging.tensorboard=false"]
+
+
+def train_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", "--out", str(out), *RUN, *extra]
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if "train/loss" in line]
+
+
+def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run([*train_command(tmp_path / "whole")], check=True, env=env, capture_output=True, timeout=600)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        train_command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill it once step 2 is logged: in step 3 or writing step 2's checkpoint
+        if (interrupted / "metrics.jsonl").exists() and 2 in train_steps(interrupted):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 5 not in train_steps(interrupted), "the run finished before it could be killed"
+    # A checkpoint torn by a kill mid-write is only a .partial folder (the rename is the commit).
+    torn = interrupted / "checkpoints" / "step9.partial"
+    torn.mkdir(parents=True)
+    (torn / "model.safetensors").write_bytes(b"torn")
+    assert latest_checkpoint(interrupted / "checkpoints").name.startswith("step")
+
+    subprocess.run([*train_command(interrupted), "--resume", "auto"], check=True, env=env, capture_output=True,
+                   timeout=600)  # fmt: skip
+    assert train_steps(interrupted) == [1, 2, 3, 4, 5]  # every step logged exactly once
+    whole = load_file(tmp_path / "whole" / "checkpoints" / "final" / "model.safetensors")
+    resumed = load_file(interrupted / "checkpoints" / "final" / "model.safetensors")
+    for name, tensor in whole.items():
+        assert torch.equal(resumed[name], tensor), name
+    kept = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert kept == ["step3", "step4", "step5", "step9.partial"]  # train.keep_checkpoints=3
+
+
+def test_prompts_are_consumed_once_per_epoch():
+    prompts = list(range(10))
+    sampler = PromptSampler(prompts, per_step=4, seed=3)
+    drawn = [p for step in range(5) for p in sampler.batch(step)]  # two epochs of 10
+    assert sorted(drawn[:10]) == prompts and sorted(drawn[10:20]) == prompts
+    assert sampler.batch(3) == PromptSampler(prompts, per_step=4, seed=3).batch(3)  # a function of (seed, step)
+
+
+def test_latest_checkpoint_and_pruning(tmp_path):
+    for step in (1, 2, 3, 4):
+        folder = tmp_path / f"step{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "step7").mkdir()  # no trainer_state.json: incomplete
+    assert latest_checkpoint(tmp_path) == tmp_path / "step4"
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step1", "step2"]
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(None, [*TINY, "train.max_skipped_updates=3"]), tmp_path)
+    learner = trainer.parts.learner
+    before = {n: p.detach().clone() for n, p in trainer.parts.policy.model.named_parameters()}
+    import trainer.learner as learner_module
+
+    real = learner_module.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(learner_module, "policy_loss", nan_loss)
+    metrics = trainer.rl_step(0)  # two updates, both skipped
+    assert metrics["train/skipped_updates"] == 2.0
+    for name, parameter in trainer.parts.policy.model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    with pytest.raises(FloatingPointError, match="3 updates in a row had a non-finite loss"):
+        trainer.rl_step(1)
+    assert learner.skipped_updates == 3
+
+
+def test_groups_with_equal_rewards_get_zero_advantages():
+    scores = torch.ones(4, 3, 2)
+    scores[2:] = 0.0  # two groups of two traces, each group all-equal
+    cuts = torch.tensor([[2, 4, 6]] * 4)
+    for reduction in ("brpo", "v2only"):
+        thinking, summary = brpo_advantages(scores, cuts, 2, [1.0, 1.0, 1.0], variance_reduction=reduction)
+        assert torch.isfinite(thinking).all() and torch.isfinite(summary).all()
+        assert torch.equal(summary, torch.zeros_like(summary))
+
+
+def test_an_engine_that_fails_mid_step_stops_the_run_without_a_partial_update(tmp_path):
+    config = load_config(None, [*TINY, "rollout.engine=sglang", "rollout.urls=[http://placeholder:1]"])
+    from trainer.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    server_model = load_model(config.model, tokenizer, "cpu", seed=config.train.seed)
+    with ProtocolServer(EmbeddedEngine(server_model, tokenizer), tokenizer) as server:
+        config = load_config(None, [*TINY, "rollout.engine=sglang", f"rollout.urls=[{server.url}]",
+                                    "rollout.max_retries=2", "rollout.retry_backoff_s=0.01",
+                                    "rollout.request_timeout_s=5"])  # fmt: skip
+        trainer = Trainer(config, tmp_path)
+        trainer.rl_step(0)  # works, and syncs the weights to the server from disk
+        before = {n: p.detach().clone() for n, p in trainer.parts.policy.model.named_parameters()}
+        server.inject_faults(["500"] * 20)
+        with pytest.raises(SGLangServerError, match=rf"{server.url}/generate failed after 3 attempts.*HTTP 500"):
+            trainer.rl_step(1)
+        for name, parameter in trainer.parts.policy.model.named_parameters():
+            assert torch.equal(parameter, before[name]), name
+
+
+def test_bad_rows_and_long_prompts_are_skipped_or_rejected_by_config(tmp_path):
+    rows = [
+        {"problem": "Start at 3. Add 4. What is the result modulo 10?", "answer": "7"},
+        {"problem": "Start at 1. " + "Add 1. " * 200 + "What is the result modulo 10?", "answer": "1"},
+        {"problem": "no answer here"},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = [*TINY, f"data.source={path}", "sft.steps=0"]
+    trainer = Trainer(load_config(None, [*common, "data.skip_bad_rows=true"]), tmp_path / "skip")
+    assert len(trainer.parts.train_prompts) == 1
+    counts = trainer.parts.data_counts
+    assert counts["data/train_too_long"] == 1.0 and counts["data/train_bad_rows"] == 1.0
+    with pytest.raises(DataError, match="row 2"):
+        Trainer(load_config(None, common), tmp_path / "bad")
+    with pytest.raises(DataError, match=r"row 1 has a prompt longer than \d+ tokens"):
+        Trainer(load_config(None, [*common, "data.skip_bad_rows=true", "data.skip_long_prompts=false"]),
+                tmp_path / "long")  # fmt: skip
