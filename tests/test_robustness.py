@@ -23,7 +23,14 @@ from trainer.loop import Trainer
 from trainer.models import load_model
 from trainer.rollout import EmbeddedEngine, ProtocolServer, SGLangServerError
 
-RUN = [*TINY, "train.steps=5", "train.save_every=1", "logging.tensorboard=false"]
+# A reward with signal for an untrained model (the length of the text modulo 3), so every RL step
+# changes the parameters and the comparison below cannot pass vacuously.
+LENGTH_REWARD = """
+def reward(completions, answers, *, format_ok=None, eos_in_cut=None, lenient=False):
+    scores = [float(len(text) % 3 == 0) for text in completions]
+    return scores, {"reward/mean": sum(scores) / max(len(scores), 1)}
+"""
+RUN = [*TINY, "train.steps=5", "train.save_every=1", "logging.tensorboard=false", "rollout.reward=length_reward:reward"]
 
 
 def train_command(out: Path, *extra: str) -> list[str]:
@@ -36,7 +43,8 @@ def train_steps(run_dir: Path) -> list[int]:
 
 
 def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).resolve().parent.parent}:{tmp_path}"}
     subprocess.run([*train_command(tmp_path / "whole")], check=True, env=env, capture_output=True, timeout=600)
 
     interrupted = tmp_path / "interrupted"
@@ -62,6 +70,8 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     assert train_steps(interrupted) == [1, 2, 3, 4, 5]  # every step logged exactly once
     whole = load_file(tmp_path / "whole" / "checkpoints" / "final" / "model.safetensors")
     resumed = load_file(interrupted / "checkpoints" / "final" / "model.safetensors")
+    start = load_file(tmp_path / "whole" / "checkpoints" / "sft" / "model.safetensors")
+    assert any(not torch.equal(whole[name], start[name]) for name in whole), "RL changed nothing: a vacuous test"
     for name, tensor in whole.items():
         assert torch.equal(resumed[name], tensor), name
     kept = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if p.name.startswith("step"))

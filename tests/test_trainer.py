@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from anytime_kernels import pack_response_trees, token_advantages
 from trainer.batches import score_rollouts
@@ -14,6 +14,7 @@ from trainer.config import load_config
 from trainer.evaluate import EvalResult
 from trainer.evaluate import main as eval_main
 from trainer.loop import Trainer
+from trainer.models import load_tokenizer
 from trainer.rollout import SummaryBatch
 from trainer.synthetic import synthetic_reward
 from trainer.tokenizer import build_tokenizer
@@ -143,7 +144,14 @@ def test_checkpoint_loads_in_transformers_and_anytime_eval(finished_run, tmp_pat
     run_dir, trainer, _, _ = finished_run
     checkpoint = run_dir / "checkpoints" / "final"
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    # The synthetic task's tokenizer is a generic `tokenizers` one: load it as such (AutoTokenizer
+    # would pick Qwen2Tokenizer from config.json, which splits the text differently).
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    for text in ("Start at 3. Add 4. What is the result modulo 10?", "7 + 4 = 1\ncheck: 7 + 4 = 1\n</think>"):
+        expected = trainer.parts.tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.encode(text, add_special_tokens=False) == expected
+        assert load_tokenizer(load_config(checkpoint / "run_config.yaml", [f"model.path={checkpoint}",
+                              "model.tokenizer=model"]).model).encode(text, add_special_tokens=False) == expected  # fmt: skip
     for name, tensor in trainer.parts.policy.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
     ids = tokenizer.encode("Start at 3. Add 4.", add_special_tokens=False)

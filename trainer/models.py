@@ -55,7 +55,9 @@ def load_tokenizer(config: ModelConfig):
     if config.path is None and config.gguf_file is None:
         raise ValueError("model.tokenizer 'model' needs model.path (or use model.tokenizer: synthetic)")
     path, extra = _gguf_arguments(config)
-    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    tokenizer = _generic_tokenizer(path) if not extra else None
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     missing = [
         marker for marker in (THINK_START, THINK_END) if len(tokenizer.encode(marker, add_special_tokens=False)) != 1
     ]
@@ -65,6 +67,30 @@ def load_tokenizer(config: ModelConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _generic_tokenizer(path: str | None):
+    """A saved generic ``tokenizers`` tokenizer (the synthetic task's) loaded as exactly what it is.
+
+    ``AutoTokenizer`` would pick the model family's own class from ``config.json`` (a Qwen2
+    checkpoint gets ``Qwen2Tokenizer``, which rebuilds a byte-level pre-tokenizer and tokenizes
+    the synthetic task's text differently); the generic backend reads ``tokenizer.json`` as saved.
+    """
+    if path is None:
+        return None
+    config_path = Path(path) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    if json.loads(config_path.read_text()).get("tokenizer_class") not in GENERIC_TOKENIZER_CLASSES:
+        return None
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
