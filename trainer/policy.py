@@ -81,6 +81,34 @@ def plan_micro_batches(
     return [MicroBatch(rows, layout.tree_token_index(rows), layout.select_trees(rows)) for rows in groups]
 
 
+class TreeForward(torch.nn.Module):
+    """The decoder over one packed micro-batch, then the LM head through ``fused_logprobs``, as one
+    module: under FSDP2 it is the root that unshards the embeddings and the LM head for its forward
+    (the decoder layers are sharded units of their own)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, mask, spec, targets, rows, temperature, return_entropy, autocast):
+        with autocast:
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=mask, tree_attention=spec,
+                use_cache=False,
+            ).last_hidden_state[0]  # fmt: skip
+            # Under autocast, fused_logprobs casts hidden and the LM head to the autocast dtype, as
+            # the model's own lm_head would be.
+            return fused_logprobs(
+                hidden,
+                self.model.get_output_embeddings().weight,
+                targets,
+                rows=rows,
+                temperature=temperature,
+                return_entropy=return_entropy,
+                check_values=False,
+            )
+
+
 class TreePolicy:
     """Runs a causal LM over packed response trees and returns per-target log-probs.
 
@@ -124,6 +152,7 @@ class TreePolicy:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.decoder = model.get_decoder()
+        self.module = TreeForward(model)
         config = model.config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -150,26 +179,22 @@ class TreePolicy:
     def micro_batches(self, layout: ResponseTreeLayout, rows: Sequence[int] | None = None) -> list[MicroBatch]:
         return plan_micro_batches(layout, self.micro_batch_tokens, rows)
 
+    def _spec(self, trees: ResponseTreeLayout):
+        return prepare_tree_attention(
+            trees.seq_ids, trees.prefix_end, trees.branch_start, self.attention_backend, head_dim=self.head_dim,
+            device=self.device,
+        )  # fmt: skip
+
     def hidden_states(self, micro_batch: MicroBatch) -> torch.Tensor:
         """Final hidden states ``[L, H]`` of the micro-batch's packed tokens."""
         device = self.device
         trees = micro_batch.layout
-        spec = prepare_tree_attention(
-            trees.seq_ids,
-            trees.prefix_end,
-            trees.branch_start,
-            self.attention_backend,
-            head_dim=self.head_dim,
-            device=device,
-        )
-        input_ids = trees.input_ids.to(device, non_blocking=True)[None]
-        position_ids = trees.position_ids.to(device, non_blocking=True)[None]
         with self._autocast():
             output = self.decoder(
-                input_ids=input_ids,
-                position_ids=position_ids,
+                input_ids=trees.input_ids.to(device, non_blocking=True)[None],
+                position_ids=trees.position_ids.to(device, non_blocking=True)[None],
                 attention_mask=self._prepared_mask(device),
-                tree_attention=spec,
+                tree_attention=self._spec(trees),
                 use_cache=False,
             )
         return output.last_hidden_state[0]
@@ -182,7 +207,7 @@ class TreePolicy:
         No device sync: the trained positions and targets are found and range-checked on the host
         layout, then copied to the device.
         """
-        hidden = self.hidden_states(micro_batch)
+        device = self.device
         trees = micro_batch.layout
         trained = trees.loss_mask.nonzero().flatten()
         targets = trees.labels[trained]
@@ -190,18 +215,17 @@ class TreePolicy:
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
             raise ValueError(f"labels hold ids outside the model's vocabulary [0, {vocab})")
         positions = micro_batch.token_index[trained]
-        # Under autocast, fused_logprobs casts hidden and the LM head to the autocast dtype, as
-        # the model's own lm_head would be.
-        with self._autocast():
-            result = fused_logprobs(
-                hidden,
-                self.lm_head_weight,
-                targets.to(hidden.device, non_blocking=True),
-                rows=trained.to(hidden.device, non_blocking=True),
-                temperature=temperature,
-                return_entropy=return_entropy,
-                check_values=False,
-            )
+        result = self.module(
+            trees.input_ids.to(device, non_blocking=True)[None],
+            trees.position_ids.to(device, non_blocking=True)[None],
+            self._prepared_mask(device),
+            self._spec(trees),
+            targets.to(device, non_blocking=True),
+            trained.to(device, non_blocking=True),
+            temperature,
+            return_entropy,
+            self._autocast(),
+        )
         if return_entropy:
             logprobs, entropy = result
             return TokenLogprobs(positions, logprobs, entropy)
