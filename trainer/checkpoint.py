@@ -31,12 +31,17 @@ def save_checkpoint(
     scheduler=None,
     rng_state: dict | None = None,
     metrics_lines: int | None = None,
+    reuse_partial: bool = False,
 ) -> Path:
-    """Write the checkpoint atomically (temporary folder, then rename) and return its path."""
+    """Write the checkpoint atomically (temporary folder, then rename) and return its path.
+
+    ``reuse_partial``: the ``.partial`` folder already holds parts written by every rank (``dcp/``).
+    """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if not reuse_partial:
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
     # The learner's copy runs the tree attention; the saved config names an ordinary one.
     implementation = model.config._attn_implementation
     model.config._attn_implementation = "sdpa"
@@ -48,10 +53,12 @@ def save_checkpoint(
     (partial / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if rng_state is not None:
         torch.save(rng_state, partial / "rng.pt")
+    state = {}
     if optimizer is not None:
-        state = {"optimizer": optimizer.state_dict()}
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if state:
         torch.save(state, partial / "optimizer.pt")
     # Written last: a folder with trainer_state.json is a complete checkpoint.
     trainer_state = {"step": step, "sft_done": sft_done, "metrics_lines": metrics_lines}
@@ -71,7 +78,8 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None = Non
     optimizer_path = Path(path) / "optimizer.pt"
     if optimizer is not None and optimizer_path.is_file():
         saved = torch.load(optimizer_path, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
+        if "optimizer" in saved:  # distributed runs keep it sharded in dcp/ instead
+            optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None and "scheduler" in saved:
             scheduler.load_state_dict(saved["scheduler"])
     return state

@@ -19,6 +19,7 @@ import torch
 from trainer.budgets import BudgetSchedule, Delimiters
 from trainer.config import RunConfig
 from trainer.data import DataConfig, DataError, Prompt, load_prompts
+from trainer.distributed import SINGLE_PROCESS, Distributed, local_device, setup_distributed, shard_policy
 from trainer.learner import Learner, make_optimizer
 from trainer.models import eos_token_ids, load_model, load_tokenizer
 from trainer.policy import TreePolicy
@@ -60,12 +61,14 @@ class RunParts:
     eval_prompts: list[Prompt]
     policy: TreePolicy
     learner: Learner
-    engine: RolloutEngine
+    engine: RolloutEngine | None  # rank 0 only
     schedule: BudgetSchedule
     reward: object
     eos_token_ids: list[int]
     sampler: PromptSampler
     data_counts: dict
+    context: Distributed = SINGLE_PROCESS
+    host_model: torch.nn.Module | None = None  # distributed, rank 0: unsharded weights for the engine and exports
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,6 +166,8 @@ def norm_length(config: RunConfig, delimiters: Delimiters) -> int:
 def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None) -> RunParts:
     """All parts of a run, on the configured device; ``resume`` loads the weights of a checkpoint."""
     device = resolve_device(config.train.device)
+    context = setup_distributed(device)
+    device = local_device(device)
     torch.manual_seed(config.train.seed)
     model_config = config.model
     if resume is not None:
@@ -171,11 +176,15 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         )
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, tokenizer, device, seed=config.train.seed)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
-    limit = prompt_limit(config, context, Delimiters.from_tokenizer(tokenizer))
+    model_context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
+    limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
     train_prompts, eval_prompts, data_counts = _prompts(config, tokenizer, run_dir, limit)
-    rollout_model = copy.deepcopy(model).eval() if config.rollout.engine == "embedded" else model
-    engine = make_engine(config, rollout_model, tokenizer, run_dir)
+    engine, host_model = None, None
+    if context.is_main:
+        separate = config.rollout.engine == "embedded" or context.enabled
+        rollout_model = copy.deepcopy(model).eval() if separate else model
+        engine = make_engine(config, rollout_model, tokenizer, run_dir)
+        host_model = rollout_model if context.enabled else None
     autocast = model_config.autocast
     if autocast == "auto":
         autocast = "bfloat16" if device.type == "cuda" else None
@@ -192,14 +201,18 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         reference = TreePolicy(reference_model, attention_backend=model_config.attention_backend,
                                autocast_dtype=policy.autocast_dtype,
                                micro_batch_tokens=config.train.micro_batch_tokens)  # fmt: skip
+    if context.enabled:
+        shard_policy(policy)
+        if reference is not None:
+            shard_policy(reference)
     t = config.train
     updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.ppo_mini_batch_prompts)
     optimizer, scheduler = make_optimizer(model, config.optim, total_steps=t.steps * updates_per_step)
     learner = Learner(
         policy, optimizer, scheduler, config.loss,
-        grad_clip=config.optim.grad_clip, norm_length=norm_length(config, engine.delimiters),
+        grad_clip=config.optim.grad_clip, norm_length=norm_length(config, Delimiters.from_tokenizer(tokenizer)),
         temperature=config.rollout.temperature, reference=reference, seed=t.seed,
-        max_skipped_updates=t.max_skipped_updates,
+        max_skipped_updates=t.max_skipped_updates, context=context,
     )  # fmt: skip
     m = config.method
     prior = m.prior if isinstance(m.prior, str) else tuple(m.prior)
@@ -216,4 +229,6 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         eos_token_ids=eos_token_ids(model, tokenizer),
         sampler=PromptSampler(train_prompts, t.prompts_per_step, t.seed),
         data_counts=data_counts,
+        context=context,
+        host_model=host_model,
     )

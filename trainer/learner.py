@@ -16,6 +16,7 @@ import torch
 
 from trainer.batches import TrainBatch
 from trainer.config import LossConfig, OptimConfig
+from trainer.distributed import SINGLE_PROCESS, Distributed, all_reduce_max, all_reduce_sum, split_rows
 from trainer.loss import policy_loss, token_weights
 from trainer.policy import TreePolicy
 
@@ -70,6 +71,7 @@ class Learner:
         reference: TreePolicy | None = None,
         seed: int = 0,
         max_skipped_updates: int = 10,
+        context: Distributed = SINGLE_PROCESS,
     ) -> None:
         if loss.kl_coef > 0 and reference is None:
             raise ValueError("loss.kl_coef > 0 needs a reference policy")
@@ -85,18 +87,34 @@ class Learner:
         self.skipped_updates = 0
         self.skipped_in_a_row = 0
         self.max_skipped_updates = max_skipped_updates
+        self.context = context
 
     @property
     def device(self) -> torch.device:
         return self.policy.device
 
+    def _rank_micro_batches(self, policy: TreePolicy, layout, rows: list[int]) -> list[tuple[object, bool]]:
+        """``(micro_batch, real)`` of this rank's share of ``rows``. Under FSDP every rank must run
+        the same number of forwards (each all-gathers the shards), so a rank with fewer micro-batches
+        pads with a copy of the shortest tree whose loss counts zero (``real`` False)."""
+        if not self.context.enabled:
+            return [(mb, True) for mb in policy.micro_batches(layout, rows)]
+        row_lens = layout.row_lens.tolist()
+        share = split_rows(row_lens, rows, self.context.world_size)[self.context.rank]
+        mine = policy.micro_batches(layout, share) if share else []
+        count = all_reduce_max(len(mine), self.context)
+        filler = policy.micro_batches(layout, [min(rows, key=row_lens.__getitem__)])[0]
+        return [(mb, True) for mb in mine] + [(filler, False)] * (count - len(mine))
+
     @torch.no_grad()
     def _positions_logprobs(self, policy: TreePolicy, batch: TrainBatch) -> torch.Tensor:
         out = torch.zeros(batch.layout.num_tokens, device=self.device)
-        for micro_batch in policy.micro_batches(batch.layout):
+        rows = list(range(batch.layout.num_traces))
+        for micro_batch, real in self._rank_micro_batches(policy, batch.layout, rows):
             result = policy.logprobs(micro_batch, temperature=self.temperature)
-            out[result.positions.to(self.device)] = result.logprobs
-        return out
+            if real:
+                out[result.positions.to(self.device)] = result.logprobs
+        return all_reduce_sum(out, self.context)  # each position is filled on exactly one rank
 
     def fill_logprobs(self, batch: TrainBatch, num_updates: int) -> None:
         """The sampling policy's log-probs (skipped with a single on-policy update, where the
@@ -124,6 +142,8 @@ class Learner:
                 losses.append(loss)
                 grad_norms.append(grad_norm)
                 learning_rates.append(self.optimizer.param_groups[0]["lr"])
+        for value in sums.values():
+            all_reduce_sum(value, self.context)
         tokens = max(float(sums.pop("tokens")), 1.0)
         metrics = {f"train/{name}": float(value) / tokens for name, value in sums.items()}
         metrics["train/clip_fraction"] = metrics.pop("train/clipped", 0.0)
@@ -150,7 +170,9 @@ class Learner:
         ).to(device)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for micro_batch in self.policy.micro_batches(layout, rows):
+        # FSDP averages gradients over ranks; the weights already normalise over the whole mini-batch.
+        scale = float(self.context.world_size)
+        for micro_batch, real in self._rank_micro_batches(self.policy, layout, rows):
             # Entropy comes out of the same fused LM-head pass; it is logged even without a bonus.
             result = self.policy.logprobs(micro_batch, temperature=self.temperature, return_entropy=True)
             positions = result.positions.to(device)
@@ -169,13 +191,17 @@ class Learner:
                 entropy=result.entropy,
                 entropy_coef=self.loss.entropy_coef,
             )
-            terms.loss.backward()
-            total += terms.loss.detach()
-            for name, value in terms.sums.items():
-                sums[name] += value
+            (terms.loss * (scale if real else 0.0)).backward()
+            if real:
+                total += terms.loss.detach()
+                for name, value in terms.sums.items():
+                    sums[name] += value
+        all_reduce_sum(total, self.context)
         parameters = [p for p in self.policy.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm) if parameters else torch.zeros(())
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = float(total), float(grad_norm)
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()

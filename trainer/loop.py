@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import RunConfig, load_config
+from trainer.distributed import barrier, broadcast, full_state_dict, load_sharded, save_sharded
 from trainer.evaluate import EvalResult, evaluate, markdown_table, plot_curves
-from trainer.metrics import Display, MetricsLogger, PhaseTimer
+from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer
 from trainer.rollout import SamplingParams
 from trainer.sft import sft_examples, sft_warmup
 
@@ -50,19 +52,26 @@ class Trainer:
         self.parts = components.build(config, self.run_dir, resume=resume)
         self.start_step = 0
         self.sft_done = False
+        self.context = self.parts.context
         if resume is not None:
             state = load_trainer_state(Path(resume), self.parts.learner.optimizer, self.parts.learner.scheduler)
+            if (Path(resume) / "dcp").is_dir():  # sharded optimizer (and weights) of a distributed run
+                load_sharded(Path(resume) / "dcp", self.parts.policy.module, self.parts.learner.optimizer)
             self.start_step, self.sft_done = state["step"], state.get("sft_done", True)
             self._restore_random_states(load_rng_state(Path(resume)))
-            if Path(resume).parent == self.run_dir / "checkpoints":
+            if self.context.is_main and Path(resume).parent == self.run_dir / "checkpoints":
                 _truncate_lines(self.run_dir / "metrics.jsonl", state.get("metrics_lines"))
         self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
-        self.metrics = MetricsLogger(
-            self.run_dir,
-            tensorboard=config.logging.tensorboard,
-            wandb=config.logging.wandb,
-            project=config.logging.wandb_project,
-            config=config.to_dict(),
+        self.metrics = (
+            MetricsLogger(
+                self.run_dir,
+                tensorboard=config.logging.tensorboard,
+                wandb=config.logging.wandb,
+                project=config.logging.wandb_project,
+                config=config.to_dict(),
+            )
+            if self.context.is_main
+            else NullMetrics()
         )
         self.display: Display | None = None
         if self.start_step == 0:
@@ -71,32 +80,55 @@ class Trainer:
     # -- one RL step ---------------------------------------------------------------------------
 
     def rl_step(self, step: int) -> dict[str, float]:
-        """Rollout, reward, advantages and PPO updates for one batch of prompts; returns its metrics."""
+        """Rollout, reward, advantages and PPO updates for one batch of prompts; returns its metrics.
+
+        With several ranks, rank 0 rolls out and scores; every rank trains its share of the trees.
+        """
         p, c = self.parts, self.config
         timer = PhaseTimer(self.display)
-        prompts = p.sampler.batch(step)
-        with timer.phase("think"):
-            traces = p.engine.think([q.token_ids for q in prompts], c.rollout.group_size, c.method.b_max, self.sampling)
-        with timer.phase("summarize"):
-            rollouts = p.engine.summarize(
-                traces, p.schedule, c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens
-            )
-        with timer.phase("score"):
-            answers = [q.answer for q in prompts for _ in range(c.rollout.group_size)]
-            scored = score_rollouts(
-                rollouts, answers, p.tokenizer, p.reward, think_end_id=p.engine.delimiters.think_end_id,
-                eos_token_ids=p.eos_token_ids, group_size=c.rollout.group_size,
-            )  # fmt: skip
-        with timer.phase("advantages"):
-            batch = build_train_batch(
-                scored, p.schedule, variance_reduction=c.method.variance_reduction,
-                summary_method=c.method.summary_method,
-            )  # fmt: skip
+        batch = rollout_metrics = None
+        if self.context.is_main:
+            prompts = p.sampler.batch(step)
+            with timer.phase("think"):
+                traces = p.engine.think([q.token_ids for q in prompts], c.rollout.group_size, c.method.b_max,
+                                        self.sampling)  # fmt: skip
+            with timer.phase("summarize"):
+                rollouts = p.engine.summarize(
+                    traces, p.schedule, c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens
+                )
+            with timer.phase("score"):
+                answers = [q.answer for q in prompts for _ in range(c.rollout.group_size)]
+                scored = score_rollouts(
+                    rollouts, answers, p.tokenizer, p.reward, think_end_id=p.engine.delimiters.think_end_id,
+                    eos_token_ids=p.eos_token_ids, group_size=c.rollout.group_size,
+                )  # fmt: skip
+            with timer.phase("advantages"):
+                batch = build_train_batch(
+                    scored, p.schedule, variance_reduction=c.method.variance_reduction,
+                    summary_method=c.method.summary_method,
+                )  # fmt: skip
+            rollout_metrics = self._rollout_metrics(traces, scored, batch)
+        if self.context.enabled:
+            with timer.phase("broadcast"):
+                batch = broadcast(batch, self.context)
         with timer.phase("update"):
             train_metrics = p.learner.update(batch, c.train.ppo_mini_batch_prompts, c.train.ppo_epochs)
         with timer.phase("sync"):
+            self._sync_weights()
+        if rollout_metrics is None:  # other ranks: what rank 0 logs is what counts
+            rollout_metrics = {"rollout/reward_mean": float("nan"), "rollout/anytime_score": float("nan")}
+        return {**rollout_metrics, **train_metrics, **timer.metrics()}
+
+    def _sync_weights(self) -> None:
+        """The rollout engine samples from the weights the learner just updated."""
+        p = self.parts
+        if not self.context.enabled:
             p.engine.update_weights(p.policy.model)
-        return {**self._rollout_metrics(traces, scored, batch), **train_metrics, **timer.metrics()}
+            return
+        state = full_state_dict(p.policy.module, self.context)  # collective; keys "model.<name>"
+        if self.context.is_main:
+            p.host_model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+            p.engine.update_weights(p.host_model)
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -113,6 +145,11 @@ class Trainer:
             sft_steps = max(1, round(c.sft.steps * steps / c.train.steps)) if c.sft.steps else 0
         evaluations: dict[str, EvalResult] = {}
         start = time.perf_counter()
+        if sft_steps and not self.sft_done and self.context.enabled:
+            raise ValueError(
+                "the SFT warm-up runs in one process: run it with sft.steps and train.steps=0 on one process, "
+                "then start the distributed run with --resume from its checkpoints/sft"
+            )
         try:
             if sft_steps and not self.sft_done:
                 self._sft(sft_steps)
@@ -120,7 +157,7 @@ class Trainer:
                 evaluations["sft"] = self.evaluate("sft", step=0)
             elif self.start_step == 0 and evaluate_start:
                 evaluations["start"] = self.evaluate("start", step=0)
-            self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress)
+            self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main)
             for step in range(self.start_step, steps):
                 step_start = time.perf_counter()
                 metrics = self.rl_step(step)
@@ -128,7 +165,8 @@ class Trainer:
                 metrics["time/tokens_per_s"] = metrics["train/trained_tokens"] / metrics["time/step_s"]
                 if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps:
                     result = self.evaluate(f"step{step + 1}", step=step + 1)
-                    metrics["eval/anytime_score"] = result.anytime_score
+                    if result is not None:
+                        metrics["eval/anytime_score"] = result.anytime_score
                 self.metrics.log(step + 1, metrics)
                 self.display.advance(
                     f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
@@ -138,7 +176,8 @@ class Trainer:
             self.display.close()
             evaluations["final"] = self.evaluate("final", step=steps)
             self.save("final", steps)
-            self._report(evaluations, time.perf_counter() - start)
+            if self.context.is_main:
+                self._report({name: e for name, e in evaluations.items() if e is not None}, time.perf_counter() - start)
         finally:
             if self.display is not None:
                 self.display.close()
@@ -162,9 +201,12 @@ class Trainer:
         p.engine.update_weights(p.policy.model)
         self.sft_done = True
 
-    def evaluate(self, name: str, step: int) -> EvalResult:
-        """Anytime evaluation of the current policy on the held-out problems -> ``eval/<name>.json``."""
+    def evaluate(self, name: str, step: int) -> EvalResult | None:
+        """Anytime evaluation of the current policy on the held-out problems -> ``eval/<name>.json``
+        (rank 0, which holds the engine; None on the other ranks)."""
         p, c = self.parts, self.config
+        if not self.context.is_main:
+            return None
         budgets = c.eval.budgets or p.schedule.budgets
         prompts = p.eval_prompts[: c.eval.num_problems] if c.eval.num_problems else p.eval_prompts
         result = evaluate(
@@ -189,14 +231,30 @@ class Trainer:
         return result
 
     def save(self, name: str, step: int) -> Path:
-        """A complete resumable checkpoint; keeps the newest ``train.keep_checkpoints`` periodic ones."""
+        """A complete resumable checkpoint; keeps the newest ``train.keep_checkpoints`` periodic ones.
+
+        With several ranks: the sharded model and optimizer go through ``torch.distributed.checkpoint``
+        (``dcp/``, loadable on any world size) and rank 0 adds the Hugging Face export.
+        """
         p = self.parts
-        path = save_checkpoint(
-            self.run_dir / "checkpoints" / name, p.policy.model, p.tokenizer, self.config,
-            step=step, sft_done=self.sft_done, optimizer=p.learner.optimizer, scheduler=p.learner.scheduler,
-            rng_state=self._random_states(), metrics_lines=self.metrics.lines,
-        )  # fmt: skip
-        prune_checkpoints(self.run_dir / "checkpoints", self.config.train.keep_checkpoints)
+        path = self.run_dir / "checkpoints" / name
+        common = dict(step=step, sft_done=self.sft_done, scheduler=p.learner.scheduler,
+                      rng_state=self._random_states(), metrics_lines=self.metrics.lines)  # fmt: skip
+        if not self.context.enabled:
+            save_checkpoint(path, p.policy.model, p.tokenizer, self.config, optimizer=p.learner.optimizer, **common)
+        else:
+            partial = path.with_name(path.name + ".partial")
+            if self.context.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            barrier(self.context)
+            save_sharded(partial / "dcp", p.policy.module, p.learner.optimizer)
+            barrier(self.context)
+            if self.context.is_main:
+                save_checkpoint(path, p.host_model, p.tokenizer, self.config, reuse_partial=True, **common)
+            barrier(self.context)
+        if self.context.is_main:
+            prune_checkpoints(self.run_dir / "checkpoints", self.config.train.keep_checkpoints)
         return path
 
     def _random_states(self) -> dict:
@@ -205,7 +263,7 @@ class Trainer:
             "python": random.getstate(),
             "learner": self.parts.learner.rng.getstate(),
         }
-        generator = getattr(self.parts.engine, "_generator", None)
+        generator = getattr(self.parts.engine, "_generator", None)  # no engine on ranks > 0
         if generator is not None:
             states["engine"] = generator.get_state()
         if torch.cuda.is_available():

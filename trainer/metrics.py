@@ -59,6 +59,18 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class NullMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 logs the run)."""
+
+    lines = 0
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class PhaseTimer:
     """Seconds per phase of a step (``with timer.phase("think"): ...``), shown live when a display is given."""
 

@@ -1,0 +1,34 @@
+"""One RL step on every rank of a ``torchrun`` job, for tests/test_distributed.py (not a test itself).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR [key=value ...]
+
+Rank 0 writes ``OUT_DIR/result.pt`` (the loss and the full updated weights) after the step, and the
+job writes a distributed checkpoint into ``OUT_DIR/run/checkpoints/step1``.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import load_config
+from trainer.distributed import full_state_dict
+from trainer.loop import Trainer
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    trainer = Trainer(load_config(None, sys.argv[2:]), out / "run")
+    metrics = trainer.rl_step(0)
+    weights = full_state_dict(trainer.parts.policy.module, trainer.context)
+    if trainer.context.is_main:
+        torch.save({"loss": metrics["train/loss"], "weights": weights, "world_size": trainer.context.world_size},
+                   out / "result.pt")  # fmt: skip
+    trainer.save("step1", 1)
+    trainer.metrics.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
