@@ -169,3 +169,89 @@ def test_server_command_health_wait_and_missing_sglang(policy, server):
     except ImportError:
         with pytest.raises(ImportError, match="needs the sglang package"):
             SGLangInProcessEngine("/models/policy", policy[1])
+
+
+def test_requests_name_their_replica_and_forks_follow_their_trace(policy, server):
+    """With --dp-size > 1 the server balances unrouted requests round-robin; every request names its
+    replica from the prompt's routing key, so a trace's forks land where its KV cache is."""
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer, dp_size=4)
+    prompts = [[8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    traces = remote.think(prompts, 2, 6, GREEDY)
+    think_ranks = list(server.routed_dp_ranks)
+    remote.summarize(traces, BudgetSchedule(6, 2), 1, GREEDY, max_new_tokens=3)
+    fork_ranks = server.routed_dp_ranks[len(think_ranks) :]
+    from trainer.rollout.base import prompt_key
+
+    assert think_ranks == [prompt_key(p) % 4 for p in prompts]
+    expected = {prompt_key(p) % 4 for p in prompts}
+    assert fork_ranks and set(fork_ranks) <= expected
+    plain = client(server.url, tokenizer)  # dp_size 1: nothing to route
+    plain.think([[5, 6]], 1, 2, GREEDY)
+    assert len(server.routed_dp_ranks) == len(think_ranks) + len(fork_ranks)
+
+
+def test_sampling_payload_seeds_and_explicit_defaults():
+    from trainer.rollout import GenerationRequest
+    from trainer.rollout.sglang_protocol import generate_payload, split_for_seeds
+
+    seeded = SamplingParams(temperature=0.7, seed=5)
+    many = GenerationRequest((1, 2), n=3, max_new_tokens=4, stop_token_ids=(0,), sampling=seeded, routing_key=7)
+    params = generate_payload(many)["sampling_params"]
+    assert "sampling_seed" not in params  # one seed for n > 1: identical samples in deterministic mode
+    assert (params["top_k"], params["min_p"], params["repetition_penalty"]) == (-1, 0.0, 1.0)
+    assert "routed_dp_rank" not in generate_payload(many) and generate_payload(many, dp_size=4)["routed_dp_rank"] == 3
+    parts = split_for_seeds(many)
+    assert [p.n for p in parts] == [1, 1, 1] and [p.sampling.seed for p in parts] == [5, 6, 7]
+    assert [generate_payload(p)["sampling_params"]["sampling_seed"] for p in parts] == [5, 6, 7]
+
+
+def test_deterministic_servers_get_one_request_per_seeded_sample(policy, server):
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer, deterministic=True)
+    before = server.generate_served
+    out = remote.think([[8, 9]], 3, 4, SamplingParams(temperature=1.0, seed=11))
+    assert out.num_traces == 3 and server.generate_served - before == 3
+
+
+def test_the_full_eos_set_stops_and_labels_traces(policy, server):
+    """Qwen-style configs name two EOS ids; the engines stop at, and label as "eos", every one."""
+    model, tokenizer = policy
+    engine = EmbeddedEngine(model, tokenizer)
+    greedy = engine.think([[8, 9, 10]], 1, 12, GREEDY).thinking_ids[0]
+    extra = greedy[2]  # make the third greedy token an EOS of the model
+    assert extra not in (engine.eos_token_id, engine.delimiters.think_end_id)
+    for candidate in (EmbeddedEngine(model, tokenizer, eos_token_ids=[extra]),
+                      client(server.url, tokenizer, eos_token_ids=[extra])):  # fmt: skip
+        traces = candidate.think([[8, 9, 10]], 1, 12, GREEDY)
+        assert traces.thinking_ids[0] == greedy[:3] and traces.finish == ["eos"]
+    with pytest.raises(ValueError, match="include the </think> id"):
+        EmbeddedEngine(model, tokenizer, eos_token_ids=[engine.delimiters.think_end_id])
+
+
+def test_a_server_on_old_weights_is_caught(policy, server, tmp_path):
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer, weights_dir=tmp_path, max_retries=0)
+    remote.update_weights(tiny_policy(seed=7)[0])
+    remote.think([[5, 6]], 1, 2, GREEDY)  # version 1 on both sides
+    server.weight_version = "0"  # the server silently kept older weights
+    with pytest.raises(SGLangServerError, match="weight version 0, but the policy is at 1"):
+        remote.think([[5, 6]], 1, 2, GREEDY)
+
+
+def test_the_test_server_refuses_what_sglang_refuses(policy, server):
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer)
+    body = {"input_ids": [[1, 2], [3, 4]], "sampling_params": [{"n": 2}, {"n": 3}]}
+    with pytest.raises(SGLangServerError, match=r"answered 400.*same n"):
+        remote._call(server.url, "/generate", body=body)
+    with pytest.raises(SGLangServerError, match=r"answered 400.*unknown sampling_params \['frequency_penaltyy'\]"):
+        remote._call(server.url, "/generate", body={"input_ids": [1, 2], "sampling_params": {"frequency_penaltyy": 1}})
+
+
+def test_settings_that_kill_prefix_reuse_are_rejected(policy):
+    for flag in ("--disable-radix-cache", "--strip-thinking-cache"):
+        with pytest.raises(ValueError, match=f"{flag}.*turns off the radix-cache reuse"):
+            sglang_server_command("/models/policy", 31000, extra_args=[flag])
+    with pytest.raises(ValueError, match="disable_radix_cache"):
+        SGLangInProcessEngine("/models/policy", policy[1], disable_radix_cache=True)

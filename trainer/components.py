@@ -137,20 +137,22 @@ def _prompts(
 
 def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path) -> RolloutEngine:
     r = config.rollout
+    eos = eos_token_ids(model, tokenizer)  # every EOS of the model's configs, as SGLang stops at them
     if r.engine == "embedded":
-        return EmbeddedEngine(model, tokenizer, max_batch_rows=r.max_batch_rows, seed=config.train.seed)
+        return EmbeddedEngine(model, tokenizer, max_batch_rows=r.max_batch_rows, seed=config.train.seed,
+                              eos_token_ids=eos)  # fmt: skip
     if r.engine == "sglang":
         from trainer.rollout import SGLangEngine
 
         return SGLangEngine(
             r.urls, tokenizer, weights_dir=run_dir, timeout_s=r.request_timeout_s, max_retries=r.max_retries,
-            backoff_s=r.retry_backoff_s,
+            backoff_s=r.retry_backoff_s, dp_size=r.dp_size, eos_token_ids=eos,
         )  # fmt: skip
     from trainer.rollout import SGLangInProcessEngine
 
     if config.model.path is None:
         raise ValueError("rollout.engine sglang_inprocess loads the model from model.path; a fresh model has none")
-    return SGLangInProcessEngine(config.model.path, tokenizer)
+    return SGLangInProcessEngine(config.model.path, tokenizer, eos_token_ids=eos)
 
 
 def norm_length(config: RunConfig, delimiters: Delimiters) -> int:

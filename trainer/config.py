@@ -101,6 +101,7 @@ class MethodConfig:
 class RolloutConfig:
     engine: str = _help("embedded (in-process HF + KV forks), sglang (HTTP servers), sglang_inprocess", "embedded")
     urls: list[str] = _help("SGLang server URLs (engine sglang)", factory=list)
+    dp_size: int = _help("engine sglang: data-parallel replicas behind each URL (--dp-size); requests name theirs", 1)
     request_timeout_s: float = _help("engine sglang: read timeout of one request (a hung request is retried)", 3600.0)
     max_retries: int = _help("engine sglang: retries of a failed request, with exponential backoff", 4)
     retry_backoff_s: float = _help("engine sglang: first backoff between retries", 1.0)
@@ -373,6 +374,7 @@ def validate(config: RunConfig) -> None:
     _check(r.engine in ENGINES, "rollout.engine", r.engine, f"one of {ENGINES}")
     _check(r.engine != "sglang" or bool(r.urls), "rollout.urls", r.urls, "at least one URL for engine sglang")
     _check(r.group_size >= 1, "rollout.group_size", r.group_size, ">= 1")
+    _check(r.dp_size >= 1, "rollout.dp_size", r.dp_size, ">= 1")
     _check(r.request_timeout_s > 0, "rollout.request_timeout_s", r.request_timeout_s, "> 0")
     _check(r.max_retries >= 0 and r.retry_backoff_s >= 0, "rollout.max_retries", r.max_retries,
            ">= 0 (and rollout.retry_backoff_s >= 0)")  # fmt: skip

@@ -215,13 +215,18 @@ class RolloutEngine(abc.ABC):
             raise ValueError("the tokenizer has no eos_token_id; the engine needs one to stop summaries")
         return Delimiters.from_tokenizer(tokenizer), int(eos)
 
-    def __init__(self, delimiters: Delimiters, eos_token_id: int) -> None:
+    def __init__(self, delimiters: Delimiters, eos_token_id: int, *, eos_token_ids: Sequence[int] = ()) -> None:
+        """``eos_token_id``: the tokenizer's EOS; ``eos_token_ids``: every other id that ends a
+        sequence for this model (Qwen-style configs name two). SGLang stops at all of them, so the
+        engines stop at, and label as ``"eos"``, the whole set."""
         if not isinstance(eos_token_id, int) or eos_token_id < 0:
             raise ValueError(f"eos_token_id must be a non-negative int, got {eos_token_id!r}")
-        if eos_token_id == delimiters.think_end_id:
-            raise ValueError(f"eos_token_id {eos_token_id} equals the </think> id; they must differ")
+        eos_set = tuple(dict.fromkeys([eos_token_id, *(int(t) for t in eos_token_ids)]))
+        if delimiters.think_end_id in eos_set:
+            raise ValueError(f"the EOS ids {list(eos_set)} include the </think> id {delimiters.think_end_id}")
         self.delimiters = delimiters
         self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_set
         self.stats = RolloutStats()
 
     @abc.abstractmethod
@@ -251,7 +256,7 @@ class RolloutEngine(abc.ABC):
         """Sample ``group_size`` traces of at most ``max_tokens`` (b_max) tokens per prompt."""
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
-        stop_ids = (self.delimiters.think_end_id, self.eos_token_id)
+        stop_ids = (self.delimiters.think_end_id, *self.eos_token_ids)
         requests = [
             GenerationRequest(
                 input_ids=tuple(int(t) for t in prompt),
@@ -301,7 +306,7 @@ class RolloutEngine(abc.ABC):
                 f"{len(traces)} traces for {len(prompts)} prompts with group_size {group_size}; "
                 f"expected {len(prompts) * group_size}"
             )
-        stop_ids = {self.delimiters.think_end_id, self.eos_token_id}
+        stop_ids = {self.delimiters.think_end_id, *self.eos_token_ids}
         prompt_ids = [[int(t) for t in prompts[n // group_size]] for n in range(len(traces))]
         thinking_ids = [[int(t) for t in trace] for trace in traces]
         for n, trace in enumerate(thinking_ids):
@@ -349,7 +354,7 @@ class RolloutEngine(abc.ABC):
                 input_ids=fork.input_ids,
                 n=fork.num_samples,
                 max_new_tokens=max_new_tokens,
-                stop_token_ids=(self.eos_token_id,),
+                stop_token_ids=self.eos_token_ids,
                 sampling=sampling,
                 routing_key=prompt_key(traces.prompt_ids[fork.trace]),
             )
@@ -374,6 +379,6 @@ class RolloutEngine(abc.ABC):
     def _trace_finish(self, trace: Sequence[int]) -> str:
         if trace and trace[-1] == self.delimiters.think_end_id:
             return "think_end"
-        if trace and trace[-1] == self.eos_token_id:
+        if trace and trace[-1] in self.eos_token_ids:
             return "eos"
         return "length"

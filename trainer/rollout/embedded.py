@@ -135,8 +135,9 @@ class EmbeddedEngine(RolloutEngine):
         prefix_sharing: bool = True,
         max_batch_rows: int = 64,
         seed: int = 0,
+        eos_token_ids: Sequence[int] = (),
     ) -> None:
-        super().__init__(*self.tokenizer_setup(tokenizer))
+        super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         self.model = model.eval()

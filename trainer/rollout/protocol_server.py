@@ -45,6 +45,7 @@ class ProtocolServer:
         self.hang_seconds = 5.0
         self.weight_version = "default"
         self.generate_served = 0
+        self.routed_dp_ranks: list[int] = []  # the routed_dp_rank of every /generate body that named one
         self._faults: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_class(self))
@@ -95,8 +96,12 @@ class ProtocolServer:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
+        if len({int(p.get("n", 1)) for p in params_list}) > 1:
+            raise ValueError("all items of a batch must ask for the same n (SGLang answers 400 otherwise)")
+        if "routed_dp_rank" in body:
+            self.routed_dp_ranks.append(int(body["routed_dp_rank"]))
         requests = [
-            _request(prompt, p, self.engine.eos_token_id) for prompt, p in zip(prompts, params_list, strict=True)
+            _request(prompt, p, self.engine.eos_token_ids) for prompt, p in zip(prompts, params_list, strict=True)
         ]
         with self._lock:
             outputs = self.engine.generate(requests)
@@ -105,6 +110,8 @@ class ProtocolServer:
         samples = []
         for request, output in zip(requests, outputs, strict=True):
             samples.extend(response_samples(output, request, uuid.uuid4().hex, text))
+        for sample in samples:
+            sample["meta_info"]["weight_version"] = self.weight_version
         return samples[0] if single and requests[0].n == 1 else samples
 
     def update_weights_from_disk(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -135,10 +142,23 @@ class ProtocolServer:
         }
 
 
-def _request(prompt: list, params: dict[str, Any], eos_token_id: int) -> GenerationRequest:
+_SAMPLING_KEYS = {"n", "max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
+                  "repetition_penalty", "min_new_tokens", "sampling_seed", "ignore_eos"}  # fmt: skip
+# Values this server can emulate (it samples softmax(logits / T) with top-p only).
+_PLAIN = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def _request(prompt: list, params: dict[str, Any], eos_token_ids: tuple[int, ...]) -> GenerationRequest:
+    unknown = sorted(set(params) - _SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown sampling_params {unknown}")
+    for key, plain in _PLAIN.items():
+        if key in params and float(params[key]) != plain:
+            raise ValueError(f"this test server samples with {key}={plain} only, got {params[key]}")
     stop = [int(t) for t in params.get("stop_token_ids") or []]
-    if not params.get("ignore_eos", False) and eos_token_id not in stop:
-        stop.append(eos_token_id)  # SGLang always stops at the model's EOS unless ignore_eos
+    if not params.get("ignore_eos", False):
+        # SGLang always stops at every EOS of the model's configs unless ignore_eos.
+        stop += [t for t in eos_token_ids if t not in stop]
     return GenerationRequest(
         input_ids=tuple(int(t) for t in prompt),
         n=int(params.get("n", 1)),

@@ -8,7 +8,8 @@ retried with exponential backoff; after the last try the engine raises
 :class:`SGLangServerError` naming the server and the cause. A 4xx answer is not retried.
 
 Weight sync saves the policy as safetensors into ``weights_dir`` and asks every server to
-``/update_weights_from_disk`` from there, then ``/flush_cache``.
+``/update_weights_from_disk`` from there (which flushes its cache); replies whose
+``meta_info.weight_version`` names an older version are refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import requests
 import torch
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
-from trainer.rollout.sglang_protocol import MalformedResponse, generate_payload, parse_generate_response
+from trainer.rollout.sglang_protocol import (
+    MalformedResponse,
+    generate_payload,
+    merge_outputs,
+    parse_generate_response,
+    split_for_seeds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,11 @@ class SGLangEngine(RolloutEngine):
         max_retries: retries after the first try of a request.
         backoff_s: wait before the first retry; doubles on each further retry.
         max_workers: concurrent requests in flight.
+        dp_size: data-parallel replicas behind each URL (``--dp-size``); requests name their replica.
+        deterministic: the servers run deterministic inference: seeded ``n > 1`` requests are sent
+            as ``n`` one-sample requests with distinct seeds.
+        eos_token_ids: every id that ends a sequence for this model (its config and generation
+            config may name several), besides the tokenizer's.
     """
 
     def __init__(
@@ -59,8 +71,15 @@ class SGLangEngine(RolloutEngine):
         max_retries: int = 4,
         backoff_s: float = 1.0,
         max_workers: int = 64,
+        dp_size: int = 1,
+        deterministic: bool = False,
+        eos_token_ids: Sequence[int] = (),
     ) -> None:
-        super().__init__(*self.tokenizer_setup(tokenizer))
+        super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
+        if dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+        self.dp_size = dp_size
+        self.deterministic = deterministic
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("SGLangEngine needs at least one server URL")
@@ -124,13 +143,17 @@ class SGLangEngine(RolloutEngine):
         raise SGLangServerError(f"{method} {url}{path} failed after {attempts} attempts; last error: {failure}")
 
     def _generate_one(self, request: GenerationRequest) -> GenerationOutput:
+        if self.deterministic and request.sampling.seed is not None and request.n > 1:
+            return merge_outputs([self._generate_one(part) for part in split_for_seeds(request)])
         url = self._url_for(request)
-        body = generate_payload(request)
+        body = generate_payload(request, self.dp_size)
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             response = self._call(url, "/generate", body=body)
             try:
-                return parse_generate_response(response.json(), request)
+                payload = response.json()
+                self._check_weight_version(url, payload)
+                return parse_generate_response(payload, request)
             except (ValueError, MalformedResponse) as error:
                 failure = f"malformed response: {error}"
             if attempt + 1 < attempts:
@@ -149,9 +172,20 @@ class SGLangEngine(RolloutEngine):
         for url in self.urls:
             self._call(url, "/flush_cache")
 
+    def _check_weight_version(self, url: str, payload: Any) -> None:
+        """Refuse samples of weights older than the last sync (a server that missed the update)."""
+        samples = payload if isinstance(payload, list) else [payload]
+        for sample in samples:
+            version = sample.get("meta_info", {}).get("weight_version") if isinstance(sample, dict) else None
+            if version is not None and self._weight_version and str(version) != str(self._weight_version):
+                raise SGLangServerError(
+                    f"{url} sampled with weight version {version}, but the policy is at {self._weight_version}: "
+                    "the server did not load the last weight update"
+                )
+
     def model_info(self) -> dict[str, Any]:
-        """``/get_model_info`` of the first server."""
-        return self._call(self.urls[0], "/get_model_info", method="GET").json()
+        """``/model_info`` of the first server (``/get_model_info`` is deprecated)."""
+        return self._call(self.urls[0], "/model_info", method="GET").json()
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Save ``model`` (``save_pretrained``: config + safetensors) and reload it on every server."""
@@ -168,5 +202,5 @@ class SGLangEngine(RolloutEngine):
             answer = self._call(url, "/update_weights_from_disk", body=body).json()
             if not answer.get("success", False):
                 raise SGLangServerError(f"{url} could not load the weights in {path}: {answer.get('message')}")
-        self.flush_cache()
+        # /update_weights_from_disk flushes the radix cache itself.
         self.stats.weight_sync_seconds += time.perf_counter() - start

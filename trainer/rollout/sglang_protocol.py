@@ -10,6 +10,7 @@ Shared by the HTTP client, the in-process ``sglang.Engine`` variant and the prot
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest
@@ -20,28 +21,59 @@ class MalformedResponse(ValueError):
 
 
 def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
-    """SGLang ``sampling_params`` of a request."""
+    """SGLang ``sampling_params`` of a request.
+
+    ``top_k``, ``min_p`` and ``repetition_penalty`` are always sent: a server's preferred sampling
+    parameters (from the model's generation config) fill the keys a request leaves unset, and the
+    learner scores the plain ``softmax(logits / T)`` (top-p aside). ``sampling_seed`` is sent only
+    for ``n == 1``: under deterministic inference one seed makes all ``n`` samples identical (the
+    client splits such requests, see ``split_for_seeds``), and elsewhere SGLang ignores it.
+    """
     params: dict[str, Any] = {
         "n": request.n,
         "max_new_tokens": request.max_new_tokens,
         "stop_token_ids": list(request.stop_token_ids),
         "temperature": request.sampling.temperature,
         "top_p": request.sampling.top_p,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
         "min_new_tokens": request.sampling.min_new_tokens,
     }
-    if request.sampling.seed is not None:
+    if request.sampling.seed is not None and request.n == 1:
         params["sampling_seed"] = request.sampling.seed
     return params
 
 
-def generate_payload(request: GenerationRequest) -> dict[str, Any]:
-    """Body of ``POST /generate``. No input log-probs are asked for: they cap prefix reuse."""
-    return {
+def generate_payload(request: GenerationRequest, dp_size: int = 1) -> dict[str, Any]:
+    """Body of ``POST /generate``. No input log-probs are asked for: they cap prefix reuse.
+
+    With ``dp_size > 1`` the request names its data-parallel replica (``routed_dp_rank``, from its
+    routing key): SGLang's controller balances unrouted requests round-robin, which would send a
+    trace's summary forks to replicas that do not hold its KV cache.
+    """
+    body: dict[str, Any] = {
         "input_ids": list(request.input_ids),
         "sampling_params": sampling_params_payload(request),
         "return_logprob": False,
         "stream": False,
     }
+    if dp_size > 1 and request.routing_key is not None:
+        body["routed_dp_rank"] = request.routing_key % dp_size
+    return body
+
+
+def split_for_seeds(request: GenerationRequest) -> list[GenerationRequest]:
+    """A seeded ``n > 1`` request as ``n`` requests of one sample with seeds ``seed + i`` (for servers
+    in deterministic-inference mode, where one seed would give ``n`` identical samples)."""
+    if request.sampling.seed is None or request.n == 1:
+        return [request]
+    return [
+        dataclasses.replace(
+            request, n=1, sampling=dataclasses.replace(request.sampling, seed=request.sampling.seed + i)
+        )
+        for i in range(request.n)
+    ]
 
 
 def parse_generate_response(payload: Any, request: GenerationRequest) -> GenerationOutput:
@@ -73,6 +105,17 @@ def parse_generate_response(payload: Any, request: GenerationRequest) -> Generat
         prompt_tokens=prompt_tokens,
         cached_tokens=cached,
         prefilled_tokens=sum(prompt_tokens - c for c in cached),
+    )
+
+
+def merge_outputs(outputs: list[GenerationOutput]) -> GenerationOutput:
+    """One output of the one-sample outputs of a split request (their prefill counted once each)."""
+    return GenerationOutput(
+        output_ids=[ids for out in outputs for ids in out.output_ids],
+        finish_reasons=[reason for out in outputs for reason in out.finish_reasons],
+        prompt_tokens=outputs[0].prompt_tokens,
+        cached_tokens=[cached for out in outputs for cached in out.cached_tokens],
+        prefilled_tokens=sum(out.prefilled_tokens for out in outputs),
     )
 
 

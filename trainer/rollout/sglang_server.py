@@ -24,6 +24,19 @@ from trainer.rollout.sglang_protocol import parse_generate_response, sampling_pa
 logger = logging.getLogger(__name__)
 
 
+# Settings that silently kill the prefix reuse the summary forks depend on.
+_REUSE_KILLERS = {"--disable-radix-cache": "disable_radix_cache", "--strip-thinking-cache": "strip_thinking_cache"}
+
+
+def _reject_reuse_killers(arguments: Sequence[str], keywords: dict) -> None:
+    for flag, keyword in _REUSE_KILLERS.items():
+        if any(arg == flag or arg.startswith(flag + "=") for arg in arguments) or keywords.get(keyword):
+            raise ValueError(
+                f"{flag} ({keyword}) turns off the radix-cache reuse of the thinking prefix that every summary "
+                "fork relies on: each fork would re-prefill its whole trace. Remove it."
+            )
+
+
 def sglang_server_command(
     model_path: str | Path,
     port: int,
@@ -38,6 +51,7 @@ def sglang_server_command(
         raise ValueError(f"port must be in 1..65535, got {port}")
     if dp_size < 1:
         raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    _reject_reuse_killers(extra_args, {})
     command = [
         sys.executable,
         "-m",
@@ -135,7 +149,10 @@ class SGLangInProcessEngine(RolloutEngine):
         engine_kwargs: further ``sglang.Engine`` server arguments.
     """
 
-    def __init__(self, model_path: str | Path, tokenizer, **engine_kwargs) -> None:
+    def __init__(
+        self, model_path: str | Path, tokenizer, *, eos_token_ids: Sequence[int] = (), **engine_kwargs
+    ) -> None:
+        _reject_reuse_killers((), engine_kwargs)
         try:
             import sglang
         except ImportError as error:
@@ -143,7 +160,7 @@ class SGLangInProcessEngine(RolloutEngine):
                 "SGLangInProcessEngine needs the sglang package (pip install 'anytime-kernels[sglang]', "
                 "CUDA machines only); use EmbeddedEngine or SGLangEngine with a server URL instead"
             ) from error
-        super().__init__(*self.tokenizer_setup(tokenizer))
+        super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
         options = {"schedule_policy": "lpm", "skip_tokenizer_init": True, **engine_kwargs}
         self.engine = sglang.Engine(model_path=str(model_path), **options)
 
