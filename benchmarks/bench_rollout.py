@@ -102,7 +102,7 @@ def main() -> None:
                 if round_index == 0:
                     summaries[name] = batch.summary_ids
                     stats = engine.reset_stats().summarize
-                    results.add(case, name, "summary_prefill_tokens", stats.prefilled_tokens, "tokens")
+                    results.add(case, name, "summary_prefill_tokens", stats.computed_prefill_tokens, "tokens")
                     results.add(case, name, "summary_generated_tokens", stats.generated_tokens, "tokens")
                     if name == "shared":
                         results.add(case, name, "cache_hit_share", stats.cache_hit_share, "fraction")

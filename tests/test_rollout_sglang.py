@@ -54,16 +54,30 @@ def test_client_over_http_matches_the_embedded_engine_and_records_cached_tokens(
     assert traces.thinking_ids == local_traces.thinking_ids
     assert batch.summary_ids == local_batch.summary_ids
     assert torch.equal(batch.cut_lens, local_batch.cut_lens)
-    # meta_info.cached_tokens of every sample, as the server reported them, equal the in-process counts.
+    # The server's own prefill counters (/metrics) equal the in-process engine's exact accounting.
     for phase in ("think", "summarize"):
         got, want = getattr(remote.stats, phase), getattr(local.stats, phase)
-        assert (got.samples, got.prompt_tokens, got.cached_tokens) == (
-            want.samples,
-            want.prompt_tokens,
-            want.cached_tokens,
+        assert (got.samples, got.prompt_tokens) == (want.samples, want.prompt_tokens)
+        assert (got.server_prefill_compute, got.server_prefill_cache) == (
+            want.server_prefill_compute,
+            want.server_prefill_cache,
         )
-    assert remote.stats.summarize.cached_tokens > 0
+        assert want.prefilled_tokens == want.server_prefill_compute  # in-process: exact, once per request
+    assert remote.stats.summarize.server_prefill_cache > 0
     assert server.generate_served == 2 + sum(len(set(c)) for c in batch.cut_lens.tolist())
+
+
+def test_cache_figures_come_from_the_server_counters_not_meta_info(policy, server):
+    """For n > 1 SGLang reports cached_tokens = prompt_len - 1 for every sample, cached or not; the
+    hit share must come from the server's prefill counters."""
+    _, tokenizer = policy
+    remote = client(server.url, tokenizer)
+    prompt = list(range(3, 40))  # never seen: nothing of it can be cached
+    remote.think([prompt], 4, 3, GREEDY)
+    think = remote.stats.think
+    assert think.cached_tokens == 4 * (len(prompt) - 1)  # what meta_info claims
+    assert (think.server_prefill_compute, think.server_prefill_cache) == (len(prompt), 0)
+    assert think.cache_hit_share == 0.0 and think.computed_prefill_tokens == len(prompt)
 
 
 def test_ingested_traces_over_http_serve_forks_from_the_server_cache(policy, server):
@@ -78,9 +92,10 @@ def test_ingested_traces_over_http_serve_forks_from_the_server_cache(policy, ser
         batches.append(engine.summarize(ingested, BudgetSchedule(12, 2), 2, GREEDY, max_new_tokens=6))
     assert batches[0].summary_ids == batches[1].summary_ids
     assert server.engine.cached_sequences >= 1
-    # Cuts 6 and 12 of the 13-token trace: each fork is served prompt + cut from the cache.
+    # Cuts 6 and 12 of the 13-token trace: each fork (one prefill for its 2 samples) is served
+    # prompt + cut from the cache, by the server's counters as in-process.
     cached = [len(prompt) + 6, len(prompt) + 12]
-    assert remote.stats.summarize.cached_tokens == local.stats.summarize.cached_tokens == 2 * sum(cached)
+    assert remote.stats.summarize.server_prefill_cache == local.stats.summarize.server_prefill_cache == sum(cached)
 
 
 def test_model_info_flush_and_weight_sync_from_disk(policy, server, tmp_path):

@@ -106,7 +106,16 @@ class GenerationOutput:
 
 @dataclass
 class PhaseStats:
-    """Token and time accounting of one phase; token counts sum over every returned sample."""
+    """Token and time accounting of one phase.
+
+    ``prompt_tokens``/``cached_tokens`` sum over every returned sample (``meta_info``);
+    ``prefilled_tokens`` counts each request's prefill once. ``server_prefill_compute`` and
+    ``server_prefill_cache`` are the engine's own counters of prompt tokens computed and served
+    from its prefix cache during the phase (SGLang's ``sglang:realtime_tokens_total`` on
+    ``/metrics``; None where the server does not expose them): for ``n > 1`` SGLang reports
+    ``cached_tokens = prompt_len - 1`` for every sample whether or not the prompt was cached, so only
+    the counters tell a hit from a miss.
+    """
 
     requests: int = 0
     samples: int = 0
@@ -115,6 +124,16 @@ class PhaseStats:
     prefilled_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    server_prefill_compute: float | None = None
+    server_prefill_cache: float | None = None
+
+    def add_counters(self, before: dict[str, float] | None, after: dict[str, float] | None) -> None:
+        if before is None or after is None:
+            return
+        compute = after["prefill_compute"] - before["prefill_compute"]
+        cache = after["prefill_cache"] - before["prefill_cache"]
+        self.server_prefill_compute = (self.server_prefill_compute or 0.0) + compute
+        self.server_prefill_cache = (self.server_prefill_cache or 0.0) + cache
 
     def add(self, outputs: Sequence[GenerationOutput], seconds: float) -> None:
         for out in outputs:
@@ -127,8 +146,18 @@ class PhaseStats:
         self.seconds += seconds
 
     @property
+    def computed_prefill_tokens(self) -> float:
+        """Prompt tokens the engine actually computed in the phase: its counters when it has them
+        (per-request ``prefilled_tokens`` from ``meta_info`` undercounts misses for ``n > 1``)."""
+        return self.server_prefill_compute if self.server_prefill_compute is not None else self.prefilled_tokens
+
+    @property
     def cache_hit_share(self) -> float:
-        """Prompt tokens served from cache / all prompt tokens (0 when there were none)."""
+        """Prompt tokens served from cache / all prompt tokens processed, from the engine's counters
+        when it has them, else from the per-sample ``cached_tokens`` (0 when there were none)."""
+        if self.server_prefill_compute is not None and self.server_prefill_cache is not None:
+            total = self.server_prefill_compute + self.server_prefill_cache
+            return self.server_prefill_cache / total if total else 0.0
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
@@ -233,6 +262,11 @@ class RolloutEngine(abc.ABC):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         """One output per request, in request order; raises rather than drop a request."""
 
+    def prefill_counters(self) -> dict[str, float] | None:
+        """Cumulative prompt tokens the engine computed (``prefill_compute``) and served from its
+        prefix cache (``prefill_cache``), or None when it cannot tell."""
+        return None
+
     @abc.abstractmethod
     def update_weights(self, model: torch.nn.Module) -> None:
         """Load the policy's current weights into the engine and invalidate its prefix cache."""
@@ -269,9 +303,10 @@ class RolloutEngine(abc.ABC):
             )
             for prompt in prompts
         ]
-        start = time.perf_counter()
+        start, counters = time.perf_counter(), self.prefill_counters()
         outputs = self.generate(requests)
         self.stats.think.add(outputs, time.perf_counter() - start)
+        self.stats.think.add_counters(counters, self.prefill_counters())
         prompt_ids, thinking_ids, finish = [], [], []
         for request, out in zip(requests, outputs, strict=True):
             for trace in out.output_ids:
@@ -330,9 +365,10 @@ class RolloutEngine(abc.ABC):
             )
             for prompt, trace in zip(prompt_ids, thinking_ids, strict=True)
         ]
-        start = time.perf_counter()
+        start, counters = time.perf_counter(), self.prefill_counters()
         outputs = self.generate(requests)
         self.stats.ingest.add(outputs, time.perf_counter() - start)
+        self.stats.ingest.add_counters(counters, self.prefill_counters())
         finish = [self._trace_finish(trace) for trace in thinking_ids]
         return ThinkingBatch(prompt_ids, thinking_ids, finish, group_size)
 
@@ -360,9 +396,10 @@ class RolloutEngine(abc.ABC):
             )
             for fork in forks
         ]
-        start = time.perf_counter()
+        start, counters = time.perf_counter(), self.prefill_counters()
         outputs = self.generate(requests)
         self.stats.summarize.add(outputs, time.perf_counter() - start)
+        self.stats.summarize.add_counters(counters, self.prefill_counters())
         summary_ids, summary_finish = deal_summaries(forks, outputs, cut_lens, num_summaries)
         inserted_ids = [[] for _ in range(traces.num_traces)]
         for fork in forks:

@@ -146,6 +146,7 @@ class EmbeddedEngine(RolloutEngine):
         self.device = next(model.parameters()).device
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._index: RadixIndex[_StoredSequence] = RadixIndex()
+        self._prefill_compute = self._prefill_cache = 0
         parameters = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` after 5.17.
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -157,6 +158,10 @@ class EmbeddedEngine(RolloutEngine):
 
     def flush_cache(self) -> None:
         self._index.clear()
+
+    def prefill_counters(self) -> dict[str, float]:
+        """Exact: every prefill computes the uncached part of its prompt once (its n samples share it)."""
+        return {"prefill_compute": float(self._prefill_compute), "prefill_cache": float(self._prefill_cache)}
 
     def update_weights(self, model: torch.nn.Module) -> None:
         start = time.perf_counter()
@@ -188,6 +193,9 @@ class EmbeddedEngine(RolloutEngine):
         batch = [requests[i] for i in chunk]
         prefilled = [self._prefill(request) for request in batch]
         samples = self._decode(batch, prefilled)
+        for pre, request in zip(prefilled, batch, strict=True):
+            self._prefill_compute += len(request.input_ids) - pre.cached
+            self._prefill_cache += pre.cached
         for i, request, pre, (ids, reasons, logprobs) in zip(chunk, batch, prefilled, samples, strict=True):
             outputs[i] = GenerationOutput(
                 output_ids=ids,

@@ -45,6 +45,7 @@ class ProtocolServer:
         self.hang_seconds = 5.0
         self.weight_version = "default"
         self.generate_served = 0
+        self.decoded_tokens = 0
         self.routed_dp_ranks: list[int] = []  # the routed_dp_rank of every /generate body that named one
         self._faults: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
@@ -106,6 +107,7 @@ class ProtocolServer:
         with self._lock:
             outputs = self.engine.generate(requests)
             self.generate_served += 1
+            self.decoded_tokens += sum(len(ids) for out in outputs for ids in out.output_ids)
         text = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
         samples = []
         for request, output in zip(requests, outputs, strict=True):
@@ -113,6 +115,17 @@ class ProtocolServer:
         for sample in samples:
             sample["meta_info"]["weight_version"] = self.weight_version
         return samples[0] if single and requests[0].n == 1 else samples
+
+    def metrics_text(self) -> str:
+        """``/metrics`` as a server started with ``--enable-metrics`` answers it (the counters the
+        client reads): prompt tokens computed and served from the prefix cache, tokens decoded."""
+        counters = self.engine.prefill_counters()
+        labels = f'model_name="{self.model_path}",priority=""'
+        lines = ["# TYPE sglang:realtime_tokens_total counter"]
+        for mode in ("prefill_compute", "prefill_cache"):
+            lines.append(f'sglang:realtime_tokens_total{{{labels},mode="{mode}"}} {counters[mode]}')
+        lines.append(f'sglang:realtime_tokens_total{{{labels},mode="decode"}} {float(self.decoded_tokens)}')
+        return "\n".join(lines) + "\n"
 
     def update_weights_from_disk(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         files = sorted(Path(str(body.get("model_path", ""))).glob("*.safetensors"))
@@ -206,6 +219,8 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
                 self._json(200, server.model_info())
             elif path == "/flush_cache":
                 self._flush()
+            elif path == "/metrics":
+                self._send(200, server.metrics_text().encode(), "text/plain; version=0.0.4")
             else:
                 self._json(404, {"error": {"message": f"no route {path}"}})
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ from trainer.rollout.sglang_protocol import (
 )
 
 logger = logging.getLogger(__name__)
+# One sample of SGLang's prefill/decode token counter: its mode label and its value.
+_REALTIME_TOKENS = re.compile(r'^sglang:realtime_tokens_total\{[^}]*mode="([a-z_]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
 
 
 class SGLangServerError(RuntimeError):
@@ -100,6 +103,7 @@ class SGLangEngine(RolloutEngine):
         self._round_robin = itertools.count()
         self._local = threading.local()
         self._weight_version = 0
+        self._warned_no_metrics = False
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -182,6 +186,26 @@ class SGLangEngine(RolloutEngine):
                     f"{url} sampled with weight version {version}, but the policy is at {self._weight_version}: "
                     "the server did not load the last weight update"
                 )
+
+    def prefill_counters(self) -> dict[str, float] | None:
+        """The servers' own prefill counters (``sglang:realtime_tokens_total`` on ``/metrics``,
+        summed over servers and labels); None when a server runs without ``--enable-metrics``."""
+        totals = {"prefill_compute": 0.0, "prefill_cache": 0.0}
+        for url in dict.fromkeys(self.urls):  # a URL listed twice is one server
+            try:
+                response = self._session().get(url + "/metrics", timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout):
+                return None
+            if response.status_code != 200:
+                if not self._warned_no_metrics:
+                    logger.warning("%s has no /metrics (start it with --enable-metrics): cache figures come from "
+                                   "meta_info, which overstate hits for n > 1", url)  # fmt: skip
+                    self._warned_no_metrics = True
+                return None
+            for mode, value in _REALTIME_TOKENS.findall(response.text):
+                if mode in totals:
+                    totals[mode] += float(value)
+        return totals
 
     def model_info(self) -> dict[str, Any]:
         """``/model_info`` of the first server (``/get_model_info`` is deprecated)."""

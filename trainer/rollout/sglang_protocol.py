@@ -104,7 +104,9 @@ def parse_generate_response(payload: Any, request: GenerationRequest) -> Generat
         finish_reasons=reasons,
         prompt_tokens=prompt_tokens,
         cached_tokens=cached,
-        prefilled_tokens=sum(prompt_tokens - c for c in cached),
+        # Once per request: the n samples share one prefill. (For n > 1 SGLang reports
+        # prompt_len - 1 cached tokens per sample whatever it computed; the counters tell.)
+        prefilled_tokens=prompt_tokens - min(cached),
     )
 
 
@@ -120,11 +122,14 @@ def merge_outputs(outputs: list[GenerationOutput]) -> GenerationOutput:
 
 
 def response_samples(output: GenerationOutput, request: GenerationRequest, rid: str, text=None) -> list[dict]:
-    """SGLang's per-sample response dicts for ``output`` (the protocol server's side)."""
+    """SGLang's per-sample response dicts for ``output`` (the protocol server's side).
+
+    As SGLang does for ``n > 1`` (a hidden prefill-only request first, then every copy reads the
+    prompt from cache), each sample reports ``cached_tokens = prompt_len - 1``.
+    """
     samples = []
-    for i, (ids, reason, cached) in enumerate(
-        zip(output.output_ids, output.finish_reasons, output.cached_tokens, strict=True)
-    ):
+    reported = output.cached_tokens if request.n == 1 else [output.prompt_tokens - 1] * request.n
+    for i, (ids, reason, cached) in enumerate(zip(output.output_ids, output.finish_reasons, reported, strict=True)):
         finish = {"type": "stop", "matched": ids[-1]} if reason == "stop" else {"type": "length", "length": len(ids)}
         sample = {
             "output_ids": ids,
