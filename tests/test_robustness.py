@@ -21,7 +21,8 @@ from trainer.config import load_config
 from trainer.data import DataError
 from trainer.loop import Trainer
 from trainer.models import load_model
-from trainer.rollout import EmbeddedEngine, ProtocolServer, SGLangServerError
+from trainer.rollout import EmbeddedEngine, SGLangServerError
+from trainer.rollout.testing import ProtocolServer
 
 # A reward with signal for an untrained model (the length of the text modulo 3), so every RL step
 # changes the parameters and the comparison below cannot pass vacuously.

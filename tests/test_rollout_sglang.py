@@ -8,8 +8,9 @@ import torch
 from fixtures.tiny_policy import tiny_policy
 
 from trainer.budgets import BudgetSchedule
-from trainer.rollout import EmbeddedEngine, ProtocolServer, SamplingParams, SGLangEngine, SGLangServerError
+from trainer.rollout import EmbeddedEngine, SamplingParams, SGLangEngine, SGLangServerError
 from trainer.rollout.sglang_server import SGLangInProcessEngine, sglang_server_command, wait_for_health
+from trainer.rollout.testing import ProtocolServer
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -171,7 +172,7 @@ def test_server_command_health_wait_and_missing_sglang(policy, server):
     command = sglang_server_command("/models/policy", 31000, dp_size=2)
     assert command[1:] == [
         "-m", "sglang.launch_server", "--model-path", "/models/policy", "--host", "127.0.0.1", "--port", "31000",
-        "--schedule-policy", "lpm", "--skip-tokenizer-init", "--dp-size", "2",
+        "--schedule-policy", "lpm", "--radix-eviction-policy", "priority", "--enable-metrics", "--skip-tokenizer-init", "--dp-size", "2",
     ]  # fmt: skip
     assert "--disable-radix-cache" not in command
     wait_for_health(server.url, timeout_s=5)

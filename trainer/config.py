@@ -110,6 +110,9 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling threshold", 1.0)
     summary_max_new_tokens: int = _help("summary cap (the authors: 128 - 10 = 118)", 118)
     max_batch_rows: int = _help("embedded engine: sampled rows decoded together", 64)
+    stream_window: int = _help(
+        "prompts thinking at once while finished prompts' summary forks run (0: all); size it so the "
+        "window's traces fit the engine's KV cache", 0)  # fmt: skip
     reward: str = _help("reward by name: synthetic or math (or a registered one / module:function)", "synthetic")
 
 
@@ -382,6 +385,7 @@ def validate(config: RunConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
     _check(r.max_batch_rows >= 1, "rollout.max_batch_rows", r.max_batch_rows, ">= 1")
+    _check(r.stream_window >= 0, "rollout.stream_window", r.stream_window, ">= 0 prompts (0: all)")
     _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype, "float32 or bfloat16")
     _check(config.model.tokenizer in ("synthetic", "model"), "model.tokenizer", config.model.tokenizer,
            "synthetic or model")  # fmt: skip

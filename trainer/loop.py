@@ -89,13 +89,17 @@ class Trainer:
         batch = rollout_metrics = None
         if self.context.is_main:
             prompts = p.sampler.batch(step)
-            with timer.phase("think"):
-                traces = p.engine.think([q.token_ids for q in prompts], c.rollout.group_size, c.method.b_max,
-                                        self.sampling)  # fmt: skip
-            with timer.phase("summarize"):
-                rollouts = p.engine.summarize(
-                    traces, p.schedule, c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens
-                )
+            # Think and summarize overlap (a prompt's forks go out once its traces are back); the
+            # engine splits the wall time: until the last trace is back, and the rest.
+            if timer.display is not None:
+                timer.display.phase("rollout")
+            seen = p.engine.stats.think.seconds, p.engine.stats.summarize.seconds
+            traces, rollouts = p.engine.rollout(
+                [q.token_ids for q in prompts], c.rollout.group_size, c.method.b_max, p.schedule,
+                c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens, window=c.rollout.stream_window,
+            )  # fmt: skip
+            timer.seconds["think"] = p.engine.stats.think.seconds - seen[0]
+            timer.seconds["summarize"] = p.engine.stats.summarize.seconds - seen[1]
             with timer.phase("score"):
                 answers = [q.answer for q in prompts for _ in range(c.rollout.group_size)]
                 scored = score_rollouts(

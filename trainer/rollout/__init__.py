@@ -2,7 +2,8 @@
 
 ``EmbeddedEngine`` (a Hugging Face model in this process, CPU or CUDA) and ``SGLangEngine``
 (HTTP client of ``sglang.launch_server``) share the interface of ``RolloutEngine``;
-``SGLangInProcessEngine`` wraps ``sglang.Engine`` for colocated training.
+``SGLangInProcessEngine`` wraps ``sglang.Engine`` for colocated training. The SGLang-protocol
+test server lives apart, in ``trainer.rollout.testing``.
 """
 
 from trainer.rollout.base import (
@@ -18,7 +19,6 @@ from trainer.rollout.base import (
 )
 from trainer.rollout.embedded import EmbeddedEngine
 from trainer.rollout.forks import Fork, deal_summaries, plan_forks
-from trainer.rollout.protocol_server import ProtocolServer
 from trainer.rollout.radix import RadixIndex
 from trainer.rollout.sglang_client import SGLangEngine, SGLangServerError
 from trainer.rollout.sglang_server import SGLangInProcessEngine, SGLangServerProcess, sglang_server_command
@@ -30,7 +30,6 @@ __all__ = [
     "GenerationOutput",
     "GenerationRequest",
     "PhaseStats",
-    "ProtocolServer",
     "RadixIndex",
     "RolloutEngine",
     "RolloutStats",

@@ -11,7 +11,10 @@ are built on it here, identically for every engine:
   trace of ``think`` would be;
 - :meth:`RolloutEngine.summarize` cuts every trace at its budget slots (``trainer/budgets.py``)
   and forks ``k * A`` summaries from every distinct cut shared by k slots, from the prompt
-  ``prompt + z[:c] + inserted``; the engine serves ``prompt + z[:c]`` from its prefix cache.
+  ``prompt + z[:c] + inserted``; the engine serves ``prompt + z[:c]`` from its prefix cache;
+- :meth:`RolloutEngine.rollout` does both with the forks of a prompt sent as soon as its traces
+  are back (what the trainer uses): traces are still cached when their forks arrive even when the
+  step's KV does not fit the cache.
 
 The engine, the reward oracle and the learner exchange the plain dataclasses defined here.
 """
@@ -19,6 +22,7 @@ The engine, the reward oracle and the learner exchange the plain dataclasses def
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -27,11 +31,15 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.budgets import BudgetSchedule, Delimiters
-from trainer.rollout.forks import deal_summaries, plan_forks
+from trainer.rollout.forks import Fork, deal_summaries, plan_forks
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_MAX_NEW_TOKENS = 118  # the authors' 128 - 10 (ARCHITECTURE.md)
+# SGLang request priorities (higher is kept longer under --radix-eviction-policy priority): a
+# finished trace is still needed by its forks, a fork's own cached output never is.
+TRACE_PRIORITY = 1
+FORK_PRIORITY = 0
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,10 @@ class GenerationRequest:
     ``cache_output`` asks an engine that manages its own prefix cache to keep the finished
     sequences (the traces that summaries fork from); SGLang's radix cache keeps everything.
     ``routing_key`` sends requests with the same key to the same data-parallel server (the think
-    request of a prompt and all its forks share the prompt's key).
+    request of a prompt and all its forks share the prompt's key). ``priority`` is SGLang's request
+    priority: under ``--radix-eviction-policy priority`` the cache evicts the sequences of
+    lower-priority requests first (traces are sent above their forks, so a fork's output goes before
+    a trace that other forks still need).
     """
 
     input_ids: tuple[int, ...]
@@ -73,6 +84,7 @@ class GenerationRequest:
     sampling: SamplingParams
     cache_output: bool = False
     routing_key: int | None = None
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if len(self.input_ids) == 0:
@@ -122,6 +134,7 @@ class PhaseStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     prefilled_tokens: int = 0
+    request_prompt_tokens: int = 0  # prompt tokens once per request (the n samples share a prompt)
     generated_tokens: int = 0
     seconds: float = 0.0
     server_prefill_compute: float | None = None
@@ -142,6 +155,7 @@ class PhaseStats:
             self.prompt_tokens += out.prompt_tokens * len(out.output_ids)
             self.cached_tokens += sum(out.cached_tokens)
             self.prefilled_tokens += out.prefilled_tokens
+            self.request_prompt_tokens += out.prompt_tokens
             self.generated_tokens += sum(len(ids) for ids in out.output_ids)
         self.seconds += seconds
 
@@ -169,6 +183,10 @@ class RolloutStats:
     ingest: PhaseStats = field(default_factory=PhaseStats)
     summarize: PhaseStats = field(default_factory=PhaseStats)
     weight_sync_seconds: float = 0.0
+    # An overlapped rollout (:meth:`RolloutEngine.rollout`): ``think`` and ``summarize`` get its
+    # samples and split its wall time (until the last trace is back / the rest), while the
+    # engine's prefill counters, which cannot tell the overlapping phases apart, go here whole.
+    rollout: PhaseStats = field(default_factory=PhaseStats)
 
 
 @dataclass
@@ -288,10 +306,20 @@ class RolloutEngine(abc.ABC):
         sampling: SamplingParams,
     ) -> ThinkingBatch:
         """Sample ``group_size`` traces of at most ``max_tokens`` (b_max) tokens per prompt."""
+        requests = self._think_requests(prompts, group_size, max_tokens, sampling)
+        start, counters = time.perf_counter(), self.prefill_counters()
+        outputs = self.generate(requests)
+        self.stats.think.add(outputs, time.perf_counter() - start)
+        self.stats.think.add_counters(counters, self.prefill_counters())
+        return self._thinking_batch(requests, outputs, group_size)
+
+    def _think_requests(
+        self, prompts: Sequence[Sequence[int]], group_size: int, max_tokens: int, sampling: SamplingParams
+    ) -> list[GenerationRequest]:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         stop_ids = (self.delimiters.think_end_id, *self.eos_token_ids)
-        requests = [
+        return [
             GenerationRequest(
                 input_ids=tuple(int(t) for t in prompt),
                 n=group_size,
@@ -300,13 +328,14 @@ class RolloutEngine(abc.ABC):
                 sampling=sampling,
                 cache_output=True,
                 routing_key=prompt_key(prompt),
+                priority=TRACE_PRIORITY,
             )
             for prompt in prompts
         ]
-        start, counters = time.perf_counter(), self.prefill_counters()
-        outputs = self.generate(requests)
-        self.stats.think.add(outputs, time.perf_counter() - start)
-        self.stats.think.add_counters(counters, self.prefill_counters())
+
+    def _thinking_batch(
+        self, requests: Sequence[GenerationRequest], outputs: Sequence[GenerationOutput], group_size: int
+    ) -> ThinkingBatch:
         prompt_ids, thinking_ids, finish = [], [], []
         for request, out in zip(requests, outputs, strict=True):
             for trace in out.output_ids:
@@ -362,6 +391,7 @@ class RolloutEngine(abc.ABC):
                 sampling=SamplingParams(temperature=0),
                 cache_output=True,
                 routing_key=prompt_key(prompt),
+                priority=TRACE_PRIORITY,
             )
             for prompt, trace in zip(prompt_ids, thinking_ids, strict=True)
         ]
@@ -381,10 +411,89 @@ class RolloutEngine(abc.ABC):
         max_new_tokens: int = SUMMARY_MAX_NEW_TOKENS,
     ) -> SummaryBatch:
         """Fork ``num_summaries`` (A) summaries per budget slot from every distinct cut of every trace."""
+        forks, requests = self._fork_requests(traces, 0, schedule, num_summaries, sampling,
+                                              max_new_tokens)  # fmt: skip
+        start, counters = time.perf_counter(), self.prefill_counters()
+        outputs = self.generate(requests)
+        self.stats.summarize.add(outputs, time.perf_counter() - start)
+        self.stats.summarize.add_counters(counters, self.prefill_counters())
+        return self._summary_batch(traces, schedule, forks, outputs, num_summaries)
+
+    def rollout(
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int,
+        max_tokens: int,
+        schedule: BudgetSchedule,
+        num_summaries: int,
+        sampling: SamplingParams,
+        max_new_tokens: int = SUMMARY_MAX_NEW_TOKENS,
+        *,
+        window: int = 0,
+    ) -> tuple[ThinkingBatch, SummaryBatch]:
+        """:meth:`think` then :meth:`summarize`, overlapped: the forks of a prompt go out with the
+        next prompts' think requests instead of after every trace of the step.
+
+        Here (one ``generate`` call at a time, as the embedded engine serves) prompts think in
+        windows of ``window`` (0: all at once, which is ``think`` then ``summarize`` exactly); each
+        ``generate`` call carries one window's think requests and the previous window's forks, so
+        summaries of finished prompts decode in the same batches as the next prompts' traces, and
+        a trace waits for its forks through one window only. Engines that serve requests
+        concurrently override this to send each prompt's forks the moment its traces are back.
+
+        Returns the same ``(ThinkingBatch, SummaryBatch)`` as the two calls.
+        """
+        if window < 0:
+            raise ValueError(f"window must be >= 0 prompts (0: all), got {window}")
+        think_requests = self._think_requests(prompts, group_size, max_tokens, sampling)
+        size = window or max(len(think_requests), 1)
+        windows = [list(range(i, min(i + size, len(think_requests)))) for i in range(0, len(think_requests), size)]
+        think_outputs: list[GenerationOutput | None] = [None] * len(think_requests)
+        forks: list[Fork] = []
+        fork_outputs: list[GenerationOutput] = []
+        pending: tuple[list[Fork], list[GenerationRequest]] = ([], [])
+        rollout_start, counters = time.perf_counter(), self.prefill_counters()
+        for step in range(len(windows) + 1):
+            batch = [think_requests[p] for p in windows[step]] if step < len(windows) else []
+            start = time.perf_counter()
+            outputs = self.generate(batch + pending[1])
+            seconds = time.perf_counter() - start
+            self.stats.think.add(outputs[: len(batch)], seconds if batch else 0.0)
+            self.stats.summarize.add(outputs[len(batch) :], 0.0 if batch else seconds)
+            forks += pending[0]
+            fork_outputs += outputs[len(batch) :]
+            for p, out in zip(windows[step] if batch else [], outputs[: len(batch)], strict=True):
+                think_outputs[p] = out
+            if batch:
+                done = self._thinking_batch(batch, outputs[: len(batch)], group_size)
+                first = windows[step][0] * group_size
+                pending = self._fork_requests(done, first, schedule, num_summaries, sampling,
+                                              max_new_tokens)  # fmt: skip
+            else:
+                pending = ([], [])
+        self.stats.rollout.add([], time.perf_counter() - rollout_start)
+        self.stats.rollout.add_counters(counters, self.prefill_counters())
+        traces = self._thinking_batch(think_requests, think_outputs, group_size)
+        return traces, self._summary_batch(traces, schedule, forks, fork_outputs, num_summaries)
+
+    def _fork_requests(
+        self,
+        traces: ThinkingBatch,
+        first_trace: int,
+        schedule: BudgetSchedule,
+        num_summaries: int,
+        sampling: SamplingParams,
+        max_new_tokens: int,
+    ) -> tuple[list[Fork], list[GenerationRequest]]:
+        """The forks of the traces of ``traces`` (numbered from ``first_trace`` in the step), cuts
+        ascending per trace, and their requests."""
         if num_summaries < 1:
             raise ValueError(f"num_summaries must be >= 1, got {num_summaries}")
         cut_lens = schedule.cuts(traces.thinking_lens)
-        forks = plan_forks(traces.prompt_ids, traces.thinking_ids, cut_lens, self.delimiters, num_summaries)
+        forks = [
+            dataclasses.replace(fork, trace=fork.trace + first_trace)
+            for fork in plan_forks(traces.prompt_ids, traces.thinking_ids, cut_lens, self.delimiters, num_summaries)
+        ]
         requests = [
             GenerationRequest(
                 input_ids=fork.input_ids,
@@ -392,17 +501,25 @@ class RolloutEngine(abc.ABC):
                 max_new_tokens=max_new_tokens,
                 stop_token_ids=self.eos_token_ids,
                 sampling=sampling,
-                routing_key=prompt_key(traces.prompt_ids[fork.trace]),
+                routing_key=prompt_key(traces.prompt_ids[fork.trace - first_trace]),
+                priority=FORK_PRIORITY,
             )
             for fork in forks
         ]
-        start, counters = time.perf_counter(), self.prefill_counters()
-        outputs = self.generate(requests)
-        self.stats.summarize.add(outputs, time.perf_counter() - start)
-        self.stats.summarize.add_counters(counters, self.prefill_counters())
+        return forks, requests
+
+    def _summary_batch(
+        self,
+        traces: ThinkingBatch,
+        schedule: BudgetSchedule,
+        forks: Sequence[Fork],
+        outputs: Sequence[GenerationOutput],
+        num_summaries: int,
+    ) -> SummaryBatch:
+        cut_lens = schedule.cuts(traces.thinking_lens)
         summary_ids, summary_finish = deal_summaries(forks, outputs, cut_lens, num_summaries)
         inserted_ids = [[] for _ in range(traces.num_traces)]
-        for fork in forks:
+        for fork in sorted(forks, key=lambda fork: (fork.trace, fork.cut)):
             inserted_ids[fork.trace].append(fork.inserted_ids)
         return SummaryBatch(
             prompt_ids=[list(p) for p in traces.prompt_ids],

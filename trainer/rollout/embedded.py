@@ -13,6 +13,10 @@ The default engine on one machine and the CPU path. Requests are served in chunk
 3. a finished row of a request with ``cache_output`` stores its keys/values (input and output
    except the last sampled token, which was never fed) under its token ids in the radix index.
 
+With ``kv_budget_tokens`` the stored sequences hold at most that many tokens: storing past it
+evicts whole sequences, lowest request ``priority`` first and least recently used (stored or
+matched) among equals, as SGLang's radix cache does with ``--radix-eviction-policy priority``.
+
 With ``prefix_sharing=False`` nothing is stored or looked up: every request prefills its whole
 input (the baseline of ``benchmarks/bench_rollout.py`` and the reference of the tests).
 """
@@ -41,6 +45,9 @@ class _StoredSequence:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    tokens: tuple[int, ...] = ()
+    priority: int = 0
+    last_access: int = 0
 
 
 @dataclass
@@ -125,6 +132,7 @@ class EmbeddedEngine(RolloutEngine):
         prefix_sharing: serve cached prefixes from the radix index of finished traces.
         max_batch_rows: most sampled rows decoded together.
         seed: seed of the sampling generator (a request's ``sampling.seed`` reseeds it).
+        kv_budget_tokens: most tokens the stored sequences may hold (None: unbounded); see above.
     """
 
     def __init__(
@@ -136,10 +144,18 @@ class EmbeddedEngine(RolloutEngine):
         max_batch_rows: int = 64,
         seed: int = 0,
         eos_token_ids: Sequence[int] = (),
+        kv_budget_tokens: int | None = None,
     ) -> None:
         super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        if kv_budget_tokens is not None and kv_budget_tokens < 1:
+            raise ValueError(f"kv_budget_tokens must be >= 1 or None, got {kv_budget_tokens}")
+        self.kv_budget_tokens = kv_budget_tokens
+        self._stored: dict[tuple[int, ...], _StoredSequence] = {}
+        self._stored_tokens = 0
+        self._clock = 0
+        self.evicted_sequences = 0
         self.model = model.eval()
         self.prefix_sharing = prefix_sharing
         self.max_batch_rows = max_batch_rows
@@ -147,6 +163,7 @@ class EmbeddedEngine(RolloutEngine):
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
         self._index: RadixIndex[_StoredSequence] = RadixIndex()
         self._prefill_compute = self._prefill_cache = 0
+        self._prefill_by_priority: dict[int, list[int]] = {}
         parameters = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` after 5.17.
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -156,11 +173,22 @@ class EmbeddedEngine(RolloutEngine):
         """Number of finished sequences held in the prefix index."""
         return len(self._index)
 
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens held by the stored sequences (what ``kv_budget_tokens`` bounds)."""
+        return self._stored_tokens
+
     def flush_cache(self) -> None:
         self._index.clear()
+        self._stored.clear()
+        self._stored_tokens = 0
 
-    def prefill_counters(self) -> dict[str, float]:
-        """Exact: every prefill computes the uncached part of its prompt once (its n samples share it)."""
+    def prefill_counters(self, priority: int | None = None) -> dict[str, float]:
+        """Exact: every prefill computes the uncached part of its prompt once (its n samples share it).
+        ``priority``: of the requests of that priority only (SGLang labels its counters with it)."""
+        if priority is not None:
+            compute, cache = self._prefill_by_priority.get(priority, (0, 0))
+            return {"prefill_compute": float(compute), "prefill_cache": float(cache)}
         return {"prefill_compute": float(self._prefill_compute), "prefill_cache": float(self._prefill_cache)}
 
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -196,6 +224,9 @@ class EmbeddedEngine(RolloutEngine):
         for pre, request in zip(prefilled, batch, strict=True):
             self._prefill_compute += len(request.input_ids) - pre.cached
             self._prefill_cache += pre.cached
+            counts = self._prefill_by_priority.setdefault(request.priority, [0, 0])
+            counts[0] += len(request.input_ids) - pre.cached
+            counts[1] += pre.cached
         for i, request, pre, (ids, reasons, logprobs) in zip(chunk, batch, prefilled, samples, strict=True):
             outputs[i] = GenerationOutput(
                 output_ids=ids,
@@ -223,6 +254,9 @@ class EmbeddedEngine(RolloutEngine):
         stored, cached = self._index.match(ids) if self.prefix_sharing else (None, 0)
         # At least one token is computed: its logits give the first sample.
         cached = min(cached, len(ids) - 1)
+        if stored is not None:
+            self._clock += 1
+            stored.last_access = self._clock
         if stored is None or cached == 0:
             cache, cached = DynamicCache(), 0
         else:
@@ -308,7 +342,7 @@ class EmbeddedEngine(RolloutEngine):
             else:
                 continue
             if request.cache_output and self.prefix_sharing:
-                self._store(cache, position, mask, request.input_ids, rows.outputs[row])
+                self._store(cache, position, mask, request, rows.outputs[row])
 
     @staticmethod
     def _worth_compacting(rows: _DecodeRows, present: list[int], keep: list[int]) -> bool:
@@ -317,15 +351,40 @@ class EmbeddedEngine(RolloutEngine):
         steps_left = max(rows.request(row).max_new_tokens - len(rows.outputs[row]) for row in present)
         return (len(present) - len(keep)) * steps_left >= 2 * len(present)
 
-    def _store(self, cache: DynamicCache, position: int, mask: torch.Tensor, input_ids, output_ids) -> None:
-        """Keep a finished row's keys/values for ``input + output[:-1]`` (the last token has none)."""
-        length = len(input_ids) + len(output_ids) - 1
+    def _store(self, cache: DynamicCache, position: int, mask: torch.Tensor, request, output_ids) -> None:
+        """Keep a finished row's keys/values for ``input + output[:-1]`` (the last token has none),
+        then evict down to the budget."""
+        tokens = tuple(request.input_ids) + tuple(output_ids[:-1])
+        length = len(tokens)
         end = mask.shape[1]
+        self._clock += 1
         stored = _StoredSequence(
             keys=[layer.keys[position, :, end - length : end].clone() for layer in cache.layers],
             values=[layer.values[position, :, end - length : end].clone() for layer in cache.layers],
+            tokens=tokens,
+            priority=request.priority,
+            last_access=self._clock,
         )
-        self._index.insert(tuple(input_ids) + tuple(output_ids[:-1]), stored)
+        previous = self._stored.pop(tokens, None)
+        if previous is not None:
+            self._stored_tokens -= len(previous.tokens)
+        self._index.insert(tokens, stored)
+        self._stored[tokens] = stored
+        self._stored_tokens += length
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop stored sequences (lowest priority, then least recently used) until within budget."""
+        if self.kv_budget_tokens is None or self._stored_tokens <= self.kv_budget_tokens:
+            return
+        order = sorted(self._stored.values(), key=lambda seq: (seq.priority, seq.last_access))
+        for victim in order:
+            if self._stored_tokens <= self.kv_budget_tokens:
+                break
+            self._index.remove(victim.tokens)
+            del self._stored[victim.tokens]
+            self._stored_tokens -= len(victim.tokens)
+            self.evicted_sequences += 1
 
     @staticmethod
     def _select_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:

@@ -18,7 +18,8 @@ Value = TypeVar("Value")
 @dataclass
 class _Node(Generic[Value]):
     edge: tuple[int, ...]
-    value: Value | None
+    value: Value | None  # of one stored sequence that passes through this node
+    terminal: Value | None = None  # of the stored sequence that ends at this node
     children: dict[int, _Node[Value]] = field(default_factory=dict)
 
 
@@ -49,7 +50,7 @@ class RadixIndex(Generic[Value]):
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:
-                node.children[tokens[pos]] = _Node(edge=tokens[pos:], value=value)
+                node.children[tokens[pos]] = _Node(edge=tokens[pos:], value=value, terminal=value)
                 self._size += 1
                 return
             shared = _common_length(child.edge, tokens, pos)
@@ -62,7 +63,34 @@ class RadixIndex(Generic[Value]):
             else:
                 child.value = value
             node, pos = child, pos + shared
-        self._size += 1
+        if node.terminal is None:
+            self._size += 1
+        node.terminal = value
+
+    def remove(self, tokens: Sequence[int]) -> None:
+        """Forget the stored sequence ``tokens`` (evicted): nodes only it passed through go, and the
+        nodes it shares with other sequences name one of those instead."""
+        tokens = tuple(int(t) for t in tokens)
+        path, node, pos = [], self._root, 0
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None or tokens[pos : pos + len(child.edge)] != child.edge:
+                break
+            path.append((node, child))
+            node, pos = child, pos + len(child.edge)
+        if pos != len(tokens) or node.terminal is None:
+            raise KeyError(f"no stored sequence of exactly these {len(tokens)} tokens")
+        removed, node.terminal = node.terminal, None
+        for parent, child in reversed(path):
+            if child.value is not removed:
+                continue
+            if child.terminal is None and not child.children:
+                del parent.children[child.edge[0]]
+            else:
+                child.value = (
+                    child.terminal if child.terminal is not None else next(iter(child.children.values())).value
+                )
+        self._size -= 1
 
     def match(self, tokens: Sequence[int]) -> tuple[Value | None, int]:
         """``(value, length)`` of the longest prefix of ``tokens`` that a stored sequence shares."""

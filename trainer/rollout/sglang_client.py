@@ -4,7 +4,7 @@ Requests go concurrently (a thread pool) to several data-parallel server URLs or
 sglang-router URL. Every request of a prompt, its think request and all its summary forks,
 goes to the same server (the routing key is the prompt), so the forks find the finished trace in
 that server's radix cache. Connection errors, timeouts, 5xx answers and malformed bodies are
-retried with exponential backoff; after the last try the engine raises
+retried with exponential backoff, and so are requests the server aborted; after the last try the engine raises
 :class:`SGLangServerError` naming the server and the cause. A 4xx answer is not retried.
 
 Weight sync saves the policy as safetensors into ``weights_dir`` and asks every server to
@@ -27,11 +27,23 @@ from typing import Any
 import requests
 import torch
 
-from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
+from trainer.budgets import BudgetSchedule
+from trainer.rollout.base import (
+    SUMMARY_MAX_NEW_TOKENS,
+    GenerationOutput,
+    GenerationRequest,
+    RolloutEngine,
+    SamplingParams,
+    SummaryBatch,
+    ThinkingBatch,
+)
 from trainer.rollout.sglang_protocol import (
+    AbortedRequest,
     MalformedResponse,
+    batch_payload,
     generate_payload,
     merge_outputs,
+    parse_batch_response,
     parse_generate_response,
     split_for_seeds,
 )
@@ -149,15 +161,31 @@ class SGLangEngine(RolloutEngine):
     def _generate_one(self, request: GenerationRequest) -> GenerationOutput:
         if self.deterministic and request.sampling.seed is not None and request.n > 1:
             return merge_outputs([self._generate_one(part) for part in split_for_seeds(request)])
-        url = self._url_for(request)
         body = generate_payload(request, self.dp_size)
+        return self._post_generate(
+            self._url_for(request), body, lambda payload: parse_generate_response(payload, request)
+        )
+
+    def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        """Requests of one routing key, priority and ``n`` as one ``/generate`` batch body."""
+        if len(requests) == 1 or (self.deterministic and requests[0].sampling.seed is not None):
+            return [self._generate_one(request) for request in requests]
+        body = batch_payload(list(requests), self.dp_size)
+        return self._post_generate(
+            self._url_for(requests[0]), body, lambda payload: parse_batch_response(payload, list(requests))
+        )
+
+    def _post_generate(self, url: str, body: dict, parse):
+        """POST a ``/generate`` body and parse the answer; malformed and aborted answers are retried."""
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             response = self._call(url, "/generate", body=body)
             try:
                 payload = response.json()
                 self._check_weight_version(url, payload)
-                return parse_generate_response(payload, request)
+                return parse(payload)
+            except AbortedRequest as error:
+                failure = str(error)
             except (ValueError, MalformedResponse) as error:
                 failure = f"malformed response: {error}"
             if attempt + 1 < attempts:
@@ -171,6 +199,71 @@ class SGLangEngine(RolloutEngine):
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(requests))) as pool:
             futures = [pool.submit(self._generate_one, request) for request in requests]
             return [future.result() for future in futures]
+
+    def rollout(
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int,
+        max_tokens: int,
+        schedule: BudgetSchedule,
+        num_summaries: int,
+        sampling: SamplingParams,
+        max_new_tokens: int = SUMMARY_MAX_NEW_TOKENS,
+        *,
+        window: int = 0,
+    ) -> tuple[ThinkingBatch, SummaryBatch]:
+        """Streaming forks: each prompt's forks are sent the moment its think request returns, while
+        other prompts still think, so a trace is still in the server's radix cache when its forks
+        arrive even when the step's traces do not all fit. Each trace's forks go as one batch per
+        ``n`` (cuts ascending), on the prompt's server and replica; traces are sent with a higher
+        ``priority`` than forks (start servers with ``--radix-eviction-policy priority``).
+
+        ``window``: most prompts thinking at once (0: all); a window keeps the traces the server
+        holds for pending forks within its cache when the server itself admits every request.
+        """
+        if window < 0:
+            raise ValueError(f"window must be >= 0 prompts (0: all), got {window}")
+        think_requests = self._think_requests(prompts, group_size, max_tokens, sampling)
+        if not think_requests:
+            return super().rollout(prompts, group_size, max_tokens, schedule, num_summaries, sampling, max_new_tokens)
+        gate = threading.Semaphore(window or len(think_requests))
+        start, counters = time.perf_counter(), self.prefill_counters()
+        traces_back = [0.0] * len(think_requests)
+
+        def think_then_fork(p: int):
+            with gate:
+                out = self._generate_one(think_requests[p])
+            traces_back[p] = time.perf_counter()
+            done = self._thinking_batch([think_requests[p]], [out], group_size)
+            forks, requests = self._fork_requests(done, p * group_size, schedule, num_summaries, sampling,
+                                                  max_new_tokens)  # fmt: skip
+            # One body per trace and n, all of the prompt's bodies at once.
+            groups = {}
+            for i, (fork, request) in enumerate(zip(forks, requests, strict=True)):
+                groups.setdefault((fork.trace, request.n), []).append(i)
+            outputs: list[GenerationOutput | None] = [None] * len(requests)
+            with ThreadPoolExecutor(max_workers=len(groups) or 1) as fork_pool:
+                answers = {key: fork_pool.submit(self._generate_batch, [requests[i] for i in items])
+                           for key, items in groups.items()}  # fmt: skip
+                for key, items in groups.items():
+                    for i, result in zip(items, answers[key].result(), strict=True):
+                        outputs[i] = result
+            return out, forks, outputs
+
+        workers = min(self.max_workers, len(think_requests))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = [future.result() for future in [pool.submit(think_then_fork, p) for p in range(len(prompts))]]
+        end = time.perf_counter()
+        think_outputs = [out for out, _, _ in results]
+        forks = [fork for _, per_prompt, _ in results for fork in per_prompt]
+        fork_outputs = [out for _, _, per_prompt in results for out in per_prompt]
+        last_trace = max(traces_back)
+        self.stats.think.add(think_outputs, last_trace - start)
+        self.stats.summarize.add(fork_outputs, end - last_trace)
+        self.stats.rollout.add([], end - start)
+        self.stats.rollout.add_counters(counters, self.prefill_counters())
+        traces = self._thinking_batch(think_requests, think_outputs, group_size)
+        return traces, self._summary_batch(traces, schedule, forks, fork_outputs, num_summaries)
 
     def flush_cache(self) -> None:
         for url in self.urls:

@@ -20,6 +20,11 @@ class MalformedResponse(ValueError):
     """The server answered, but not in SGLang's response layout."""
 
 
+class AbortedRequest(MalformedResponse):
+    """The server aborted the request (HTTP 200 with ``finish_reason.type == "abort"``: SGLang's
+    answer to a request it dropped, e.g. under memory pressure, on a weight update or a client abort)."""
+
+
 def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
     """SGLang ``sampling_params`` of a request.
 
@@ -57,10 +62,33 @@ def generate_payload(request: GenerationRequest, dp_size: int = 1) -> dict[str, 
         "sampling_params": sampling_params_payload(request),
         "return_logprob": False,
         "stream": False,
+        "priority": request.priority,
     }
     if dp_size > 1 and request.routing_key is not None:
         body["routed_dp_rank"] = request.routing_key % dp_size
     return body
+
+
+def batch_payload(requests: list[GenerationRequest], dp_size: int = 1) -> dict[str, Any]:
+    """One ``POST /generate`` body for several requests of one prompt's forks: SGLang's batch form
+    (lists of ``input_ids`` and ``sampling_params``). SGLang needs one ``n`` for all items, and one
+    ``priority`` and ``routed_dp_rank`` per body, so the requests must share them."""
+    if len({r.n for r in requests}) != 1 or len({(r.priority, r.routing_key) for r in requests}) != 1:
+        raise ValueError("a /generate batch needs items of one n, one priority and one routing key")
+    body = generate_payload(requests[0], dp_size)
+    body["input_ids"] = [list(r.input_ids) for r in requests]
+    body["sampling_params"] = [sampling_params_payload(r) for r in requests]
+    return body
+
+
+def parse_batch_response(payload: Any, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+    """The outputs of a batch body: SGLang answers one list of samples, request-major
+    (``n`` consecutive samples per item)."""
+    n = requests[0].n
+    if not isinstance(payload, list) or len(payload) != n * len(requests):
+        got = len(payload) if isinstance(payload, list) else type(payload).__name__
+        raise MalformedResponse(f"expected a list of {n * len(requests)} samples for a batch, got {got}")
+    return [parse_generate_response(payload[i * n : (i + 1) * n], r) for i, r in enumerate(requests)]
 
 
 def split_for_seeds(request: GenerationRequest) -> list[GenerationRequest]:
@@ -95,6 +123,8 @@ def parse_generate_response(payload: Any, request: GenerationRequest) -> Generat
         if reported_prompt != prompt_tokens:
             raise MalformedResponse(f"sample {i}: server counted {reported_prompt} prompt tokens, sent {prompt_tokens}")
         reason = finish.get("type") if isinstance(finish, dict) else None
+        if reason == "abort":
+            raise AbortedRequest(f"sample {i}: the server aborted the request ({finish.get('message', 'no message')})")
         if reason not in ("stop", "length"):
             raise MalformedResponse(f"sample {i}: unfinished or aborted generation, finish_reason={finish!r}")
         output_ids.append(ids)

@@ -2,7 +2,10 @@
 
 The server flags this workload wants: the radix cache stays on (SGLang's default; summary forks
 depend on it), longest-prefix-match scheduling (``--schedule-policy lpm``) so forks of one trace
-run while it is cached, and ``--skip-tokenizer-init`` (the trainer sends and reads token ids).
+run while it is cached, priority eviction (``--radix-eviction-policy priority``: traces are sent
+with a higher request priority than their forks, so a fork's output is evicted before a trace
+other forks still need), ``--enable-metrics`` (the prefill counters the phase statistics read) and
+``--skip-tokenizer-init`` (the trainer sends and reads token ids).
 ``sglang`` is imported only by :class:`SGLangInProcessEngine`.
 """
 
@@ -64,6 +67,9 @@ def sglang_server_command(
         str(port),
         "--schedule-policy",
         "lpm",
+        "--radix-eviction-policy",
+        "priority",
+        "--enable-metrics",
         "--skip-tokenizer-init",
         "--dp-size",
         str(dp_size),
@@ -161,7 +167,8 @@ class SGLangInProcessEngine(RolloutEngine):
                 "CUDA machines only); use EmbeddedEngine or SGLangEngine with a server URL instead"
             ) from error
         super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
-        options = {"schedule_policy": "lpm", "skip_tokenizer_init": True, **engine_kwargs}
+        options = {"schedule_policy": "lpm", "radix_eviction_policy": "priority", "skip_tokenizer_init": True,
+                   **engine_kwargs}  # fmt: skip
         self.engine = sglang.Engine(model_path=str(model_path), **options)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:

@@ -1,4 +1,6 @@
-"""A small HTTP server that speaks SGLang's protocol in front of the embedded engine.
+"""Testing only: a small HTTP server that speaks SGLang's protocol in front of the embedded engine.
+
+Not part of ``trainer.rollout``'s exports: tests, benchmarks and the CPU demo import it from here.
 
 It serves ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
 ``stop_token_ids``, ``temperature``, ``top_p``, ``min_new_tokens``, ``sampling_seed``),
@@ -6,10 +8,18 @@ It serves ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_ne
 JSON fields of ``sglang.launch_server`` (``meta_info.cached_tokens`` included), so the SGLang
 client runs for real over HTTP in tests and in the CPU demo. Binds 127.0.0.1 only.
 
+It behaves as SGLang does where the client depends on it: requests are served concurrently (a
+scheduler thread batches every request waiting when it is free, as SGLang's continuous batching
+admits them), a bounded cache evicts by priority then LRU when the engine has a
+``kv_budget_tokens``, batch items must share ``n`` and sampling keys must be known (400
+otherwise), ``/flush_cache`` is refused (400) while requests run or wait, ``cached_tokens`` is
+``prompt_len - 1`` for ``n > 1``, and the full EOS set stops every request.
+
 Fault injection for tests: :meth:`ProtocolServer.inject_faults` queues faults that the next
 ``/generate`` requests meet, one each: ``"500"`` (an error status), ``"malformed"`` (a body that is
 not JSON), ``"hang"`` (sleep ``hang_seconds`` before answering) and ``"drop"`` (close the
-connection without an answer).
+connection without an answer) and ``"abort"`` (HTTP 200 with every sample's
+``finish_reason`` of type ``abort``, as SGLang answers a request it dropped).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from trainer.rollout.sglang_protocol import response_samples
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("500", "malformed", "hang", "drop")
+FAULTS = ("500", "malformed", "hang", "drop", "abort")
 
 
 class ProtocolServer:
@@ -47,9 +57,16 @@ class ProtocolServer:
         self.generate_served = 0
         self.decoded_tokens = 0
         self.routed_dp_ranks: list[int] = []  # the routed_dp_rank of every /generate body that named one
+        self.batches_served = 0  # scheduler rounds (engine.generate calls)
         self._faults: collections.deque[str] = collections.deque()
-        self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_class(self))
+        self._fault_lock = threading.Lock()
+        self._lock = threading.Lock()  # the engine: one generate, weight load or flush at a time
+        self._queue: list[_Pending] = []
+        self._busy = 0  # requests taken by the scheduler and not yet answered
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._scheduler: threading.Thread | None = None
+        self._httpd = _HTTPServer(("127.0.0.1", port), _handler_class(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -62,23 +79,29 @@ class ProtocolServer:
         unknown = [fault for fault in faults if fault not in FAULTS]
         if unknown:
             raise ValueError(f"unknown faults {unknown}; expected some of {FAULTS}")
-        with self._lock:
+        with self._fault_lock:
             self._faults.extend(faults)
 
     def next_fault(self) -> str | None:
-        with self._lock:
+        with self._fault_lock:
             return self._faults.popleft() if self._faults else None
 
     def start(self) -> ProtocolServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="sglang-protocol-server", daemon=True)
         self._thread.start()
+        self._scheduler = threading.Thread(target=self._schedule, name="sglang-protocol-scheduler", daemon=True)
+        self._scheduler.start()
         return self
 
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        for thread in (self._thread, self._scheduler):
+            if thread is not None:
+                thread.join()
 
     def __enter__(self) -> ProtocolServer:
         return self.start()
@@ -86,8 +109,31 @@ class ProtocolServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def idle(self) -> bool:
+        """No request running or waiting (SGLang refuses /flush_cache otherwise)."""
+        with self._wakeup:
+            return not self._queue and not self._busy
+
     def generate(self, body: dict[str, Any]) -> Any:
-        """Serve one ``/generate`` body; raises ValueError on a bad request."""
+        """Serve one ``/generate`` body (queued for the scheduler); raises ValueError on a bad request."""
+        requests, single = self._parse(body)
+        pending = _Pending(requests)
+        with self._wakeup:
+            self._queue.append(pending)
+            self._wakeup.notify_all()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        text = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
+        samples = []
+        for request, output in zip(requests, pending.outputs, strict=True):
+            samples.extend(response_samples(output, request, uuid.uuid4().hex, text))
+        for sample in samples:
+            sample["meta_info"]["weight_version"] = self.weight_version
+        return samples[0] if single and requests[0].n == 1 else samples
+
+    def _parse(self, body: dict[str, Any]) -> tuple[list[GenerationRequest], bool]:
         input_ids = body.get("input_ids")
         if not isinstance(input_ids, list) or not input_ids:
             raise ValueError("this server needs input_ids (a list of token ids, or a list of such lists)")
@@ -101,29 +147,55 @@ class ProtocolServer:
             raise ValueError("all items of a batch must ask for the same n (SGLang answers 400 otherwise)")
         if "routed_dp_rank" in body:
             self.routed_dp_ranks.append(int(body["routed_dp_rank"]))
+        priority = int(body.get("priority") or 0)
         requests = [
-            _request(prompt, p, self.engine.eos_token_ids) for prompt, p in zip(prompts, params_list, strict=True)
+            _request(prompt, p, self.engine.eos_token_ids, priority)
+            for prompt, p in zip(prompts, params_list, strict=True)
         ]
-        with self._lock:
-            outputs = self.engine.generate(requests)
-            self.generate_served += 1
-            self.decoded_tokens += sum(len(ids) for out in outputs for ids in out.output_ids)
-        text = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
-        samples = []
-        for request, output in zip(requests, outputs, strict=True):
-            samples.extend(response_samples(output, request, uuid.uuid4().hex, text))
-        for sample in samples:
-            sample["meta_info"]["weight_version"] = self.weight_version
-        return samples[0] if single and requests[0].n == 1 else samples
+        return requests, single
+
+    def _schedule(self) -> None:
+        """Serve every waiting request in one engine batch, then the ones that came meanwhile."""
+        while True:
+            with self._wakeup:
+                while not self._queue and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    for pending in self._queue:
+                        pending.fail(RuntimeError("the server stopped"))
+                    return
+                batch, self._queue = self._queue, []
+                self._busy = len(batch)
+            requests = [request for pending in batch for request in pending.requests]
+            try:
+                with self._lock:
+                    outputs = self.engine.generate(requests)
+                    self.batches_served += 1
+                    self.generate_served += len(batch)
+                    self.decoded_tokens += sum(len(ids) for out in outputs for ids in out.output_ids)
+            except Exception as error:  # answered as a 500 by the handler
+                logger.exception("protocol server: generate failed")
+                for pending in batch:
+                    pending.fail(error)
+            else:
+                for pending in batch:
+                    pending.outputs, outputs = outputs[: len(pending.requests)], outputs[len(pending.requests) :]
+                    pending.done.set()
+            finally:
+                with self._wakeup:
+                    self._busy = 0
 
     def metrics_text(self) -> str:
         """``/metrics`` as a server started with ``--enable-metrics`` answers it (the counters the
         client reads): prompt tokens computed and served from the prefix cache, tokens decoded."""
-        counters = self.engine.prefill_counters()
-        labels = f'model_name="{self.model_path}",priority=""'
         lines = ["# TYPE sglang:realtime_tokens_total counter"]
-        for mode in ("prefill_compute", "prefill_cache"):
-            lines.append(f'sglang:realtime_tokens_total{{{labels},mode="{mode}"}} {counters[mode]}')
+        priorities = sorted(self.engine._prefill_by_priority) or [None]
+        for priority in priorities:  # one series per request priority, as SGLang labels them
+            counters = self.engine.prefill_counters(priority)
+            labels = f'model_name="{self.model_path}",priority="{"" if priority is None else priority}"'
+            for mode in ("prefill_compute", "prefill_cache"):
+                lines.append(f'sglang:realtime_tokens_total{{{labels},mode="{mode}"}} {counters[mode]}')
+        labels = f'model_name="{self.model_path}",priority=""'
         lines.append(f'sglang:realtime_tokens_total{{{labels},mode="decode"}} {float(self.decoded_tokens)}')
         return "\n".join(lines) + "\n"
 
@@ -161,7 +233,25 @@ _SAMPLING_KEYS = {"n", "max_new_tokens", "stop_token_ids", "temperature", "top_p
 _PLAIN = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
-def _request(prompt: list, params: dict[str, Any], eos_token_ids: tuple[int, ...]) -> GenerationRequest:
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog: many concurrent clients (the default 5 drops SYNs)
+
+
+class _Pending:
+    """One /generate body waiting for the scheduler."""
+
+    def __init__(self, requests: list[GenerationRequest]) -> None:
+        self.requests = requests
+        self.outputs: list = []
+        self.error: Exception | None = None
+        self.done = threading.Event()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.set()
+
+
+def _request(prompt: list, params: dict[str, Any], eos_token_ids: tuple[int, ...], priority: int) -> GenerationRequest:
     unknown = sorted(set(params) - _SAMPLING_KEYS)
     if unknown:
         raise ValueError(f"unknown sampling_params {unknown}")
@@ -184,6 +274,7 @@ def _request(prompt: list, params: dict[str, Any], eos_token_ids: tuple[int, ...
             min_new_tokens=int(params.get("min_new_tokens", 0)),
         ),
         cache_output=True,
+        priority=priority,
     )
 
 
@@ -225,6 +316,11 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": {"message": f"no route {path}"}})
 
         def _flush(self) -> None:
+            if not server.idle:
+                # SGLang's answer when requests are running or waiting.
+                message = "Cache not flushed. Please check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)"
+                self._send(400, message.encode(), "text/plain")
+                return
             with server._lock:
                 server.engine.flush_cache()
             self._send(200, b"Cache flushed.\n", "text/plain")
@@ -261,6 +357,13 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
             except ValueError as error:
                 self._json(400, {"error": {"message": str(error)}})
                 return
+            except Exception as error:
+                self._json(500, {"error": {"message": f"{type(error).__name__}: {error}"}})
+                return
+            if fault == "abort":
+                for sample in payload if isinstance(payload, list) else [payload]:
+                    sample["output_ids"] = sample["output_ids"][:1]
+                    sample["meta_info"]["finish_reason"] = {"type": "abort", "message": "injected abort"}
             if fault == "malformed":
                 self._send(200, b'{"output_ids": [1, 2', "application/json")
                 return
