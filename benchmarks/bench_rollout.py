@@ -25,6 +25,20 @@ load on a shared machine hits both alike) and, for `shared`, the share of summar
 served from cache (`cache_hit_share`) and the speedup over `unshared`. Targets: cache_hit_share
 >= 0.95 and speedup >= 3x. CPU runs use one torch thread (the shared CI machine makes more
 threads slower and noisier).
+
+Cases `kv_half_*` / `kv_full_*`: streaming forks against waiting for every trace when the cache
+holds half of the step's traces (`kv_half`) or all of them (`kv_full`), for the embedded engine
+(`*_embedded`) and for the SGLang client against the SGLang-protocol test server over HTTP
+(`*_http`, the same engine behind it). 8 prompts x G=2 sampled traces of exactly b_max tokens
+(min_new_tokens = b_max) from 2-character prompts, S=4 slots x A=2 summaries of at most 16 tokens.
+Providers: `wait_all` (think, then summarize) and `streaming` (``RolloutEngine.rollout``, 2
+prompts thinking at once while the forks of finished prompts run). Metrics: `reprefilled_share`
+(fork prompt tokens prefilled beyond the inserted delimiter / all fork prompt tokens, from the
+engine's own prefill counters of the fork requests), `summary_s` (the summary phase: all of it for
+`wait_all`, the part after the last trace is back for `streaming`), `rollout_s` and
+`evicted_sequences`. Goal: at half the step's KV, streaming under 5% while wait-for-all exceeds
+40%; at full budget both about 0 (only a trace's last sampled token, which has no keys/values yet,
+is recomputed by the fork at its end).
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ import torch
 from common import Results, environment_line, parse_args, synchronize
 
 from trainer.budgets import BudgetSchedule
-from trainer.rollout import EmbeddedEngine, SamplingParams
+from trainer.rollout import EmbeddedEngine, SamplingParams, SGLangEngine
+from trainer.rollout.base import FORK_PRIORITY
+from trainer.rollout.testing import ProtocolServer
 from trainer.tiny import FIRST_CHARACTER_ID, char_tokenizer, tiny_causal_lm
 
 NUM_SLOTS, NUM_SUMMARIES = 4, 4
@@ -115,7 +131,44 @@ def main() -> None:
             results.add(case, name, "summary_time_ms", statistics.median(times[name]), "ms")
         speedup = statistics.median(times["unshared"]) / statistics.median(times["shared"])
         results.add(case, "shared", "speedup_vs_unshared", speedup, "x")
+    kv_budget_cases(results, model, tokenizer, b_max=256 if args.quick else 512)
     results.finish(args.out)
+
+
+def kv_budget_cases(results: Results, model, tokenizer, b_max: int) -> None:
+    """Streaming forks vs wait-for-all under a KV budget of half / all the step's traces."""
+    num_prompts, group_size, slots, summaries, window = 8, 2, 4, 2, 2
+    prompts = [tokenizer.encode(f"q{i}", add_special_tokens=False) for i in range(num_prompts)]
+    sampling = SamplingParams(temperature=1.0, min_new_tokens=b_max)
+    schedule = BudgetSchedule(b_max, slots)
+    step_tokens = sum(group_size * (len(p) + b_max - 1) for p in prompts)  # stored per trace: input + output - 1
+    for budget_name, budget in (("kv_half", step_tokens // 2), ("kv_full", step_tokens)):
+        for transport in ("embedded", "http"):
+            case = f"{budget_name}_{transport}_P{num_prompts}_G{group_size}_bmax{b_max}"
+            for provider in ("wait_all", "streaming"):
+                engine = EmbeddedEngine(model, tokenizer, max_batch_rows=256, kv_budget_tokens=budget, seed=0)
+                server = ProtocolServer(engine, tokenizer).start() if transport == "http" else None
+                try:
+                    client = SGLangEngine(server.url, tokenizer, timeout_s=600) if server else engine
+                    start = time.perf_counter()
+                    if provider == "wait_all":
+                        traces = client.think(prompts, group_size, b_max, sampling)
+                        batch = client.summarize(traces, schedule, summaries, sampling, 16)
+                    else:
+                        _, batch = client.rollout(prompts, group_size, b_max, schedule, summaries, sampling, 16,
+                                                  window=window)  # fmt: skip
+                    seconds = time.perf_counter() - start
+                finally:
+                    if server is not None:
+                        server.stop()
+                forks = engine.prefill_counters(FORK_PRIORITY)
+                inserted = sum(len(ids) for per_trace in batch.inserted_ids for ids in per_trace)
+                fork_prompt_tokens = forks["prefill_compute"] + forks["prefill_cache"]
+                share = (forks["prefill_compute"] - inserted) / fork_prompt_tokens
+                results.add(case, provider, "reprefilled_share", share, "fraction")
+                results.add(case, provider, "summary_s", client.stats.summarize.seconds, "s")
+                results.add(case, provider, "rollout_s", seconds, "s")
+                results.add(case, provider, "evicted_sequences", engine.evicted_sequences, "count")
 
 
 if __name__ == "__main__":
