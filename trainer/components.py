@@ -152,7 +152,7 @@ def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: P
 
     if config.model.path is None:
         raise ValueError("rollout.engine sglang_inprocess loads the model from model.path; a fresh model has none")
-    return SGLangInProcessEngine(config.model.path, tokenizer, eos_token_ids=eos)
+    return SGLangInProcessEngine(config.model.path, tokenizer, eos_token_ids=eos, colocate=r.colocate)
 
 
 def norm_length(config: RunConfig, delimiters: Delimiters) -> int:

@@ -110,6 +110,8 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling threshold", 1.0)
     summary_max_new_tokens: int = _help("summary cap (the authors: 128 - 10 = 118)", 118)
     max_batch_rows: int = _help("embedded engine: sampled rows decoded together", 64)
+    colocate: bool = _help("engine sglang_inprocess: share the GPU with the learner (memory released during updates)",
+                           False)  # fmt: skip
     stream_window: int = _help(
         "prompts thinking at once while finished prompts' summary forks run (0: all); size it so the "
         "window's traces fit the engine's KV cache", 0)  # fmt: skip

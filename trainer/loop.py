@@ -115,6 +115,8 @@ class Trainer:
         if self.context.enabled:
             with timer.phase("broadcast"):
                 batch = broadcast(batch, self.context)
+        if self.context.is_main:
+            p.engine.release_memory()  # a colocated engine frees the GPU for the update
         with timer.phase("update"):
             train_metrics = p.learner.update(batch, c.train.ppo_mini_batch_prompts, c.train.ppo_epochs)
         with timer.phase("sync"):

@@ -293,6 +293,11 @@ class RolloutEngine(abc.ABC):
     def flush_cache(self) -> None:
         """Drop every cached prefix."""
 
+    def release_memory(self) -> None:
+        """Free accelerator memory while the learner trains (an engine colocated on the learner's GPU);
+        the next :meth:`update_weights` takes it back. Nothing to do for most engines."""
+        return None
+
     def reset_stats(self) -> RolloutStats:
         """Return the accounting so far and start a fresh one."""
         stats, self.stats = self.stats, RolloutStats()

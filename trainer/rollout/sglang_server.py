@@ -11,6 +11,8 @@ other forks still need), ``--enable-metrics`` (the prefill counters the phase st
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import subprocess
 import sys
@@ -149,16 +151,42 @@ class SGLangServerProcess:
 class SGLangInProcessEngine(RolloutEngine):
     """``sglang.Engine`` in this process, for colocated training (weights synced from tensors).
 
+    Requests run as concurrent ``async_generate`` calls, one per prompt (its think request, or its
+    traces' forks of one ``n``): a single batch of every fork would make SGLang await each item's
+    warm-up in turn. Weight sync
+    sends the state dict in buckets of at most ``weight_bucket_mb`` MiB through
+    ``update_weights_from_tensor`` (the cache is flushed with the last bucket only) and raises
+    when SGLang reports a failure. With ``colocate=True`` the engine starts with
+    ``enable_memory_saver`` and :meth:`release_memory` frees its weights and KV cache on the GPU
+    while the learner trains; the next weight sync takes them back first.
+
     Args:
         model_path: the policy checkpoint the engine starts from.
         tokenizer: the policy's tokenizer (delimiter ids and EOS).
-        engine_kwargs: further ``sglang.Engine`` server arguments.
+        colocate: share the GPU with the learner (memory saver; release around the update).
+        weight_bucket_mb: most MiB of tensors per ``update_weights_from_tensor`` call.
+        engine_kwargs: further ``sglang.Engine`` server arguments (``dp_size`` must stay 1 here:
+            SGLang's in-process engine asserts it; run servers and :class:`SGLangEngine` instead).
     """
 
     def __init__(
-        self, model_path: str | Path, tokenizer, *, eos_token_ids: Sequence[int] = (), **engine_kwargs
+        self,
+        model_path: str | Path,
+        tokenizer,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        colocate: bool = False,
+        weight_bucket_mb: float = 512.0,
+        **engine_kwargs,
     ) -> None:
         _reject_reuse_killers((), engine_kwargs)
+        if int(engine_kwargs.get("dp_size", 1)) != 1:
+            raise ValueError(
+                f"dp_size={engine_kwargs['dp_size']}: sglang.Engine in this process serves one data-parallel "
+                "replica; start servers with --dp-size and use SGLangEngine (rollout.engine sglang) instead"
+            )
+        if weight_bucket_mb <= 0:
+            raise ValueError(f"weight_bucket_mb must be > 0, got {weight_bucket_mb}")
         try:
             import sglang
         except ImportError as error:
@@ -169,31 +197,76 @@ class SGLangInProcessEngine(RolloutEngine):
         super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
         options = {"schedule_policy": "lpm", "radix_eviction_policy": "priority", "skip_tokenizer_init": True,
                    **engine_kwargs}  # fmt: skip
+        if colocate:
+            options["enable_memory_saver"] = True
+        self.colocate = colocate
+        self.weight_bucket_bytes = int(weight_bucket_mb * 2**20)
+        self.released = False
         self.engine = sglang.Engine(model_path=str(model_path), **options)
+        self._takes_priority = "priority" in inspect.signature(self.engine.async_generate).parameters
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # sglang.Engine runs its tokenizer manager on the thread's event loop (its own generate does
+        # the same run_until_complete).
+        try:
+            return asyncio.get_event_loop()
+        except RuntimeError:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            return loop
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         if not requests:
             return []
-        # SGLang wants one n per batch: serve the requests grouped by n. A batch answer lists the n
-        # samples of each prompt consecutively, prompts in order.
-        outputs: list[GenerationOutput | None] = [None] * len(requests)
-        for n in sorted({r.n for r in requests}):
-            group = [i for i, r in enumerate(requests) if r.n == n]
-            payload = self.engine.generate(
-                input_ids=[list(requests[i].input_ids) for i in group],
-                sampling_params=[sampling_params_payload(requests[i]) for i in group],
+        if self.released:
+            raise RuntimeError("the engine's memory is released (colocated training); sync weights first")
+        # One call per routing key (a prompt: its think request, or one trace's forks) and n: SGLang
+        # wants one n per batch and answers the n samples of each item consecutively.
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            prompt = request.routing_key if request.routing_key is not None else ("alone", i)
+            groups.setdefault((prompt, request.n, request.priority), []).append(i)
+
+        async def serve(items: list[int]) -> list[GenerationOutput]:
+            n = requests[items[0]].n
+            options = {"priority": requests[items[0]].priority} if self._takes_priority else {}
+            payload = await self.engine.async_generate(
+                input_ids=[list(requests[i].input_ids) for i in items],
+                sampling_params=[sampling_params_payload(requests[i]) for i in items],
+                **options,
             )
-            if len(payload) != n * len(group):
-                raise RuntimeError(f"sglang.Engine returned {len(payload)} samples for {n * len(group)} requested")
-            for k, i in enumerate(group):
-                outputs[i] = parse_generate_response(payload[k * n : (k + 1) * n], requests[i])
+            payload = payload if isinstance(payload, list) else [payload]
+            if len(payload) != n * len(items):
+                raise RuntimeError(f"sglang.Engine returned {len(payload)} samples for {n * len(items)} requested")
+            return [parse_generate_response(payload[k * n : (k + 1) * n], requests[i]) for k, i in enumerate(items)]
+
+        async def serve_all():
+            return await asyncio.gather(*(serve(items) for items in groups.values()))
+
+        outputs: list[GenerationOutput | None] = [None] * len(requests)
+        for items, served in zip(groups.values(), self._loop().run_until_complete(serve_all()), strict=True):
+            for i, output in zip(items, served, strict=True):
+                outputs[i] = output
         return outputs
+
+    def release_memory(self) -> None:
+        """Free the engine's weights and KV cache on the GPU (colocated: before the learner trains)."""
+        if self.colocate and not self.released:
+            self.engine.release_memory_occupation()
+            self.released = True
 
     def update_weights(self, model: torch.nn.Module) -> None:
         start = time.perf_counter()
-        named = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.engine.update_weights_from_tensor(named, flush_cache=True)
-        self.flush_cache()
+        if self.released:
+            self.engine.resume_memory_occupation()
+            self.released = False
+        buckets = weight_buckets(model.state_dict(), self.weight_bucket_bytes)
+        for k, bucket in enumerate(buckets):
+            answer = self.engine.update_weights_from_tensor(bucket, flush_cache=k == len(buckets) - 1)
+            success, message = answer if isinstance(answer, tuple) else (bool(answer), "")
+            if not success:
+                names = f"{bucket[0][0]} .. {bucket[-1][0]}"
+                raise RuntimeError(f"sglang.Engine rejected weight bucket {k + 1}/{len(buckets)} ({names}): {message}")
         self.stats.weight_sync_seconds += time.perf_counter() - start
 
     def flush_cache(self) -> None:
@@ -201,3 +274,17 @@ class SGLangInProcessEngine(RolloutEngine):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def weight_buckets(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """``state`` as lists of ``(name, tensor)`` of at most ``max_bytes`` each (a larger tensor alone)."""
+    buckets: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if buckets[-1] and size + nbytes > max_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, tensor.detach()))
+        size += nbytes
+    return buckets if buckets[0] else []

@@ -1,0 +1,157 @@
+"""The in-process SGLang engine against a stand-in ``sglang`` module (SGLang needs CUDA).
+
+The stand-in answers ``async_generate`` in SGLang's layout (n samples per item, item-major),
+records how many calls run at once, and implements the weight and memory calls with SGLang's
+return values, so the engine's own logic runs for real: concurrent per-prompt calls, bucketed
+weight sync with one flush, failures raised, memory released and resumed, dp_size refused.
+"""
+
+import asyncio
+import sys
+import types
+from typing import ClassVar
+
+import pytest
+import torch
+from fixtures.tiny_policy import tiny_policy
+
+from trainer.budgets import BudgetSchedule
+from trainer.rollout import EmbeddedEngine, SamplingParams
+from trainer.rollout.sglang_server import SGLangInProcessEngine, weight_buckets
+
+GREEDY = SamplingParams(temperature=0)
+
+
+class FakeEngine:
+    """``sglang.Engine`` answering from an embedded engine, one awaited step per call."""
+
+    instances: ClassVar[list["FakeEngine"]] = []
+
+    def __init__(self, model_path, **options):
+        self.options = options
+        self.backend: EmbeddedEngine | None = None
+        self.in_flight = self.max_in_flight = 0
+        self.calls: list[tuple] = []
+        self.weight_calls: list[tuple[list[str], bool]] = []
+        self.fail_weights = False
+        self.memory_events: list[str] = []
+        FakeEngine.instances.append(self)
+
+    async def async_generate(self, input_ids=None, sampling_params=None, priority=None):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)  # other calls start meanwhile when they were gathered
+        self.in_flight -= 1
+        self.calls.append((len(input_ids), priority))
+        from trainer.rollout.base import GenerationRequest
+        from trainer.rollout.sglang_protocol import response_samples
+
+        samples = []
+        for ids, params in zip(input_ids, sampling_params, strict=True):
+            request = GenerationRequest(
+                tuple(ids), params["n"], params["max_new_tokens"], tuple(params["stop_token_ids"]),
+                SamplingParams(params["temperature"], params["top_p"], min_new_tokens=params["min_new_tokens"]),
+                cache_output=True,
+            )  # fmt: skip
+            samples += response_samples(self.backend.generate([request])[0], request, "rid")
+        return samples
+
+    def update_weights_from_tensor(self, named_tensors, flush_cache=True):
+        self.weight_calls.append(([name for name, _ in named_tensors], flush_cache))
+        if self.fail_weights:
+            return False, "shape mismatch for model.norm.weight"
+        return True, "Succeeded to update model weights."
+
+    def release_memory_occupation(self):
+        self.memory_events.append("release")
+
+    def resume_memory_occupation(self):
+        self.memory_events.append("resume")
+
+    def flush_cache(self):
+        self.memory_events.append("flush")
+
+    def shutdown(self):
+        pass
+
+
+@pytest.fixture
+def fake_sglang(monkeypatch):
+    module = types.ModuleType("sglang")
+    module.Engine = FakeEngine
+    monkeypatch.setitem(sys.modules, "sglang", module)
+    FakeEngine.instances.clear()
+    return module
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy(seed=9)
+
+
+def test_requests_run_concurrently_per_prompt_and_match_the_embedded_engine(fake_sglang, policy):
+    model, tokenizer = policy
+    engine = SGLangInProcessEngine("ckpt", tokenizer)
+    fake = FakeEngine.instances[-1]
+    fake.backend = EmbeddedEngine(model, tokenizer)
+    assert fake.options["radix_eviction_policy"] == "priority" and fake.options["skip_tokenizer_init"]
+    prompts = [tokenizer.encode(f"Compute {i}*{i}.", add_special_tokens=False) for i in range(3)]
+    sampling = SamplingParams(temperature=0, min_new_tokens=4)
+    got = engine.rollout(prompts, 1, 12, BudgetSchedule(12, 3), 2, sampling, 4)
+    want = EmbeddedEngine(model, tokenizer).rollout(prompts, 1, 12, BudgetSchedule(12, 3), 2, sampling, 4)
+    assert got[0].thinking_ids == want[0].thinking_ids and got[1].summary_ids == want[1].summary_ids
+    # Think: 3 prompts, 3 concurrent calls; forks: one call per prompt (and n), all at once.
+    assert fake.max_in_flight >= 3
+    think_calls, fork_calls = fake.calls[:3], fake.calls[3:]
+    assert {priority for _, priority in think_calls} == {1} and {priority for _, priority in fork_calls} == {0}
+    # One fork call per prompt and n (slots sharing a cut make one fork of k * A samples).
+    expected = sum(len({cuts.count(c) for c in set(cuts)}) for cuts in got[1].cut_lens.tolist())
+    assert len(fork_calls) == expected
+
+
+def test_weights_sync_in_buckets_with_one_flush_and_failures_raise(fake_sglang, policy):
+    model, tokenizer = policy
+    engine = SGLangInProcessEngine("ckpt", tokenizer, weight_bucket_mb=0.05)
+    fake = FakeEngine.instances[-1]
+    engine.update_weights(model)
+    names = [name for names, _ in fake.weight_calls for name in names]
+    assert names == list(model.state_dict())  # every tensor once, in order
+    assert len(fake.weight_calls) > 1 and [flush for _, flush in fake.weight_calls] == [False] * (
+        len(fake.weight_calls) - 1
+    ) + [True]
+    assert "flush" not in fake.memory_events  # no second flush after the update's own
+    fake.fail_weights = True
+    with pytest.raises(RuntimeError, match=r"rejected weight bucket 1/.*shape mismatch"):
+        engine.update_weights(model)
+
+
+def test_weight_buckets_respect_the_byte_limit():
+    state = {f"w{i}": torch.zeros(size) for i, size in enumerate([10, 10, 30, 5, 100, 1])}
+    buckets = weight_buckets(state, max_bytes=4 * 35)  # w2 alone is 120 bytes; w2 + w3 is 140
+    assert [[name for name, _ in bucket] for bucket in buckets] == [["w0", "w1"], ["w2", "w3"], ["w4"], ["w5"]]
+    assert weight_buckets({}, 100) == []
+
+
+def test_colocated_engine_releases_memory_for_the_update_and_resumes_for_the_sync(fake_sglang, policy):
+    model, tokenizer = policy
+    engine = SGLangInProcessEngine("ckpt", tokenizer, colocate=True)
+    fake = FakeEngine.instances[-1]
+    assert fake.options["enable_memory_saver"] is True
+    engine.release_memory()
+    engine.release_memory()  # once only
+    with pytest.raises(RuntimeError, match="memory is released"):
+        engine.generate(engine._think_requests([[5, 6]], 1, 2, GREEDY))
+    engine.update_weights(model)
+    assert fake.memory_events == ["release", "resume"] and not engine.released
+    # Not colocated: nothing is released.
+    plain = SGLangInProcessEngine("ckpt", tokenizer)
+    plain.release_memory()
+    assert FakeEngine.instances[-1].memory_events == []
+
+
+def test_data_parallel_and_reuse_killers_are_refused(fake_sglang, policy):
+    _, tokenizer = policy
+    with pytest.raises(ValueError, match=r"dp_size=2.*SGLangEngine"):
+        SGLangInProcessEngine("ckpt", tokenizer, dp_size=2)
+    with pytest.raises(ValueError, match="disable-radix-cache"):
+        SGLangInProcessEngine("ckpt", tokenizer, disable_radix_cache=True)
