@@ -5,9 +5,14 @@ every trace before sending any fork lets the cache evict the early traces (LRU),
 re-prefill them. Sending a prompt's forks as soon as its traces are back keeps them cached.
 """
 
+import copy
 import itertools
 import random
+import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -272,3 +277,37 @@ def test_test_server_is_not_a_public_export_and_the_launcher_keeps_traces():
     command = sglang_server_command("m", 30000)
     assert command[command.index("--radix-eviction-policy") + 1] == "priority"
     assert "--enable-metrics" in command
+
+
+TRAINER_SIDE = """
+import sys
+sys.path.insert(0, {tests!r})
+from fixtures.tiny_policy import tiny_policy
+from trainer.rollout import SGLangEngine
+model, tokenizer = tiny_policy(seed=6)
+engine = SGLangEngine({url!r}, tokenizer, timeout_s=60)
+engine.init_weight_transfer("127.0.0.1", {port}, backend="gloo", bucket_mb=0.05)
+engine.update_weights(model)
+print("synced", engine._weight_version)
+"""
+
+
+def test_weights_sync_over_a_process_group_without_a_shared_disk(policy):
+    """The trainer (another process: rank 0) broadcasts the policy in buckets to the server (rank 1)."""
+    model, tokenizer = policy
+    new_policy, _ = tiny_policy(seed=6)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with ProtocolServer(EmbeddedEngine(copy.deepcopy(model), tokenizer), tokenizer) as server:
+        answer = requests.post(server.url + "/update_weights_from_distributed", json={"names": []}, timeout=5).json()
+        assert answer["success"] is False and "init_weights_update_group" in answer["message"]
+        client(server.url, tokenizer).think([[5, 6, 7]], 1, 4, GREEDY)
+        assert server.engine.cached_sequences == 1
+        script = TRAINER_SIDE.format(tests=str(Path(__file__).parent), url=server.url, port=port)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "synced 1" in done.stdout
+        for name, tensor in new_policy.state_dict().items():
+            assert torch.equal(server.engine.model.state_dict()[name], tensor), name
+        assert server.weight_version == "1" and server.engine.cached_sequences == 0  # flushed with the last bucket

@@ -144,10 +144,14 @@ def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: P
     if r.engine == "sglang":
         from trainer.rollout import SGLangEngine
 
-        return SGLangEngine(
+        engine = SGLangEngine(
             r.urls, tokenizer, weights_dir=run_dir, timeout_s=r.request_timeout_s, max_retries=r.max_retries,
             backoff_s=r.retry_backoff_s, dp_size=r.dp_size, eos_token_ids=eos,
         )  # fmt: skip
+        if r.weight_sync == "distributed":
+            host, _, port = r.weight_sync_master.rpartition(":")
+            engine.init_weight_transfer(host, int(port), ranks_per_server=r.server_tp_size)
+        return engine
     from trainer.rollout import SGLangInProcessEngine
 
     if config.model.path is None:

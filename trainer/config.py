@@ -110,6 +110,10 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling threshold", 1.0)
     summary_max_new_tokens: int = _help("summary cap (the authors: 128 - 10 = 118)", 118)
     max_batch_rows: int = _help("embedded engine: sampled rows decoded together", 64)
+    weight_sync: str = _help("engine sglang: disk (save + /update_weights_from_disk, a shared file system) or "
+                             "distributed (broadcast over a process group the servers join)", "disk")  # fmt: skip
+    weight_sync_master: str = _help("weight_sync distributed: host:port of this machine the servers can reach", "")
+    server_tp_size: int = _help("weight_sync distributed: tensor-parallel ranks per server", 1)
     colocate: bool = _help("engine sglang_inprocess: share the GPU with the learner (memory released during updates)",
                            False)  # fmt: skip
     stream_window: int = _help(
@@ -387,6 +391,10 @@ def validate(config: RunConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
     _check(r.max_batch_rows >= 1, "rollout.max_batch_rows", r.max_batch_rows, ">= 1")
+    _check(r.weight_sync in ("disk", "distributed"), "rollout.weight_sync", r.weight_sync, "disk or distributed")
+    _check(r.weight_sync == "disk" or r.weight_sync_master.rpartition(":")[2].isdigit(), "rollout.weight_sync_master",
+           r.weight_sync_master, "host:port (weight_sync distributed)")  # fmt: skip
+    _check(r.server_tp_size >= 1, "rollout.server_tp_size", r.server_tp_size, ">= 1")
     _check(r.stream_window >= 0, "rollout.stream_window", r.stream_window, ">= 0 prompts (0: all)")
     _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype, "float32 or bfloat16")
     _check(config.model.tokenizer in ("synthetic", "model"), "model.tokenizer", config.model.tokenizer,

@@ -8,7 +8,9 @@ retried with exponential backoff, and so are requests the server aborted; after 
 :class:`SGLangServerError` naming the server and the cause. A 4xx answer is not retried.
 
 Weight sync saves the policy as safetensors into ``weights_dir`` and asks every server to
-``/update_weights_from_disk`` from there (which flushes its cache); replies whose
+``/update_weights_from_disk`` from there (which flushes its cache), or, after
+:meth:`SGLangEngine.init_weight_transfer` (multi-node runs without a shared file system), broadcasts
+it over a process group the servers join (``/update_weights_from_distributed``); replies whose
 ``meta_info.weight_version`` names an older version are refused.
 """
 
@@ -116,6 +118,9 @@ class SGLangEngine(RolloutEngine):
         self._local = threading.local()
         self._weight_version = 0
         self._warned_no_metrics = False
+        self._weights_group = None  # set by init_weight_transfer
+        self._weights_device = torch.device("cpu")
+        self.weight_bucket_bytes = 512 * 2**20
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -304,8 +309,83 @@ class SGLangEngine(RolloutEngine):
         """``/model_info`` of the first server (``/get_model_info`` is deprecated)."""
         return self._call(self.urls[0], "/model_info", method="GET").json()
 
+    def _servers(self) -> list[str]:
+        return list(dict.fromkeys(self.urls))  # a URL listed twice is one server
+
+    def _on_every_server(self, path: str, bodies: dict[str, dict], action: str) -> None:
+        """POST each server its body at once; raise unless every one reports success."""
+        with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+            answers = {url: pool.submit(self._call, url, path, "POST", body) for url, body in bodies.items()}
+            results = {url: future.result().json() for url, future in answers.items()}
+        for url, answer in results.items():
+            if not answer.get("success", False):
+                raise SGLangServerError(f"{url} could not {action}: {answer.get('message')}")
+
+    def init_weight_transfer(
+        self,
+        master_address: str,
+        master_port: int,
+        *,
+        ranks_per_server: int = 1,
+        backend: str | None = None,
+        group_name: str = "anytime_weight_sync",
+        bucket_mb: float = 512.0,
+    ) -> None:
+        """Sync weights over a process group with the servers instead of through a shared disk.
+
+        The trainer (rank 0) and every server rank (``ranks_per_server``: the servers' tensor-parallel
+        size) join a group at ``master_address:master_port`` (an address of this machine the servers
+        can reach, and a free port); later :meth:`update_weights` calls broadcast the policy in
+        buckets of at most ``bucket_mb`` MiB through SGLang's ``/update_weights_from_distributed``.
+        ``backend``: ``nccl`` (default with CUDA) or ``gloo``.
+        """
+        if ranks_per_server < 1 or bucket_mb <= 0:
+            raise ValueError(f"need ranks_per_server >= 1 and bucket_mb > 0, got {ranks_per_server}, {bucket_mb}")
+        from trainer.rollout.weight_transfer import init_weights_group
+
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        world_size = 1 + ranks_per_server * len(self._servers())
+        bodies = {
+            url: {"master_address": master_address, "master_port": master_port, "world_size": world_size,
+                  "rank_offset": 1 + i * ranks_per_server, "group_name": group_name, "backend": backend}
+            for i, url in enumerate(self._servers())
+        }  # fmt: skip
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the servers join while this rank does
+            joining = pool.submit(self._on_every_server, "/init_weights_update_group", bodies,
+                                  "join the weight-update group")  # fmt: skip
+            group = init_weights_group(backend, master_address, master_port, world_size, 0, group_name)
+            joining.result()
+        self._weights_group, self._weights_group_name = group, group_name
+        self._weights_device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
+        self.weight_bucket_bytes = int(bucket_mb * 2**20)
+
+    def _update_weights_distributed(self, model: torch.nn.Module) -> None:
+        from trainer.rollout.sglang_server import weight_buckets
+        from trainer.rollout.weight_transfer import broadcast_bucket, tensor_metadata
+
+        buckets = weight_buckets(model.state_dict(), self.weight_bucket_bytes)
+        for k, bucket in enumerate(buckets):
+            body = {**tensor_metadata(bucket), "group_name": self._weights_group_name,
+                    "flush_cache": k == len(buckets) - 1, "weight_version": str(self._weight_version)}  # fmt: skip
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                answered = pool.submit(self._on_every_server, "/update_weights_from_distributed",
+                                       dict.fromkeys(self._servers(), body),
+                                       f"receive weight bucket {k + 1}/{len(buckets)}")  # fmt: skip
+                broadcast_bucket(bucket, self._weights_group, self._weights_device)
+                answered.result()
+
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Save ``model`` (``save_pretrained``: config + safetensors) and reload it on every server."""
+        """Load ``model``'s weights on every server: broadcast over the weight-update group when
+        :meth:`init_weight_transfer` set one up, else ``save_pretrained`` into ``weights_dir`` and
+        ``/update_weights_from_disk`` (both flush the servers' caches)."""
+        if self._weights_group is not None:
+            start = time.perf_counter()
+            self._weight_version += 1
+            self._update_weights_distributed(model)
+            self.stats.weight_sync_seconds += time.perf_counter() - start
+            return
         if self.weights_dir is None:
             raise ValueError("SGLangEngine.update_weights needs weights_dir (the run folder to save the policy in)")
         if not hasattr(model, "save_pretrained"):

@@ -2,7 +2,7 @@
 
 Not part of ``trainer.rollout``'s exports: tests, benchmarks and the CPU demo import it from here.
 
-It serves ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
+It serves ``/init_weights_update_group``, ``/update_weights_from_distributed``, ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
 ``stop_token_ids``, ``temperature``, ``top_p``, ``min_new_tokens``, ``sampling_seed``),
 ``/flush_cache``, ``/update_weights_from_disk``, ``/get_model_info`` and ``/health`` with the
 JSON fields of ``sglang.launch_server`` (``meta_info.cached_tokens`` included), so the SGLang
@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
 from trainer.rollout.base import GenerationRequest, SamplingParams
@@ -216,6 +217,38 @@ class ProtocolServer:
             self.weight_version = str(body.get("weight_version") or self.weight_version)
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
+    def init_weights_update_group(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Join the trainer's weight-update group as rank ``rank_offset`` (one rank: no tensor parallelism)."""
+        from trainer.rollout.weight_transfer import init_weights_group
+
+        try:
+            self._weights_group = init_weights_group(
+                body.get("backend", "gloo"), body["master_address"], int(body["master_port"]),
+                int(body["world_size"]), int(body["rank_offset"]), body.get("group_name", "weight_update_group"),
+            )  # fmt: skip
+        except (KeyError, ValueError, RuntimeError) as error:
+            return 200, {"success": False, "message": f"could not join the weight-update group: {error!r}"}
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def update_weights_from_distributed(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        from trainer.rollout.weight_transfer import receive_bucket
+
+        if getattr(self, "_weights_group", None) is None:
+            return 200, {"success": False, "message": "no weight-update group (call /init_weights_update_group)"}
+        received = receive_bucket(body, self._weights_group, self.engine.device)
+        with self._lock:
+            known = self.engine.model.state_dict(keep_vars=True)  # tied weights under each name
+            unknown = [name for name in received if name not in known]
+            if unknown:
+                return 200, {"success": False, "message": f"unknown parameters {unknown}"}
+            with torch.no_grad():
+                for name, tensor in received.items():
+                    known[name].copy_(tensor)
+            if body.get("flush_cache", True):
+                self.engine.flush_cache()
+            self.weight_version = str(body.get("weight_version") or self.weight_version)
+        return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
     def model_info(self) -> dict[str, Any]:
         return {
             "model_path": self.model_path,
@@ -338,6 +371,10 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
                 self._flush()
             elif path == "/update_weights_from_disk":
                 self._json(*server.update_weights_from_disk(body))
+            elif path == "/init_weights_update_group":
+                self._json(*server.init_weights_update_group(body))
+            elif path == "/update_weights_from_distributed":
+                self._json(*server.update_weights_from_distributed(body))
             else:
                 self._json(404, {"error": {"message": f"no route {path}"}})
 
