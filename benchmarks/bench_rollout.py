@@ -39,12 +39,18 @@ engine's own prefill counters of the fork requests), `summary_s` (the summary ph
 `evicted_sequences`. Goal: at half the step's KV, streaming under 5% while wait-for-all exceeds
 40%; at full budget both about 0 (only a trace's last sampled token, which has no keys/values yet,
 is recomputed by the fork at its end).
+
+With `--device cuda` and `sglang` installed, case `sglang_server_*` runs the summary phase against a
+real `sglang.launch_server` and reports the server's own prefill counters (`server_prefill_compute`,
+`server_prefill_cache` from `/metrics`) next to its `cache_hit_share`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from common import Results, environment_line, parse_args, synchronize
@@ -132,7 +138,48 @@ def main() -> None:
         speedup = statistics.median(times["unshared"]) / statistics.median(times["shared"])
         results.add(case, "shared", "speedup_vs_unshared", speedup, "x")
     kv_budget_cases(results, model, tokenizer, b_max=256 if args.quick else 512)
+    if args.device == "cuda" and importlib.util.find_spec("sglang") is not None:
+        real_server_case(results, model, tokenizer, b_max=1024 if args.quick else 4096)
+    else:
+        print("sglang: not installed or no CUDA device; no real-server case")
     results.finish(args.out)
+
+
+def real_server_case(results: Results, model, tokenizer, b_max: int) -> None:
+    """The same summary phase against a real ``sglang.launch_server`` (the benchmark policy saved
+    to a temporary folder), with the server's own prefill counters (``--enable-metrics``)."""
+    import socket
+    import tempfile
+
+    from trainer.rollout import SGLangServerProcess
+
+    num_prompts, group_size = 2, 2
+    prompts = [
+        tokenizer.encode(f"Problem {i}: what is {i} + {i}?", add_special_tokens=False) for i in range(num_prompts)
+    ]
+    with tempfile.TemporaryDirectory() as folder, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with SGLangServerProcess(folder, port, mem_fraction_static=0.3, startup_timeout_s=300,
+                                 log_path=Path(folder) / "server.log") as server:  # fmt: skip
+            engine = SGLangEngine(server.url, tokenizer, timeout_s=600)
+            traces = engine.ingest(
+                prompts, teacher_forced_traces(num_prompts * group_size, b_max, tokenizer, seed=0), group_size
+            )
+            case = f"sglang_server_P{num_prompts}_G{group_size}_bmax{b_max}_S{NUM_SLOTS}_A{NUM_SUMMARIES}"
+            engine.reset_stats()
+            start = time.perf_counter()
+            engine.summarize(traces, BudgetSchedule(b_max, NUM_SLOTS), NUM_SUMMARIES, SUMMARY_SAMPLING)
+            seconds = time.perf_counter() - start
+            stats = engine.reset_stats().summarize
+            results.add(case, "sglang", "summary_time_ms", seconds * 1e3, "ms")
+            for name in ("server_prefill_compute", "server_prefill_cache"):
+                value = getattr(stats, name)
+                results.add(case, "sglang", name, float("nan") if value is None else value, "tokens")
+            results.add(case, "sglang", "cache_hit_share", stats.cache_hit_share, "fraction")
 
 
 def kv_budget_cases(results: Results, model, tokenizer, b_max: int) -> None:
