@@ -165,8 +165,10 @@ def _cpp_backward(
 
 def _backend_module(backend: str):
     if backend == "triton":
-        from anytime_kernels import logprobs_triton
+        from anytime_kernels import logprobs_epilogue, logprobs_triton
 
+        if logprobs_epilogue.enabled():  # the GEMM-epilogue kernels (ANYTIME_LOGPROBS_EPILOGUE=1)
+            return logprobs_epilogue.forward, logprobs_epilogue.backward
         return logprobs_triton.forward, logprobs_triton.backward
     return _cpp_forward, _cpp_backward
 
@@ -176,7 +178,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, temperature, return_entropy, backend):
-        forward_impl, _ = _backend_module(backend)
+        forward_impl, backward_impl = _backend_module(backend)
         with torch.autocast(hidden.device.type, enabled=False):
             selected = hidden if rows is None else hidden.index_select(0, rows)
             # Both backends return (logprobs, entropy, lse); entropy is empty without return_entropy.
@@ -186,7 +188,7 @@ class _FusedLogprobs(torch.autograd.Function):
         # The backward of the entropy needs the mean logit sum_j p_j z_j = lse - entropy.
         mean_logit = lse - entropy if return_entropy else entropy
         ctx.save_for_backward(hidden, weight, targets, rows, lse, mean_logit)
-        ctx.temperature, ctx.return_entropy, ctx.backend = temperature, return_entropy, backend
+        ctx.temperature, ctx.return_entropy, ctx.backward_impl = temperature, return_entropy, backward_impl
         ctx.set_materialize_grads(False)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -200,7 +202,7 @@ class _FusedLogprobs(torch.autograd.Function):
             grad_entropy = None
         if grad_logprobs is None and grad_entropy is None:
             return None, None, None, None, None, None, None
-        _, backward_impl = _backend_module(ctx.backend)
+        backward_impl = ctx.backward_impl  # the forward's choice (an environment flag may change between)
         valid = targets != IGNORE_INDEX
         grad_logprobs = (
             torch.zeros_like(lse) if grad_logprobs is None else torch.where(valid, grad_logprobs.float(), 0.0)

@@ -1,7 +1,9 @@
 """Fused per-token log-probs: ours (`triton` on CUDA, `cpp` on CPU: what backend `auto` picks) against the full-logits `reference`,
 Liger-Kernel's chunked selective log-prob (`liger`) and Apple's Cut Cross-Entropy (`cce`, CUDA
 only, exact gradients: `filter_eps=None`), both from the `bench` extra, plus on CUDA the three
-bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight).
+bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight), and on
+CUDA `triton_epilogue`: ours with the softmax statistics in a Triton GEMM epilogue
+(``ANYTIME_LOGPROBS_EPILOGUE=1``, ``anytime_kernels/logprobs_epilogue.py``).
 
 Cases `fwd` (no grad, as for old-policy log-probs) and `fwd_bwd` (log-probs, then the backward
 of sum(g * logprobs) into hidden and the LM head). Sizes: CPU N=4096, H=512, V=32000 fp32 (quick:
@@ -12,6 +14,8 @@ liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from common import Results, environment_line, parse_args, peak_memory_mb, synchronize, time_ms
@@ -35,12 +39,26 @@ def liger_logprobs(hidden, weight, targets):
     return _ChunkedSelectiveLogProbFunction.apply(hidden, weight, targets, None, 1.0, 4096)
 
 
+def epilogue_logprobs(hidden, weight, targets):
+    """Ours with the GEMM-epilogue kernels (``ANYTIME_LOGPROBS_EPILOGUE=1``; the backward follows the forward)."""
+    previous = os.environ.get("ANYTIME_LOGPROBS_EPILOGUE")
+    os.environ["ANYTIME_LOGPROBS_EPILOGUE"] = "1"
+    try:
+        return fused_logprobs(hidden, weight, targets, backend="triton")
+    finally:
+        if previous is None:
+            del os.environ["ANYTIME_LOGPROBS_EPILOGUE"]
+        else:
+            os.environ["ANYTIME_LOGPROBS_EPILOGUE"] = previous
+
+
 def cce_logprobs(hidden, weight, targets):
     return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
 
 
 PROVIDERS = {
     "ours": lambda hidden, weight, targets: fused_logprobs(hidden, weight, targets),
+    "triton_epilogue": epilogue_logprobs,
     "reference": fused_logprobs_reference,
     "liger": liger_logprobs,
     "cce": cce_logprobs,
@@ -98,6 +116,8 @@ def main() -> None:
     if _ChunkedSelectiveLogProbFunction is None:
         del providers["liger"]
         print("liger: not available (pip install liger-kernel, the `bench` extra); no liger rows")
+    if device != "cuda":
+        del providers["triton_epilogue"]  # on CPU the Triton kernels run only in the interpreter
     if linear_cross_entropy is None or device != "cuda":
         del providers["cce"]
         print("cce: needs CUDA and cut-cross-entropy (the `bench` extra); no cce rows")
@@ -168,6 +188,14 @@ def target_lines(results: Results, ours: str, case: str, device: str) -> list[st
             lines.append(line(f"{ours}/{baseline} time", fused_time / value(baseline, "time_ms"), 1.0))
             lines.append(line(f"{ours}/{baseline} peak memory", fused_mem / value(baseline, "peak_mem_mb"), 1.0))
     lines.append(line(f"{ours}/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
+    if value("triton_epilogue", "time_ms") is not None:
+        lines.append(
+            line(
+                "triton_epilogue/bare_gemms time",
+                value("triton_epilogue", "time_ms") / value("bare_gemms", "time_ms"),
+                1.6,
+            )
+        )
     return lines
 
 

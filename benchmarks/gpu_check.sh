@@ -105,7 +105,7 @@ bench() { # name limit [args...]
   fi
   step "bench_$name" "$limit" "$PY" "benchmarks/bench_$name.py" --device cuda --out "$OUT_DIR" "$@"
 }
-bench logprobs 150
+bench logprobs 180
 bench tree_attention 90 --quick
 bench tree_forward 75 --quick
 bench advantages 45

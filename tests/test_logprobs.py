@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import anytime_kernels.logprobs as logprobs_module
+import anytime_kernels.logprobs_epilogue as logprobs_epilogue
 import anytime_kernels.logprobs_triton as logprobs_triton
 from anytime_kernels import IGNORE_INDEX, fused_logprobs
 from anytime_kernels.backends import BackendUnavailableError
@@ -153,6 +154,30 @@ def test_triton_several_row_blocks_and_chunks(monkeypatch, dtype):
         assert_close(got, expected, tolerance, tolerance, name)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("case_name", ["vocab_above_tile", "repeated_rows", "ignored_targets", "one_target"])
+def test_epilogue_kernels_match_reference(monkeypatch, case_name, dtype):
+    """The GEMM-epilogue path (logits tiles reduced in registers, never stored) against fp64."""
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
+    assert logprobs_module._backend_module("triton")[0] is logprobs_epilogue.forward
+    check_against_reference("triton", make_case(**CASES[case_name]), temperature=0.8, dtype=dtype)
+
+
+def test_epilogue_kernels_several_row_blocks_and_chunks_equal_the_default_path(monkeypatch):
+    """Row blocks (each merges its vocabulary-tile partials) and backward chunks, against the
+    default cuBLAS + reduction path on the same operands."""
+    case = make_case(num_hidden=23, width=40, vocab=301, num_targets=45, repeated_rows=True, ignore=(0, 30))
+    default = run(fused_logprobs, *case, temperature=0.7, backend="triton")
+    monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 7)
+    monkeypatch.setattr(logprobs_triton, "MIN_CHUNK", 64)
+    monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 7 * 8 * 64)
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
+    check_against_reference("triton", case, temperature=0.7)
+    fused = run(fused_logprobs, *case, temperature=0.7, backend="triton")
+    for name, got, expected in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), fused, default, strict=True):
+        assert_close(got, expected, 1e-5, 1e-5, name)
+
+
 @pytest.mark.parametrize("backend", (*BACKENDS, "reference"))
 def test_no_targets(backend):
     hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
@@ -276,6 +301,17 @@ def test_cuda_triton_matches_reference(dtype):
     case = make_case(num_hidden=300, width=256, vocab=5003, num_targets=400, repeated_rows=True, ignore=(3, 77))
     case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
     check_against_reference("auto", case, temperature=0.9, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cuda_epilogue_kernels_match_reference(monkeypatch, dtype):
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
+    monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 200)
+    case = make_case(num_hidden=300, width=256, vocab=5003, num_targets=400, repeated_rows=True, ignore=(3, 77))
+    case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
+    check_against_reference("triton", case, temperature=0.9, dtype=dtype)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,250 @@
+"""Triton backend of ``fused_logprobs`` with the softmax statistics in the GEMM epilogue (CCE-style).
+
+The default Triton path (``logprobs_triton``) writes each tile of fp32 logits to memory between a
+cuBLAS GEMM and a Triton reduction; at trainer shapes that round trip is about a third of the time
+above the bare GEMMs (H100, M=16384, H=1536, V=151,936 bf16: 54.7 ms against 32.4 ms). Here the
+logits never reach memory:
+
+- forward: ``_lse_tile_kernel`` computes a ``[BLOCK_M, BLOCK_N]`` logits tile with ``tl.dot`` over
+  the hidden size and reduces it in registers to the tile's (max, sum of exp, sum of exp * z) per
+  row, written to ``[vocabulary tiles, rows]`` partials, plus the target logit where the target lies
+  in the tile; the partials of a row block (at most ``ROW_BLOCK`` rows, so at most ~120 MB at
+  V = 151,936) merge into lse and entropy with a few ``[tiles, rows]`` torch reductions.
+- backward: ``_grad_tile_kernel`` recomputes the logits tile the same way and writes
+  ``dL/dlogits`` in the input dtype for one (row block, vocabulary chunk); the two gradient GEMMs
+  stay cuBLAS, as in ``logprobs_triton`` (each needs a reduction of the tile along a different axis).
+
+It is selected with ``ANYTIME_LOGPROBS_EPILOGUE=1`` (``backend="triton"``) until a GPU run of
+``bench_logprobs.py`` (provider ``triton_epilogue``) shows it ahead of the default path; results
+equal the default path's (tests run both under ``TRITON_INTERPRET=1``). Under the interpreter the
+tiles are small and ``tl.dot`` runs on fp32 (its bf16 product is wrong there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from anytime_kernels.constants import IGNORE_INDEX
+from anytime_kernels.logprobs_triton import _accumulate, _matmul_into, _row_blocks, chunk_vocab_size
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enabled() -> bool:
+    """Whether ``backend="triton"`` runs this path (``ANYTIME_LOGPROBS_EPILOGUE=1``)."""
+    return os.environ.get("ANYTIME_LOGPROBS_EPILOGUE") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
+        # Two Hopper-friendly shapes (autotuning compiles each, and a GPU check has minutes).
+        for m, n, warps, stages in ((128, 256, 8, 3), (128, 128, 8, 4))
+    ]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 operands follow torch's global TF32 setting, as cuBLAS does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr, weight_ptr, rows, cols, num_rows, vocab_end, hidden_size, stride_h, stride_w,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``hidden[rows] @ weight[cols].T`` as an fp32 ``[BLOCK_M, BLOCK_N]`` tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_mask = rows < num_rows
+    col_mask = cols < vocab_end
+    for k in range(0, hidden_size, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden_size
+        a = tl.load(hidden_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # fmt: skip
+        b = tl.load(weight_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
+                    other=0.0)  # fmt: skip
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["hidden_size", "HAS_ENTROPY", "PRECISION"])
+@triton.jit
+def _lse_tile_kernel(
+    hidden_ptr, weight_ptr, targets_ptr, part_max_ptr, part_sum_ptr, part_weighted_ptr, target_logit_ptr,
+    num_rows, vocab, hidden_size, stride_h, stride_w, inv_temperature,
+    HAS_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One logits tile, reduced in registers to its per-row (max, sum exp, sum exp * z)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows, cols, num_rows, vocab, hidden_size, stride_h, stride_w,
+                       UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    col_mask = cols < vocab
+    z = tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
+    tile_max = tl.max(z, axis=1)
+    exps = tl.exp(z - tile_max[:, None])
+    row_mask = rows < num_rows
+    out = pid_n.to(tl.int64) * num_rows + rows
+    tl.store(part_max_ptr + out, tile_max, mask=row_mask)
+    tl.store(part_sum_ptr + out, tl.sum(exps, axis=1), mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(part_weighted_ptr + out, tl.sum(exps * tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    hit = cols[None, :] == targets[:, None]
+    target_logit = tl.sum(tl.where(hit, z, 0.0), axis=1)
+    in_tile = (targets >= pid_n * BLOCK_N) & (targets < pid_n * BLOCK_N + BLOCK_N)
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & in_tile)
+
+
+@triton.autotune(configs=_configs(), key=["hidden_size", "HAS_ENTROPY_GRAD", "PRECISION"])
+@triton.jit
+def _grad_tile_kernel(
+    hidden_ptr, weight_ptr, targets_ptr, lse_ptr, mean_logit_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_ptr,
+    num_rows, vocab_start, vocab_end, chunk_vocab, hidden_size, stride_h, stride_w, inv_temperature,
+    HAS_ENTROPY_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dL/dlogits = (g_lp * (onehot - p) - g_ent * p * (z - mean_z)) / T of one recomputed tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vocab_start + local
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows, cols, num_rows, vocab_end, hidden_size, stride_h, stride_w,
+                       UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    row_mask = rows < num_rows
+    z = acc * inv_temperature
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    grad_logprob = tl.load(grad_logprobs_ptr + rows, mask=row_mask, other=0.0)
+    probs = tl.exp(z - lse[:, None])
+    weight_per_prob = tl.broadcast_to(grad_logprob[:, None], (BLOCK_M, BLOCK_N))
+    if HAS_ENTROPY_GRAD:
+        grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
+        mean_logit = tl.load(mean_logit_ptr + rows, mask=row_mask, other=0.0)
+        weight_per_prob = weight_per_prob + grad_entropy[:, None] * (z - mean_logit[:, None])
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    grad = -probs * weight_per_prob
+    grad = tl.where(cols[None, :] == targets[:, None], grad + grad_logprob[:, None], grad) * inv_temperature
+    mask = row_mask[:, None] & (cols < vocab_end)[None, :]
+    out = grad_ptr + rows[:, None].to(tl.int64) * chunk_vocab + local[None, :]
+    tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _used_block_n(kernel) -> int:
+    config = getattr(kernel, "best_config", None) or kernel.configs[0]
+    return config.kwargs["BLOCK_N"]
+
+
+def forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, compute_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as ``logprobs_triton.forward``: fp32 log-probs, entropy (empty unless asked), lse."""
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    fp32 = {"dtype": torch.float32, "device": hidden.device}
+    if num_rows == 0:
+        empty = torch.zeros(0, **fp32)
+        return empty, empty, empty
+    lse = torch.empty(num_rows, **fp32)
+    mean_logit = torch.empty(num_rows if compute_entropy else 0, **fp32)
+    target_logit = torch.zeros(num_rows, **fp32)
+    min_block_n = min(config.kwargs["BLOCK_N"] for config in _lse_tile_kernel.configs)
+    precision = _precision(hidden.dtype)
+    for row_start, row_end in _row_blocks(num_rows):
+        rows = row_end - row_start
+        tiles = triton.cdiv(vocab, min_block_n)
+        part_max = torch.empty(tiles, rows, **fp32)
+        part_sum = torch.empty(tiles, rows, **fp32)
+        part_weighted = torch.empty(tiles if compute_entropy else 1, rows, **fp32)
+        block = hidden[row_start:row_end]
+        grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(vocab, meta["BLOCK_N"]))  # noqa: E731
+        _lse_tile_kernel[grid](
+            block, weight, targets[row_start:row_end], part_max, part_sum, part_weighted,
+            target_logit[row_start:row_end], rows, vocab, hidden.shape[1], block.stride(0), weight.stride(0),
+            1.0 / temperature, HAS_ENTROPY=compute_entropy, UPCAST=_INTERPRET, PRECISION=precision,
+        )  # fmt: skip
+        used = triton.cdiv(vocab, _used_block_n(_lse_tile_kernel))
+        part_max, part_sum = part_max[:used], part_sum[:used]
+        row_max = part_max.max(dim=0).values
+        scale = torch.exp(part_max - row_max)
+        total = (part_sum * scale).sum(dim=0)
+        lse[row_start:row_end] = row_max + torch.log(total)
+        if compute_entropy:
+            mean_logit[row_start:row_end] = (part_weighted[:used] * scale).sum(dim=0) / total
+        del part_max, part_sum, part_weighted, scale
+    valid = targets != IGNORE_INDEX
+    logprobs = torch.where(valid, target_logit - lse, 0.0)
+    if not compute_entropy:
+        return logprobs, torch.zeros(0, **fp32), lse
+    entropy = torch.where(valid, (lse - mean_logit).clamp_min(0.0), 0.0)
+    return logprobs, entropy, lse
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor | None,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Same contract as ``logprobs_triton.backward``; the logits tiles are recomputed in Triton."""
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    if num_rows == 0 or not (need_hidden or need_weight):
+        return grad_hidden, torch.zeros_like(weight) if need_weight else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    has_entropy_grad = grad_entropy is not None
+    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
+    blocks = _row_blocks(num_rows)
+    precision = _precision(hidden.dtype)
+    for start in range(0, vocab, chunk_vocab):
+        end = min(start + chunk_vocab, vocab)
+        weight_chunk = weight[start:end]
+        weight_acc = None
+        if need_weight and len(blocks) > 1:
+            weight_acc = torch.zeros(weight_chunk.shape, dtype=torch.float32, device=weight.device)
+        for row_start, row_end in blocks:
+            rows = row_end - row_start
+            block = hidden[row_start:row_end]
+            grad_logits = torch.empty(rows, end - start, dtype=hidden.dtype, device=hidden.device)
+            grid = lambda meta, rows=rows, width=end - start: (  # noqa: E731
+                triton.cdiv(rows, meta["BLOCK_M"]),
+                triton.cdiv(width, meta["BLOCK_N"]),
+            )
+            _grad_tile_kernel[grid](
+                block, weight, targets[row_start:row_end], lse[row_start:row_end],
+                mean_logit[row_start:row_end] if has_entropy_grad else lse[row_start:row_end],
+                grad_logprobs[row_start:row_end],
+                grad_entropy[row_start:row_end] if has_entropy_grad else grad_logprobs[row_start:row_end],
+                grad_logits, rows, start, end, end - start, hidden.shape[1], block.stride(0), weight.stride(0),
+                1.0 / temperature, HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision,
+            )  # fmt: skip
+            if weight_acc is not None:
+                _accumulate(weight_acc, grad_logits.T, block)
+            elif need_weight:
+                _matmul_into(grad_weight[start:end], grad_logits.T, block)
+            if need_hidden:
+                _accumulate(grad_hidden[row_start:row_end], grad_logits, weight_chunk)
+        if weight_acc is not None:
+            grad_weight[start:end].copy_(weight_acc)
+    return grad_hidden, grad_weight
