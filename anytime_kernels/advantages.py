@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -229,11 +229,14 @@ class AdvantageStats:
         variance_ratio: per baseline name (``brpo``, ``v1only``, ``v2only``, ``none``), ``[S]``
             variance of the thinking advantage over the N traces divided by ``return_variance``
             (the paper's variance-reduction figure; ``none`` is 1); NaN where the return does not vary.
+        advantage_variance: per baseline name, ``[S]`` the numerator of ``variance_ratio`` (to pool
+            the ratio over steps: sum of numerators over sum of ``return_variance``).
     """
 
     mean_score: torch.Tensor
     return_variance: torch.Tensor
     variance_ratio: dict[str, torch.Tensor]
+    advantage_variance: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "advantages") -> dict[str, float]:
         """Flat ``{name: value}`` for a logger, one entry per slot and quantity."""
@@ -262,7 +265,7 @@ def advantage_stats(
     mean_score = scores.double().mean(dim=(0, 2)).float()
     returns, _ = brpo_advantages(scores, cut_lens, group_size, budget_probs, variance_reduction="none", backend=backend)
     return_variance = returns.double().var(dim=0, unbiased=False)
-    ratios = {}
+    ratios, variances = {}, {}
     for name in VARIANCE_REDUCTIONS:
         thinking_adv, _ = brpo_advantages(
             scores, cut_lens, group_size, budget_probs, variance_reduction=name, backend=backend
@@ -270,4 +273,6 @@ def advantage_stats(
         variance = thinking_adv.double().var(dim=0, unbiased=False)
         ratio = torch.where(return_variance > 0, variance / return_variance, torch.full_like(variance, math.nan))
         ratios[name] = ratio.float()
-    return AdvantageStats(mean_score=mean_score, return_variance=return_variance.float(), variance_ratio=ratios)
+        variances[name] = variance.float()
+    return AdvantageStats(mean_score=mean_score, return_variance=return_variance.float(), variance_ratio=ratios,
+                          advantage_variance=variances)  # fmt: skip

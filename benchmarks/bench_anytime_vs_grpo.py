@@ -16,12 +16,15 @@ cases `seed<k>` and `mean`; metrics `accuracy@<budget>`, `anytime_score`, `anyti
 (mean case: standard error over seeds), `sampled_tokens_per_step`; provider `sft` for the start;
 and case `variance_ratio`, providers `brpo` and `v2only`, metrics `ratio@<budget>`: Var[R - V] /
 Var[R] of the thinking advantage under BRPO's baseline vs the GRPO-style V2 baseline on the same
-AR-linear rollouts, averaged over steps and seeds) and `anytime_vs_grpo.png` (accuracy vs budget,
+AR-linear rollouts, pooled over steps and seeds: the sum of Var[R - V] over the sum of Var[R], as a
+mean of per-step ratios is dominated by steps whose returns barely vary; `ratio_early@<budget>`, the
+same over the first quarter of the steps, before accuracy saturates at the larger budgets) and
+`anytime_vs_grpo.png` (accuracy vs budget,
 a line per method with a band of one standard error over seeds).
 
     python benchmarks/bench_anytime_vs_grpo.py [--quick] [--seeds 3] [--out DIR]     # make compare
 
-Full: 3 seeds x 100 RL steps (about 30 minutes on 2 cores); --quick: 1 seed x 25 steps (under 10
+Full: 3 seeds x 100 RL steps (43 minutes on 2 cores, with other work beside it); --quick: 1 seed x 25 steps (under 10
 minutes). The SFT warm-up is the demo's (1500 steps) in both: a shorter one leaves a model that
 computes the chain too poorly for the budgets to matter.
 """
@@ -61,6 +64,21 @@ def mean_of(run_dir: Path, prefix: str) -> dict[str, float]:
     return {key: statistics.mean(row[key] for row in rows if row.get(key) is not None) for key in keys}
 
 
+def step_rows(run_dir: Path, steps: int) -> list[dict]:
+    """A run's RL-step metric rows, numbered from 0 (SFT rows have no train/loss)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "train/loss" in row][-steps:]
+    return [{**row, "step_index": i} for i, row in enumerate(rows)]
+
+
+def pooled_ratio(rows: list[dict], estimator: str, budget: int) -> float | None:
+    """Var[R - V] / Var[R] pooled over steps: the sum of the advantage variances over the sum of the
+    return variances (a mean of per-step ratios is dominated by steps whose returns barely vary)."""
+    numerator = sum(row.get(f"advantages/advantage_variance/{estimator}@{budget}", 0.0) for row in rows)
+    denominator = sum(row.get(f"advantages/return_variance@{budget}", 0.0) for row in rows)
+    return numerator / denominator if denominator > 0 else None
+
+
 def main() -> None:
     args = parse_args("anytime_vs_grpo", __doc__, extra_arguments)
     if args.device != "cpu":
@@ -79,7 +97,7 @@ def main() -> None:
     add_eval_rows(results, "start", "sft", curves["sft"])
 
     finals: dict[str, list[EvalResult]] = {method: [] for method in METHODS}
-    ratios: dict[str, list[float]] = {}
+    variance_rows: list[dict] = []  # AR-linear steps of every seed, with their step number
     for seed in seeds:
         for method, switches in METHODS.items():
             overrides = [*COMMON, *switches, f"train.steps={rl_steps}", f"train.seed={seed}", "sft.steps=0"]
@@ -91,8 +109,7 @@ def main() -> None:
             sampled = mean_of(run_dir, "rollout/sampled_tokens")["rollout/sampled_tokens"]
             results.add(f"seed{seed}", method, "sampled_tokens_per_step", sampled, "tokens")
             if method == "ar_linear":
-                for key, value in mean_of(run_dir, "advantages/variance_ratio/").items():
-                    ratios.setdefault(key, []).append(value)
+                variance_rows.extend(step_rows(run_dir, rl_steps))
     for method, evaluations in finals.items():
         mean = average(evaluations)
         curves[method] = mean
@@ -100,11 +117,13 @@ def main() -> None:
         scores = [e.anytime_score for e in evaluations]
         spread = statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
         results.add("mean", method, "anytime_score_se", spread, "score")
+    early = [row for row in variance_rows if row["step_index"] < rl_steps // 4]
     for estimator in ("brpo", "v2only"):
         for budget in BUDGETS:
-            values = ratios.get(f"advantages/variance_ratio/{estimator}@{budget}", [])
-            if values:
-                results.add("variance_ratio", estimator, f"ratio@{budget}", statistics.mean(values), "ratio")
+            for metric, rows in ((f"ratio@{budget}", variance_rows), (f"ratio_early@{budget}", early)):
+                ratio = pooled_ratio(rows, estimator, budget)
+                if ratio is not None:
+                    results.add("variance_ratio", estimator, metric, ratio, "ratio")
     plot_curves(curves, args.out / "anytime_vs_grpo.png", title=f"AR vs GRPO ({len(seeds)} seeds, {rl_steps} steps)")
     results.finish(args.out, notes=verdicts(curves))
 

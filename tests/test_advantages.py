@@ -292,6 +292,14 @@ def test_advantage_stats_match_loop(backend):
         thinking, _ = loop_advantages(scores.tolist(), cuts.tolist(), 4, probs.tolist(), name, "brpo")
         expected = [variance([row[s] for row in thinking]) / variance([row[s] for row in returns]) for s in range(4)]
         torch.testing.assert_close(stats.variance_ratio[name], torch.tensor(expected), rtol=1e-4, atol=1e-6)
+        numerators = [variance([row[s] for row in thinking]) for s in range(4)]
+        torch.testing.assert_close(stats.advantage_variance[name], torch.tensor(numerators), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        stats.return_variance,
+        torch.tensor([variance([row[s] for row in returns]) for s in range(4)]),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     assert stats.variance_ratio["none"].tolist() == pytest.approx([1.0] * 4)
     metrics = stats.metrics()
     assert metrics["advantages/variance_ratio/brpo/slot2"] == pytest.approx(float(stats.variance_ratio["brpo"][2]))

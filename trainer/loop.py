@@ -336,6 +336,11 @@ class Trainer:
         for name, ratios in stats.variance_ratio.items():
             for b, value in zip(p.schedule.budgets, ratios.tolist(), strict=True):
                 metrics[f"advantages/variance_ratio/{name}@{b}"] = value
+        for name, variances in stats.advantage_variance.items():  # to pool the ratio over steps
+            for b, value in zip(p.schedule.budgets, variances.tolist(), strict=True):
+                metrics[f"advantages/advantage_variance/{name}@{b}"] = value
+        for b, value in zip(p.schedule.budgets, stats.return_variance.tolist(), strict=True):
+            metrics[f"advantages/return_variance@{b}"] = value
         return metrics
 
 
