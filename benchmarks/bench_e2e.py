@@ -13,7 +13,7 @@ updates per step, no KL). Modes:
   (prompt + z[:c] + delimiter, from the same traces) with A completions each; each fork prompt is
   prefilled and trained as its own sequence.
 
-Metrics per mode and provider: `step_time_s` (median over measured steps, after one warm-up step),
+Metrics per mode and provider: `step_time_s` (median over 4 measured steps, quick 1, after one warm-up step),
 `tokens_per_s` (sampled tokens per second), `sampled_tokens`, and for ours `time_<phase>_s`
 (think, summarize, score, advantages, update, sync) and `packed_tokens`. Random-initialised models
 write long, mostly unclosed traces: the worst case for rollout time.
@@ -148,7 +148,7 @@ def main() -> None:
     device = args.device
     print(environment_line(device))
     results = Results("e2e", args.out)
-    measured = 1 if args.quick else 2
+    measured = 1 if args.quick else 4
     with_trl = device == "cpu" and importlib.util.find_spec("trl") is not None
     if device == "cpu" and not with_trl:
         print("trl: not installed (pip install trl, the `bench` extra); no trl rows")
