@@ -9,7 +9,7 @@ OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install test train compare lint bench bench-quick wheel gpu-wheels clean
+.PHONY: install test train compare e2e lint bench bench-quick wheel gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,14 @@ test: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/anytime-train --config configs/tiny-cpu.yaml --out $(OUT)
 
-# AR (BRPO) vs GRPO from one SFT checkpoint, 3 seeds each (about 30 min on 2 cores; QUICK=1: under 10).
+# AR (BRPO) vs GRPO from one SFT checkpoint, 3 seeds each (about 43 min on 2 cores; QUICK=1: under 10).
 compare: $(STAMP)
 	$(PY) benchmarks/bench_anytime_vs_grpo.py --out $(if $(OUT_COMPARE),$(OUT_COMPARE),bench_out) $(if $(QUICK),--quick,)
+
+# One RL step, ours against TRL's GRPOTrainer in GRPO and AR modes (installs the `bench` extra; about 4 min).
+e2e: $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev,gguf,bench]"
+	$(PY) benchmarks/bench_e2e.py --out $(if $(OUT_COMPARE),$(OUT_COMPARE),bench_out) $(if $(QUICK),--quick,)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
