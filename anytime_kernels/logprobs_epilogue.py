@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from anytime_kernels import logprobs_triton
 from anytime_kernels.constants import IGNORE_INDEX
-from anytime_kernels.logprobs_triton import _accumulate, _matmul_into, _row_blocks, chunk_vocab_size
+from anytime_kernels.logprobs_triton import _row_blocks
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -207,44 +208,22 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as ``logprobs_triton.backward``; the logits tiles are recomputed in Triton."""
-    num_rows, vocab = hidden.shape[0], weight.shape[0]
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-    if num_rows == 0 or not (need_hidden or need_weight):
-        return grad_hidden, torch.zeros_like(weight) if need_weight else None
-    grad_weight = torch.empty_like(weight) if need_weight else None
+    """Same contract as ``logprobs_triton.backward`` (its chunk loop and gradient GEMMs); each
+    ``dL/dlogits`` tile comes from ``_grad_tile_kernel``, which recomputes the logits in registers."""
     has_entropy_grad = grad_entropy is not None
-    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
-    blocks = _row_blocks(num_rows)
     precision = _precision(hidden.dtype)
-    for start in range(0, vocab, chunk_vocab):
-        end = min(start + chunk_vocab, vocab)
-        weight_chunk = weight[start:end]
-        weight_acc = None
-        if need_weight and len(blocks) > 1:
-            weight_acc = torch.zeros(weight_chunk.shape, dtype=torch.float32, device=weight.device)
-        for row_start, row_end in blocks:
-            rows = row_end - row_start
-            block = hidden[row_start:row_end]
-            grad_logits = torch.empty(rows, end - start, dtype=hidden.dtype, device=hidden.device)
-            grid = lambda meta, rows=rows, width=end - start: (  # noqa: E731
-                triton.cdiv(rows, meta["BLOCK_M"]),
-                triton.cdiv(width, meta["BLOCK_N"]),
-            )
-            _grad_tile_kernel[grid](
-                block, weight, targets[row_start:row_end], lse[row_start:row_end],
-                mean_logit[row_start:row_end] if has_entropy_grad else lse[row_start:row_end],
-                grad_logprobs[row_start:row_end],
-                grad_entropy[row_start:row_end] if has_entropy_grad else grad_logprobs[row_start:row_end],
-                grad_logits, rows, start, end, end - start, hidden.shape[1], block.stride(0), weight.stride(0),
-                1.0 / temperature, HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision,
-            )  # fmt: skip
-            if weight_acc is not None:
-                _accumulate(weight_acc, grad_logits.T, block)
-            elif need_weight:
-                _matmul_into(grad_weight[start:end], grad_logits.T, block)
-            if need_hidden:
-                _accumulate(grad_hidden[row_start:row_end], grad_logits, weight_chunk)
-        if weight_acc is not None:
-            grad_weight[start:end].copy_(weight_acc)
-    return grad_hidden, grad_weight
+
+    def tile_grad(block: slice, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        rows, width = block.stop - block.start, end - start
+        rows_hidden = hidden[block]
+        _grad_tile_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))](
+            rows_hidden, weight, targets[block], lse[block], mean_logit[block] if has_entropy_grad else lse[block],
+            grad_logprobs[block], grad_entropy[block] if has_entropy_grad else grad_logprobs[block], grad_logits,
+            rows, start, end, width, hidden.shape[1], rows_hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision,
+        )  # fmt: skip
+
+    return logprobs_triton.backward(
+        hidden, weight, targets, lse, mean_logit, grad_logprobs, grad_entropy, temperature, need_hidden, need_weight,
+        tile_grad=tile_grad,
+    )  # fmt: skip

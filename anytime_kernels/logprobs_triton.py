@@ -281,11 +281,15 @@ def backward(
     temperature: float,
     need_hidden: bool,
     need_weight: bool,
+    tile_grad=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """fp32 ``grad_hidden [M, H]`` and ``grad_weight [V, H]`` (weight dtype); None where not needed.
 
     ``grad_logprobs``/``grad_entropy`` are fp32 ``[M]`` and already zero on ignored targets;
-    ``mean_logit`` (``lse - entropy``) is needed with ``grad_entropy``.
+    ``mean_logit`` (``lse - entropy``) is needed with ``grad_entropy``. ``tile_grad(rows, start,
+    end, grad_logits)`` fills ``grad_logits`` (``[row block, end - start]``, input dtype) with
+    dL/dlogits of rows ``rows`` (a slice) and vocabulary ``[start, end)``; by default a cuBLAS GEMM
+    recomputes the logits and ``_chunk_grad_kernel`` turns them into the gradient.
     """
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -294,38 +298,43 @@ def backward(
     # Every chunk writes its rows of grad_weight whole, so it needs no zero fill.
     grad_weight = torch.empty_like(weight) if need_weight else None
     has_entropy_grad = grad_entropy is not None
+
+    def recompute_and_grad(block: slice, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        logits = _matmul_fp32(hidden[block], weight[start:end].T)
+        _chunk_grad_kernel[(block.stop - block.start,)](
+            logits,
+            grad_logits,
+            targets[block],
+            lse[block],
+            mean_logit[block] if has_entropy_grad else lse[block],
+            grad_logprobs[block],
+            grad_entropy[block] if has_entropy_grad else grad_logprobs[block],
+            logits.shape[1],
+            start,
+            1.0 / temperature,
+            HAS_ENTROPY_GRAD=has_entropy_grad,
+        )
+
+    tile_grad = tile_grad or recompute_and_grad
     chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
     blocks = _row_blocks(num_rows)
     for start in range(0, vocab, chunk_vocab):
-        weight_chunk = weight[start : start + chunk_vocab]
+        end = min(start + chunk_vocab, vocab)
+        weight_chunk = weight[start:end]
         # Several row blocks add into one chunk of grad_weight: accumulate in fp32, cast once.
         weight_acc = None
         if need_weight and len(blocks) > 1:
             weight_acc = torch.zeros(weight_chunk.shape, dtype=torch.float32, device=weight.device)
         for row_start, row_end in blocks:
             block = slice(row_start, row_end)
-            logits = _matmul_fp32(hidden[block], weight_chunk.T)
-            grad_logits = torch.empty(logits.shape, dtype=hidden.dtype, device=hidden.device)
-            _chunk_grad_kernel[(row_end - row_start,)](
-                logits,
-                grad_logits,
-                targets[block],
-                lse[block],
-                mean_logit[block] if has_entropy_grad else lse[block],
-                grad_logprobs[block],
-                grad_entropy[block] if has_entropy_grad else grad_logprobs[block],
-                logits.shape[1],
-                start,
-                1.0 / temperature,
-                HAS_ENTROPY_GRAD=has_entropy_grad,
-            )
-            del logits
+            grad_logits = torch.empty(row_end - row_start, end - start, dtype=hidden.dtype, device=hidden.device)
+            tile_grad(block, start, end, grad_logits)
             if weight_acc is not None:
                 _accumulate(weight_acc, grad_logits.T, hidden[block])
             elif need_weight:
-                _matmul_into(grad_weight[start : start + chunk_vocab], grad_logits.T, hidden[block])
+                _matmul_into(grad_weight[start:end], grad_logits.T, hidden[block])
             if need_hidden:
                 _accumulate(grad_hidden[block], grad_logits, weight_chunk)
         if weight_acc is not None:
-            grad_weight[start : start + chunk_vocab].copy_(weight_acc)
+            grad_weight[start:end].copy_(weight_acc)
     return grad_hidden, grad_weight
