@@ -94,6 +94,7 @@ def trl_generation_batches(model, tokenizer, prompts, answers, *, group_size, ma
     completions, then two optimizer updates on them), for ``batches`` batches."""
     from datasets import Dataset
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     class StepClock(TrainerCallback):
@@ -123,6 +124,7 @@ def trl_generation_batches(model, tokenizer, prompts, answers, *, group_size, ma
         dataset = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)])
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[clock])  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # its per-step log dicts would bury the table
         trainer.train()
     times = [clock.times[i + 2] - clock.times[i] for i in range(0, 2 * batches, 2)]
     return [{"seconds": s, "tokens": t} for s, t in zip(times, clock.tokens, strict=False)]
