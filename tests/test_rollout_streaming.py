@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -243,8 +244,9 @@ def test_flush_is_refused_while_requests_run(policy):
         worker = threading.Thread(target=remote.think, args=([[5, 6, 7]], 1, 4, GREEDY))
         worker.start()
         try:
+            deadline = time.monotonic() + 30
             while server.idle:
-                pass
+                assert time.monotonic() < deadline, "the request never reached the server"
             answer = requests.post(server.url + "/flush_cache", timeout=5)
             assert answer.status_code == 400 and "running or waiting" in answer.text
             with pytest.raises(SGLangServerError, match="400"):
@@ -262,10 +264,14 @@ def test_concurrent_requests_are_batched_together(policy):
         server._lock.acquire()
         worker = threading.Thread(target=remote.think, args=(prompts_of(tokenizer, 6), 1, 4, GREEDY))
         worker.start()
+        deadline = time.monotonic() + 30
         while True:  # wait until the first batch is taken and every other request waits behind it
             with server._wakeup:
                 if server._busy and server._busy + len(server._queue) == 6:
                     break
+            if time.monotonic() > deadline:
+                server._lock.release()
+                pytest.fail("the six requests never all reached the server")
         server._lock.release()
         worker.join()
         # Six concurrent requests: the first batch, then everything that queued meanwhile, in one.
