@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_robustness import LENGTH_REWARD
+from fixtures.rewards import LENGTH_REWARD
 from test_trainer import TINY
 
 from trainer.config import load_config

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.rewards import LENGTH_REWARD
 from safetensors.torch import load_file
 from test_trainer import TINY
 
@@ -24,13 +25,6 @@ from trainer.models import load_model
 from trainer.rollout import EmbeddedEngine, SGLangServerError
 from trainer.rollout.testing import ProtocolServer
 
-# A reward with signal for an untrained model (the length of the text modulo 3), so every RL step
-# changes the parameters and the comparison below cannot pass vacuously.
-LENGTH_REWARD = """
-def reward(completions, answers, *, format_ok=None, eos_in_cut=None, lenient=False):
-    scores = [float(len(text) % 3 == 0) for text in completions]
-    return scores, {"reward/mean": sum(scores) / max(len(scores), 1)}
-"""
 RUN = [*TINY, "train.steps=5", "train.save_every=1", "logging.tensorboard=false", "rollout.reward=length_reward:reward"]
 
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from fixtures.rewards import LENGTH_REWARD
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from anytime_kernels import pack_response_trees, token_advantages
@@ -13,6 +14,7 @@ from trainer.batches import score_rollouts
 from trainer.config import load_config
 from trainer.evaluate import EvalResult
 from trainer.evaluate import main as eval_main
+from trainer.learner import Learner
 from trainer.loop import Trainer
 from trainer.models import load_tokenizer
 from trainer.rollout import SummaryBatch
@@ -181,3 +183,42 @@ def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]  # fmt: skip
     assert steps == [3]
+
+
+def test_the_first_update_uses_the_current_logprobs_as_the_old_ones(tmp_path, monkeypatch):
+    """Only the trees of later updates are scored before the first update (it is on-policy), and
+    the step ends with the parameters of scoring every tree first."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)  # a reward with signal: the update is not empty
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(
+        None, [*TINY, "sft.steps=0", "logging.tensorboard=false", "rollout.reward=length_reward:reward"]
+    )
+    scored_rows = []
+    original = Learner._positions_logprobs
+
+    def recording(self, policy, batch, rows=None):
+        scored_rows.append(list(range(batch.layout.num_traces)) if rows is None else list(rows))
+        return original(self, policy, batch, rows)
+
+    torch.manual_seed(0)
+    fast = Trainer(config, tmp_path / "fast")
+    initial = [p.detach().clone() for p in fast.parts.policy.model.parameters()]
+    monkeypatch.setattr(Learner, "_positions_logprobs", recording)
+    fast.rl_step(0)
+    # 4 prompts x G=2 in mini-batches of 2 prompts: the second mini-batch's 4 trees only.
+    assert [len(rows) for rows in scored_rows] == [4]
+
+    def score_everything(self, batch, num_updates, first_rows=None):
+        batch.old_logprobs = original(self, self.policy, batch)
+
+    original_step = Learner._optimizer_step
+    monkeypatch.setattr(Learner, "fill_logprobs", score_everything)
+    monkeypatch.setattr(Learner, "_optimizer_step", lambda self, *args: original_step(self, *args[:4], False))
+    torch.manual_seed(0)
+    full = Trainer(config, tmp_path / "full")
+    full.rl_step(0)
+    for (name, got), expected in zip(
+        fast.parts.policy.model.named_parameters(), full.parts.policy.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(fast.parts.policy.model.parameters(), initial, strict=True))

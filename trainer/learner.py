@@ -107,38 +107,51 @@ class Learner:
         return [(mb, True) for mb in mine] + [(filler, False)] * (count - len(mine))
 
     @torch.no_grad()
-    def _positions_logprobs(self, policy: TreePolicy, batch: TrainBatch) -> torch.Tensor:
+    def _positions_logprobs(self, policy: TreePolicy, batch: TrainBatch, rows: list[int] | None = None) -> torch.Tensor:
+        """Log-probs at every position of ``rows`` (default: all trees); zero elsewhere."""
         out = torch.zeros(batch.layout.num_tokens, device=self.device)
-        rows = list(range(batch.layout.num_traces))
+        rows = list(range(batch.layout.num_traces)) if rows is None else rows
+        if not rows:
+            return all_reduce_sum(out, self.context)
         for micro_batch, real in self._rank_micro_batches(policy, batch.layout, rows):
             result = policy.logprobs(micro_batch, temperature=self.temperature)
             if real:
                 out[result.positions.to(self.device)] = result.logprobs
         return all_reduce_sum(out, self.context)  # each position is filled on exactly one rank
 
-    def fill_logprobs(self, batch: TrainBatch, num_updates: int) -> None:
-        """The sampling policy's log-probs (skipped with a single on-policy update, where the
-        current log-probs are the old ones) and the reference's (with a KL term)."""
+    def fill_logprobs(self, batch: TrainBatch, num_updates: int, first_rows: list[int] | None = None) -> None:
+        """The sampling policy's log-probs and the reference's (with a KL term).
+
+        The first update is on-policy: its trees (``first_rows``) need no old log-probs, the
+        current ones are (detached), so only the trees of later updates are scored here, and
+        nothing with a single update.
+        """
         if num_updates > 1:
-            batch.old_logprobs = self._positions_logprobs(self.policy, batch)
+            first = set(first_rows or ())
+            later = [row for row in range(batch.layout.num_traces) if row not in first]
+            batch.old_logprobs = self._positions_logprobs(self.policy, batch, later)
         if self.loss.kl_coef > 0:
             batch.ref_logprobs = self._positions_logprobs(self.reference, batch)
 
     def update(self, batch: TrainBatch, mini_batch_prompts: int, epochs: int) -> dict[str, float]:
         """PPO updates over ``epochs`` passes of shuffled mini-batches; returns the step's metrics."""
         num_updates = epochs * math.ceil(batch.num_prompts / mini_batch_prompts)
-        self.fill_logprobs(batch, num_updates)
+        orders = []
+        for _ in range(epochs):
+            orders.append(list(range(batch.num_prompts)))
+            self.rng.shuffle(orders[-1])
+        first_rows = batch.prompt_rows(orders[0][:mini_batch_prompts]) if orders and orders[0] else []
+        self.fill_logprobs(batch, num_updates, first_rows)
         device = self.device
         advantages = batch.advantages.to(device)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         grad_norms, losses, learning_rates = [], [], []
         self.policy.model.train()
-        for _ in range(epochs):
-            order = list(range(batch.num_prompts))
-            self.rng.shuffle(order)
+        for epoch, order in enumerate(orders):
             for start in range(0, len(order), mini_batch_prompts):
                 rows = batch.prompt_rows(order[start : start + mini_batch_prompts])
-                loss, grad_norm = self._optimizer_step(batch, rows, advantages, sums)
+                on_policy = epoch == 0 and start == 0
+                loss, grad_norm = self._optimizer_step(batch, rows, advantages, sums, on_policy)
                 losses.append(loss)
                 grad_norms.append(grad_norm)
                 learning_rates.append(self.optimizer.param_groups[0]["lr"])
@@ -159,7 +172,11 @@ class Learner:
         )
         return metrics
 
-    def _optimizer_step(self, batch: TrainBatch, rows: list[int], advantages, sums) -> tuple[float, float]:
+    def _optimizer_step(
+        self, batch: TrainBatch, rows: list[int], advantages, sums, on_policy: bool = False
+    ) -> tuple[float, float]:
+        """One optimizer update on the trees ``rows``; ``on_policy``: no update has happened since
+        the rollout, so the old log-probs are the current ones."""
         device = self.device
         layout = batch.layout
         index = layout.tree_token_index(rows)
@@ -176,7 +193,8 @@ class Learner:
             # Entropy comes out of the same fused LM-head pass; it is logged even without a bonus.
             result = self.policy.logprobs(micro_batch, temperature=self.temperature, return_entropy=True)
             positions = result.positions.to(device)
-            old = result.logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[positions]
+            current = on_policy or batch.old_logprobs is None
+            old = result.logprobs.detach() if current else batch.old_logprobs[positions]
             terms = policy_loss(
                 result.logprobs,
                 old,
