@@ -17,6 +17,7 @@ full logits), ``auto`` (triton on CUDA, cpp on CPU). Accumulation is fp32 whatev
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -164,12 +165,15 @@ def _cpp_backward(
 
 
 def _backend_module(backend: str):
+    """(forward, backward) of ``backend``; for ``triton`` the path (``ANYTIME_LOGPROBS_EPILOGUE``)
+    and the tile budget (``ANYTIME_LOGPROBS_TILE_MB``) are read here, once per forward, and bound
+    into both functions, so a backward runs as its forward chose whatever the environment says by then."""
     if backend == "triton":
         from anytime_kernels import logprobs_epilogue, logprobs_triton
 
-        if logprobs_epilogue.enabled():  # the GEMM-epilogue kernels (ANYTIME_LOGPROBS_EPILOGUE=1)
-            return logprobs_epilogue.forward, logprobs_epilogue.backward
-        return logprobs_triton.forward, logprobs_triton.backward
+        budget = logprobs_triton.tile_bytes()
+        module = logprobs_epilogue if logprobs_epilogue.enabled() else logprobs_triton
+        return functools.partial(module.forward, budget=budget), functools.partial(module.backward, budget=budget)
     return _cpp_forward, _cpp_backward
 
 

@@ -3,8 +3,9 @@ Triton row reductions, with running ``[M]`` statistics.
 
 Decomposition. Rows are processed in blocks of at most ``ROW_BLOCK`` and the vocabulary in chunks
 of ``chunk_vocab`` columns (at least ``MIN_CHUNK``, a power of two or the whole vocabulary) sized
-so one tile of fp32 logits plus its gradient fits ``CHUNK_BYTES``. Tile sizes therefore do not
-shrink as M grows, and memory beyond the inputs and outputs is one tile plus ``O(M)``:
+so one tile of fp32 logits plus its gradient fits the tile budget (``CHUNK_BYTES``, or
+``ANYTIME_LOGPROBS_TILE_MB`` MiB: less memory for more, narrower GEMMs). Tile sizes therefore do
+not shrink as M grows, and memory beyond the inputs and outputs is one tile plus ``O(M)``:
 
 - forward, per tile: ``logits = hidden[block] @ W[chunk].T`` by cuBLAS with fp32 output
   (``torch.mm(out_dtype=)``), then ``_chunk_stats_kernel`` (one program per row) streams the tile
@@ -204,15 +205,37 @@ def _accumulate(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
         out.add_(torch.mm(left, right, out_dtype=torch.float32))
 
 
-def chunk_vocab_size(num_rows: int, vocab: int, element_size: int) -> int:
-    """Columns per vocabulary chunk: one tile of fp32 logits + gradient within CHUNK_BYTES.
+def tile_bytes() -> int:
+    """The tile budget in bytes: ``ANYTIME_LOGPROBS_TILE_MB`` (MiB, > 0) when set, else CHUNK_BYTES.
 
-    The tile has ``min(num_rows, ROW_BLOCK)`` rows, so the width stops shrinking at ROW_BLOCK rows;
-    a power of two of at least MIN_CHUNK (or the whole vocabulary), so the autotuning key (the
-    chunk width) takes a handful of values however the number of rows varies between calls.
+    Read when a forward starts; its backward keeps the same budget (``logprobs._backend_module``).
     """
+    value = os.environ.get("ANYTIME_LOGPROBS_TILE_MB", "").strip()
+    if not value:
+        return CHUNK_BYTES
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = float("nan")
+    if not megabytes > 0 or megabytes == float("inf"):
+        raise ValueError(f"ANYTIME_LOGPROBS_TILE_MB must be a number of MiB > 0, got {value!r}")
+    return int(megabytes * 2**20)
+
+
+def chunk_vocab_size(
+    num_rows: int, vocab: int, element_size: int, budget: int | None = None, stores_logits: bool = True
+) -> int:
+    """Columns per vocabulary chunk: one tile within ``budget`` bytes (default: ``tile_bytes()``).
+
+    A tile element costs its fp32 logit (unless ``stores_logits`` is False: the epilogue path
+    keeps logits in registers) plus its gradient in the input dtype. The tile has
+    ``min(num_rows, ROW_BLOCK)`` rows, so the width stops shrinking at ROW_BLOCK rows; a power of
+    two of at least MIN_CHUNK (or the whole vocabulary), so the autotuning key (the chunk width)
+    takes a handful of values however the number of rows varies between calls.
+    """
+    budget = tile_bytes() if budget is None else budget
     rows = min(max(num_rows, 1), ROW_BLOCK)
-    columns = CHUNK_BYTES // (rows * (4 + element_size))
+    columns = budget // (rows * ((4 if stores_logits else 0) + element_size))
     return min(vocab, max(MIN_CHUNK, 1 << (max(columns, 1).bit_length() - 1)))
 
 
@@ -221,10 +244,15 @@ def _row_blocks(num_rows: int) -> list[tuple[int, int]]:
 
 
 def forward(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, compute_entropy: bool
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    compute_entropy: bool,
+    budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs, entropy (empty unless ``compute_entropy``) and lse, fp32 ``[M]``, of validated
-    contiguous operands: what the C++ op returns.
+    contiguous operands: what the C++ op returns. ``budget``: tile bytes (default ``tile_bytes()``).
 
     Args:
         hidden: ``[M, H]`` the rows that predict the targets (already gathered).
@@ -236,7 +264,7 @@ def forward(
     if num_rows == 0:
         empty = torch.zeros(0, **fp32)
         return empty, empty, empty
-    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
+    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size(), budget)
     running_max = torch.full((num_rows,), float("-inf"), **fp32)
     running_sum = torch.zeros(num_rows, **fp32)
     running_weighted = torch.zeros(num_rows if compute_entropy else 1, **fp32)
@@ -281,6 +309,7 @@ def backward(
     temperature: float,
     need_hidden: bool,
     need_weight: bool,
+    budget: int | None = None,
     tile_grad=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """fp32 ``grad_hidden [M, H]`` and ``grad_weight [V, H]`` (weight dtype); None where not needed.
@@ -289,7 +318,8 @@ def backward(
     ``mean_logit`` (``lse - entropy``) is needed with ``grad_entropy``. ``tile_grad(rows, start,
     end, grad_logits)`` fills ``grad_logits`` (``[row block, end - start]``, input dtype) with
     dL/dlogits of rows ``rows`` (a slice) and vocabulary ``[start, end)``; by default a cuBLAS GEMM
-    recomputes the logits and ``_chunk_grad_kernel`` turns them into the gradient.
+    recomputes the logits and ``_chunk_grad_kernel`` turns them into the gradient. ``budget``: tile
+    bytes (default ``tile_bytes()``); a ``tile_grad`` keeps no fp32 logits, so its chunks are wider.
     """
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -315,8 +345,8 @@ def backward(
             HAS_ENTROPY_GRAD=has_entropy_grad,
         )
 
+    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size(), budget, stores_logits=tile_grad is None)
     tile_grad = tile_grad or recompute_and_grad
-    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size())
     blocks = _row_blocks(num_rows)
     for start in range(0, vocab, chunk_vocab):
         end = min(start + chunk_vocab, vocab)

@@ -8,7 +8,10 @@ CUDA `triton_epilogue`: ours with the softmax statistics in a Triton GEMM epilog
 Cases `fwd` (no grad, as for old-policy log-probs) and `fwd_bwd` (log-probs, then the backward
 of sum(g * logprobs) into hidden and the LM head). Sizes: CPU N=4096, H=512, V=32000 fp32 (quick:
 N=1024, H=256, V=8000); CUDA N=16384, H=1536 (and 2048), V=151936 bf16, then an M sweep of
-ours alone (64k, 256k rows; quick: 64k) whose time and memory per row should stay flat.
+ours alone (64k, 256k rows; quick: 64k) whose time and memory per row should stay flat. On CUDA
+also a tile sweep (case ``tiles_fwd_bwd_*``: both Triton paths at ``TILE_BUDGETS_MB``, through
+``ANYTIME_LOGPROBS_TILE_MB``), and on both devices a ``precision_*`` case: every provider's
+log-prob and gradient error against fp64 math (CCE accumulates its gradients in bf16).
 Targets: CPU fwd_bwd peak memory <= 25% of reference and time <= reference; CUDA faster than
 liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms.
 """
@@ -39,17 +42,29 @@ def liger_logprobs(hidden, weight, targets):
     return _ChunkedSelectiveLogProbFunction.apply(hidden, weight, targets, None, 1.0, 4096)
 
 
-def epilogue_logprobs(hidden, weight, targets):
-    """Ours with the GEMM-epilogue kernels (``ANYTIME_LOGPROBS_EPILOGUE=1``; the backward follows the forward)."""
-    previous = os.environ.get("ANYTIME_LOGPROBS_EPILOGUE")
-    os.environ["ANYTIME_LOGPROBS_EPILOGUE"] = "1"
-    try:
-        return fused_logprobs(hidden, weight, targets, backend="triton")
-    finally:
-        if previous is None:
-            del os.environ["ANYTIME_LOGPROBS_EPILOGUE"]
-        else:
-            os.environ["ANYTIME_LOGPROBS_EPILOGUE"] = previous
+def with_environment(**variables: str):
+    """Ours (``backend="triton"``) with ``variables`` set while the forward runs: the path and the
+    tile budget are read once per forward and kept by its backward."""
+
+    def provider(hidden, weight, targets):
+        previous = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            return fused_logprobs(hidden, weight, targets, backend="triton")
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+
+    return provider
+
+
+# Ours with the GEMM-epilogue kernels (ANYTIME_LOGPROBS_EPILOGUE=1).
+epilogue_logprobs = with_environment(ANYTIME_LOGPROBS_EPILOGUE="1")
+# The tile budgets of the CUDA sweep (MiB): memory against GEMM width, for both paths.
+TILE_BUDGETS_MB = (128, 256, 768)
 
 
 def cce_logprobs(hidden, weight, targets):
@@ -99,6 +114,33 @@ def bare_gemms(hidden, weight):
     return run
 
 
+def precision_errors(provider, hidden, weight, targets, grad) -> dict[str, float]:
+    """Errors of a provider's log-probs and gradients (of sum(grad * logprobs)) against fp64 math on
+    the same rounded inputs: max |logprob error|, and ||error||_F / ||exact||_F of each gradient."""
+    hidden_in = hidden.detach().clone().requires_grad_()
+    weight_in = weight.detach().clone().requires_grad_()
+    logprobs = provider(hidden_in, weight_in, targets)
+    (logprobs.float() * grad).sum().backward()
+    with torch.no_grad():
+        hidden64, weight64 = hidden.detach().double(), weight.detach().double()
+        log_probs = torch.log_softmax(hidden64 @ weight64.T, dim=-1)
+        exact = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        grad_logits = log_probs.exp_().mul_(-grad.double().unsqueeze(1))  # dL/dz = g * (onehot - p)
+        del log_probs
+        grad_logits[torch.arange(targets.shape[0], device=targets.device), targets] += grad.double()
+        exact_hidden, exact_weight = grad_logits @ weight64, grad_logits.T @ hidden64
+        del grad_logits
+
+        def relative(got, wanted):
+            return float(torch.linalg.norm(got.double() - wanted) / torch.linalg.norm(wanted))
+
+        return {
+            "logprob_max_abs_err": float((logprobs.double() - exact).abs().max()),
+            "grad_hidden_rel_err": relative(hidden_in.grad, exact_hidden),
+            "grad_weight_rel_err": relative(weight_in.grad, exact_weight),
+        }
+
+
 def main() -> None:
     args = parse_args("logprobs", __doc__)
     device = args.device
@@ -142,6 +184,27 @@ def main() -> None:
             results.add(f"fwd_bwd_{size}", "bare_gemms", "time_ms", time_ms(gemms, device, warmup=2, repeat=5), "ms")
         checks.extend(target_lines(results, ours, f"fwd_bwd_{size}", device))
         del inputs
+    if device == "cuda":
+        # Tile budgets of both paths at the first size: what the default should be.
+        num_rows, width, vocab = sizes[0]
+        size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
+        inputs = make_inputs(num_rows, width, vocab, dtype, device)
+        for megabytes in TILE_BUDGETS_MB:
+            for name, epilogue in ((ours, "0"), ("triton_epilogue", "1")):
+                provider = with_environment(ANYTIME_LOGPROBS_TILE_MB=str(megabytes), ANYTIME_LOGPROBS_EPILOGUE=epilogue)
+                measure(f"tiles_fwd_bwd_{size}", f"{name}@{megabytes}MiB", step(provider, "fwd_bwd", *inputs))
+        checks.append(
+            tile_line(results, f"tiles_fwd_bwd_{size}", results.value(f"fwd_bwd_{size}", "bare_gemms", "time_ms"))
+        )
+        del inputs
+    # Precision of every provider against fp64 math (CCE accumulates its gradients in bf16).
+    num_rows, width, vocab = (4096, 1536, 151936) if device == "cuda" else (512, 256, 8000)
+    case = f"precision_N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
+    hidden, weight, targets, grad = make_inputs(num_rows, width, vocab, dtype, device)
+    for name, provider in providers.items():
+        for metric, value in precision_errors(provider, hidden, weight, targets, grad).items():
+            results.add(case, name, metric, value, "")
+    del hidden, weight, targets, grad
     base = sizes[0]
     for num_rows, width, vocab in sweep:
         size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
@@ -150,6 +213,19 @@ def main() -> None:
         del inputs
         checks.append(sweep_line(results, ours, base, (num_rows, width, vocab), dtype))
     results.finish(args.out, notes=checks)
+
+
+def tile_line(results: Results, case: str, bare_gemms_ms: float | None) -> str:
+    """The fastest (path, tile budget) of the sweep, with its memory and ratio to the bare GEMMs."""
+    timed = [
+        (row["value"], row["provider"]) for row in results.rows if row["case"] == case and row["metric"] == "time_ms"
+    ]
+    best_ms, best = min(timed)
+    ratio = f", {best_ms / bare_gemms_ms:.3f}x the bare GEMMs" if bare_gemms_ms else ""
+    return (
+        f"{case}: fastest {best} at {best_ms:.1f} ms{ratio}, peak memory "
+        f"{results.value(case, best, 'peak_mem_mb'):.0f} MiB"
+    )
 
 
 def sweep_line(results: Results, ours: str, base: tuple, size: tuple, dtype: torch.dtype) -> str:

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import anytime_kernels.logprobs as logprobs_module
 import anytime_kernels.logprobs_epilogue as logprobs_epilogue
@@ -159,8 +161,79 @@ def test_triton_several_row_blocks_and_chunks(monkeypatch, dtype):
 def test_epilogue_kernels_match_reference(monkeypatch, case_name, dtype):
     """The GEMM-epilogue path (logits tiles reduced in registers, never stored) against fp64."""
     monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
-    assert logprobs_module._backend_module("triton")[0] is logprobs_epilogue.forward
+    assert logprobs_module._backend_module("triton")[0].func is logprobs_epilogue.forward
     check_against_reference("triton", make_case(**CASES[case_name]), temperature=0.8, dtype=dtype)
+
+
+@triton.jit
+def _tile_ids_probe(out_ptr, num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = logprobs_epilogue._tile_ids(num_rows, num_cols, BLOCK_M, BLOCK_N, GROUP_M)
+    pid = tl.program_id(0)
+    tl.store(out_ptr + 2 * pid, pid_m)
+    tl.store(out_ptr + 2 * pid + 1, pid_n)
+
+
+@pytest.mark.parametrize(("rows", "cols", "group"), [(100, 70, 3), (16, 300, 4), (513, 33, 16), (48, 48, 1)])
+def test_epilogue_grouped_order_visits_every_tile_once(rows, cols, group):
+    """The grouped launch order (row tiles in groups of GROUP_M, columns walked inside a group,
+    a short last group) is a permutation of the (row tile, column tile) grid, in the intended order."""
+    block_m, block_n = 16, 8
+    tiles_m, tiles_n = -(-rows // block_m), -(-cols // block_n)
+    out = torch.full((tiles_m * tiles_n, 2), -1, dtype=torch.int32)
+    _tile_ids_probe[(tiles_m * tiles_n,)](out, rows, cols, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group)
+    expected = [
+        (first + m, n)
+        for first in range(0, tiles_m, group)
+        for n in range(tiles_n)
+        for m in range(min(group, tiles_m - first))
+    ]
+    assert [tuple(pair) for pair in out.tolist()] == expected
+
+
+def test_tile_budget_from_the_environment(monkeypatch):
+    """ANYTIME_LOGPROBS_TILE_MB sets the tile budget (narrower chunks for less memory); the
+    epilogue path's tiles hold no fp32 logits, so the same budget gives it wider chunks."""
+    monkeypatch.delenv("ANYTIME_LOGPROBS_TILE_MB", raising=False)
+    assert logprobs_triton.tile_bytes() == logprobs_triton.CHUNK_BYTES
+    monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", "192")
+    assert logprobs_triton.tile_bytes() == 192 * 2**20
+    # 16k rows x (4 + 2) bytes: 192 MiB / 96 KiB = 2048 columns -> MIN_CHUNK; without logits 6144 -> 4096.
+    assert logprobs_triton.chunk_vocab_size(16384, 151936, 2) == logprobs_triton.MIN_CHUNK == 4096
+    assert logprobs_triton.chunk_vocab_size(16384, 151936, 2, budget=768 * 2**20) == 8192
+    assert logprobs_triton.chunk_vocab_size(16384, 151936, 2, budget=768 * 2**20, stores_logits=False) == 16384
+    for bad in ("0", "-5", "lots", "inf", "nan"):
+        monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", bad)
+        with pytest.raises(ValueError, match=f"ANYTIME_LOGPROBS_TILE_MB.*{bad!r}"):
+            logprobs_triton.tile_bytes()
+
+
+def test_backward_keeps_the_forwards_tile_budget_and_path(monkeypatch):
+    """The tile budget and the path are read once per forward: changing the environment before the
+    backward changes neither (the backward's chunk widths follow the forward's budget)."""
+    case = make_case(num_hidden=23, width=40, vocab=301, num_targets=45, repeated_rows=True, ignore=(0, 30))
+    monkeypatch.setattr(logprobs_triton, "MIN_CHUNK", 64)
+    widths = []
+    real_chunk_vocab_size = logprobs_triton.chunk_vocab_size
+
+    def spy(num_rows, vocab, element_size, budget=None, stores_logits=True):
+        widths.append((budget, stores_logits))
+        return real_chunk_vocab_size(num_rows, vocab, element_size, budget, stores_logits)
+
+    monkeypatch.setattr(logprobs_triton, "chunk_vocab_size", spy)
+    hidden, weight, targets, rows, grad_logprobs, _ = case
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", "0.01")
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
+    logprobs = fused_logprobs(hidden, weight, targets, rows=rows, backend="triton")
+    monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", "not a number")  # would raise if read again
+    monkeypatch.delenv("ANYTIME_LOGPROBS_EPILOGUE")
+    (logprobs * grad_logprobs).sum().backward()
+    assert widths == [(int(0.01 * 2**20), False)]  # one backward chunk loop, epilogue-sized; no default forward
+    expected = reference(
+        hidden.detach(), weight.detach(), targets, rows, grad_logprobs, torch.zeros_like(grad_logprobs)
+    )
+    assert_close(hidden.grad, expected[2].float(), 2e-5, 2e-5, "grad_hidden")
+    assert_close(weight.grad, expected[3].float(), 2e-5, 2e-5, "grad_weight")
 
 
 def test_epilogue_kernels_several_row_blocks_and_chunks_equal_the_default_path(monkeypatch):
