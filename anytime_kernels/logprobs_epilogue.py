@@ -8,11 +8,13 @@ logits never reach memory:
 - forward: ``_lse_tile_kernel`` computes a ``[BLOCK_M, BLOCK_N]`` logits tile with ``tl.dot`` over
   the hidden size and reduces it in registers to the tile's (max, sum of exp, sum of exp * z) per
   row, written to ``[vocabulary tiles, rows]`` partials, plus the target logit where the target lies
-  in the tile; the partials of a row block (at most ``ROW_BLOCK`` rows, so at most ~120 MB at
-  V = 151,936) merge into lse and entropy with a few ``[tiles, rows]`` torch reductions.
+  in the tile; the partials of a row block (at most ``ROW_BLOCK`` rows: 78 MB per statistic at
+  V = 151,936, two or three statistics) merge into lse and entropy with a few ``[tiles, rows]``
+  torch reductions. Tiles are launched in groups of ``GROUP_M`` row tiles (``_tile_ids``).
 - backward: ``_grad_tile_kernel`` recomputes the logits tile the same way and writes
   ``dL/dlogits`` in the input dtype for one (row block, vocabulary chunk); the two gradient GEMMs
   stay cuBLAS, as in ``logprobs_triton`` (each needs a reduction of the tile along a different axis).
+  The tile budget (``ANYTIME_LOGPROBS_TILE_MB``) holds only that gradient, so chunks are wider.
 
 It is selected with ``ANYTIME_LOGPROBS_EPILOGUE=1`` (``backend="triton"``) until a GPU run of
 ``bench_logprobs.py`` (provider ``triton_epilogue``) shows it ahead of the default path; results

@@ -12,8 +12,8 @@ import torch
 from anytime_kernels.logprobs_reference import fused_logprobs_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_logprobs  # noqa: E402
-from common import Results  # noqa: E402
+import bench_logprobs
+from common import Results
 
 
 def small_case(dtype=torch.float32):
