@@ -17,7 +17,8 @@ from fixtures.tiny_policy import tiny_policy
 
 from trainer.budgets import BudgetSchedule
 from trainer.rollout import EmbeddedEngine, SamplingParams
-from trainer.rollout.sglang_server import SGLangInProcessEngine, weight_buckets
+from trainer.rollout.sglang_server import SGLangInProcessEngine
+from trainer.rollout.weight_transfer import weight_buckets
 
 GREEDY = SamplingParams(temperature=0)
 

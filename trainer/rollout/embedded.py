@@ -183,6 +183,10 @@ class EmbeddedEngine(RolloutEngine):
         self._stored.clear()
         self._stored_tokens = 0
 
+    def prefill_priorities(self) -> list[int]:
+        """The request priorities that have prefilled so far, ascending (``prefill_counters``' keys)."""
+        return sorted(self._prefill_by_priority)
+
     def prefill_counters(self, priority: int | None = None) -> dict[str, float]:
         """Exact: every prefill computes the uncached part of its prompt once (its n samples share it).
         ``priority``: of the requests of that priority only (SGLang labels its counters with it)."""

@@ -362,8 +362,7 @@ class SGLangEngine(RolloutEngine):
         self.weight_bucket_bytes = int(bucket_mb * 2**20)
 
     def _update_weights_distributed(self, model: torch.nn.Module) -> None:
-        from trainer.rollout.sglang_server import weight_buckets
-        from trainer.rollout.weight_transfer import broadcast_bucket, tensor_metadata
+        from trainer.rollout.weight_transfer import broadcast_bucket, tensor_metadata, weight_buckets
 
         buckets = weight_buckets(model.state_dict(), self.weight_bucket_bytes)
         for k, bucket in enumerate(buckets):
@@ -394,10 +393,8 @@ class SGLangEngine(RolloutEngine):
         self._weight_version += 1
         path = self.weights_dir / "policy"
         model.save_pretrained(path, safe_serialization=True)
-        for url in self.urls:
-            body = {"model_path": str(path), "weight_version": str(self._weight_version)}
-            answer = self._call(url, "/update_weights_from_disk", body=body).json()
-            if not answer.get("success", False):
-                raise SGLangServerError(f"{url} could not load the weights in {path}: {answer.get('message')}")
+        body = {"model_path": str(path), "weight_version": str(self._weight_version)}
+        self._on_every_server("/update_weights_from_disk", dict.fromkeys(self._servers(), body),
+                              f"load the weights in {path}")  # fmt: skip
         # /update_weights_from_disk flushes the radix cache itself.
         self.stats.weight_sync_seconds += time.perf_counter() - start

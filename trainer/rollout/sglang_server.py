@@ -25,6 +25,7 @@ import torch
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
 from trainer.rollout.sglang_protocol import parse_generate_response, sampling_params_payload
+from trainer.rollout.weight_transfer import weight_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -274,17 +275,3 @@ class SGLangInProcessEngine(RolloutEngine):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-def weight_buckets(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """``state`` as lists of ``(name, tensor)`` of at most ``max_bytes`` each (a larger tensor alone)."""
-    buckets: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if buckets[-1] and size + nbytes > max_bytes:
-            buckets.append([])
-            size = 0
-        buckets[-1].append((name, tensor.detach()))
-        size += nbytes
-    return buckets if buckets[0] else []

@@ -190,7 +190,7 @@ class ProtocolServer:
         """``/metrics`` as a server started with ``--enable-metrics`` answers it (the counters the
         client reads): prompt tokens computed and served from the prefix cache, tokens decoded."""
         lines = ["# TYPE sglang:realtime_tokens_total counter"]
-        priorities = sorted(self.engine._prefill_by_priority) or [None]
+        priorities = self.engine.prefill_priorities() or [None]
         for priority in priorities:  # one series per request priority, as SGLang labels them
             counters = self.engine.prefill_counters(priority)
             labels = f'model_name="{self.model_path}",priority="{"" if priority is None else priority}"'

@@ -78,3 +78,17 @@ def receive_bucket(metadata: dict, group: dist.ProcessGroup, device: torch.devic
         dist.broadcast(tensor, src=0, group=group)
         received[name] = tensor
     return received
+
+
+def weight_buckets(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """``state`` as lists of ``(name, tensor)`` of at most ``max_bytes`` each (a larger tensor alone)."""
+    buckets: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if buckets[-1] and size + nbytes > max_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, tensor.detach()))
+        size += nbytes
+    return buckets if buckets[0] else []
