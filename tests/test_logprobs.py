@@ -413,6 +413,18 @@ def test_cuda_epilogue_kernels_match_reference(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_epilogue_kernels_over_several_tile_groups(monkeypatch):
+    """2600 rows are 21 row tiles of 128 at the GPU configs: one full group of GROUP_M = 16 and a
+    short one, in the forward and in every backward chunk (a 6 MiB tile budget: 3 chunks of <= 1024)."""
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
+    monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", "6")
+    monkeypatch.setattr(logprobs_triton, "MIN_CHUNK", 128)
+    case = make_case(num_hidden=2600, width=128, vocab=3001, ignore=(9, 2000))
+    case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
+    check_against_reference("triton", case, temperature=1.1, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_cuda_triton_several_vocab_chunks(monkeypatch):
     monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 2**20)
     monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 200)  # 3 row blocks x 3 vocabulary chunks
