@@ -13,6 +13,9 @@ With ``z = hidden[rows] @ weight.T / T``, ``p = softmax(z)`` and upstream gradie
 Backends (``backend=``, ``anytime_kernels.backends``): ``triton`` (CUDA; CPU under
 ``TRITON_INTERPRET=1``), ``cpp`` (the compiled C++/OpenMP op), ``reference`` (plain torch with
 full logits), ``auto`` (triton on CUDA, cpp on CPU). Accumulation is fp32 whatever the input dtype.
+Two environment variables tune ``triton``, read once per forward (its backward follows it):
+``ANYTIME_LOGPROBS_EPILOGUE=1`` (logits tiles reduced in a Triton GEMM epilogue,
+``logprobs_epilogue``) and ``ANYTIME_LOGPROBS_TILE_MB`` (the tile budget, ``logprobs_triton``).
 """
 
 from __future__ import annotations

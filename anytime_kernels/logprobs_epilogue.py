@@ -38,8 +38,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def enabled() -> bool:
-    """Whether ``backend="triton"`` runs this path (``ANYTIME_LOGPROBS_EPILOGUE=1``)."""
-    return os.environ.get("ANYTIME_LOGPROBS_EPILOGUE") == "1"
+    """Whether ``backend="triton"`` runs this path: ``ANYTIME_LOGPROBS_EPILOGUE`` is ``1``, and unset,
+    empty or ``0`` is the default path; any other value raises rather than being read as either."""
+    value = os.environ.get("ANYTIME_LOGPROBS_EPILOGUE", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"ANYTIME_LOGPROBS_EPILOGUE must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _configs() -> list[triton.Config]:

@@ -230,6 +230,12 @@ def test_tile_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", bad)
         with pytest.raises(ValueError, match=f"ANYTIME_LOGPROBS_TILE_MB.*{bad!r}"):
             logprobs_triton.tile_bytes()
+    for value, expected in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", value)
+        assert logprobs_epilogue.enabled() is expected
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "yes")
+    with pytest.raises(ValueError, match="ANYTIME_LOGPROBS_EPILOGUE must be 0 or 1, got 'yes'"):
+        logprobs_epilogue.enabled()
 
 
 def test_backward_keeps_the_forwards_tile_budget_and_path(monkeypatch):
