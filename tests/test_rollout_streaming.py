@@ -22,7 +22,14 @@ from fixtures.tiny_policy import tiny_policy
 
 import trainer.rollout
 from trainer.budgets import BudgetSchedule
-from trainer.rollout import EmbeddedEngine, GenerationRequest, SamplingParams, SGLangEngine, SGLangServerError
+from trainer.rollout import (
+    EmbeddedEngine,
+    GenerationRequest,
+    SamplingParams,
+    SGLangEngine,
+    SGLangServerError,
+    sglang_client,
+)
 from trainer.rollout.base import FORK_PRIORITY, TRACE_PRIORITY
 from trainer.rollout.radix import RadixIndex
 from trainer.rollout.sglang_server import sglang_server_command
@@ -236,8 +243,11 @@ def test_aborted_requests_are_retried_then_reported(policy):
             remote.think([[5, 6, 7]], 2, 4, GREEDY)
 
 
-def test_flush_is_refused_while_requests_run(policy):
+def test_flush_is_refused_while_requests_run(policy, monkeypatch):
+    """SGLang refuses a flush while requests run or wait; the client's ``?timeout=`` lets the server
+    wait for them, and a flush still refused after that wait is an error."""
     model, tokenizer = policy
+    monkeypatch.setattr(sglang_client, "FLUSH_WAIT_S", 0.3)
     with ProtocolServer(EmbeddedEngine(model, tokenizer), tokenizer) as server:
         remote = client(server.url, tokenizer)
         server._lock.acquire()  # the engine is busy: the next request waits in the scheduler
@@ -250,9 +260,24 @@ def test_flush_is_refused_while_requests_run(policy):
             answer = requests.post(server.url + "/flush_cache", timeout=5)
             assert answer.status_code == 400 and "running or waiting" in answer.text
             with pytest.raises(SGLangServerError, match="400"):
-                remote.flush_cache()
+                remote.flush_cache()  # busy for longer than the 0.3 s wait
+            monkeypatch.setattr(sglang_client, "FLUSH_WAIT_S", 30.0)
+            errors = []
+
+            def flush():
+                try:
+                    remote.flush_cache()
+                except Exception as error:
+                    errors.append(error)
+
+            flushing = threading.Thread(target=flush)
+            flushing.start()
+            time.sleep(0.2)
+            assert flushing.is_alive()  # the server waits for the request ...
         finally:
             server._lock.release()
+        flushing.join(timeout=30)
+        assert not flushing.is_alive() and not errors  # ... and flushes once it is done
         worker.join()
         assert requests.post(server.url + "/flush_cache", timeout=5).status_code == 200
 
@@ -298,16 +323,20 @@ print("synced", engine._weight_version)
 """
 
 
-def test_weights_sync_over_a_process_group_without_a_shared_disk(policy):
-    """The trainer (another process: rank 0) broadcasts the policy in buckets to the server (rank 1)."""
+@pytest.mark.parametrize("sessions", [True, False], ids=["sglang-0.5.23-sessions", "older-sglang"])
+def test_weights_sync_over_a_process_group_without_a_shared_disk(policy, sessions):
+    """The trainer (another process: rank 0) broadcasts the policy in buckets to the server (rank 1),
+    inside one weight-update session where the server has them (else without), and the server takes
+    the new weight version with the last bucket only."""
     model, tokenizer = policy
     new_policy, _ = tiny_policy(seed=6)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with ProtocolServer(EmbeddedEngine(copy.deepcopy(model), tokenizer), tokenizer) as server:
-        answer = requests.post(server.url + "/update_weights_from_distributed", json={"names": []}, timeout=5).json()
-        assert answer["success"] is False and "init_weights_update_group" in answer["message"]
+    engine = EmbeddedEngine(copy.deepcopy(model), tokenizer)
+    with ProtocolServer(engine, tokenizer, weight_update_sessions=sessions) as server:
+        answer = requests.post(server.url + "/update_weights_from_distributed", json={"names": []}, timeout=5)
+        assert answer.status_code == 400 and "init_weights_update_group" in answer.json()["message"]
         client(server.url, tokenizer).think([[5, 6, 7]], 1, 4, GREEDY)
         assert server.engine.cached_sequences == 1
         script = TRAINER_SIDE.format(tests=str(Path(__file__).parent), url=server.url, port=port)
@@ -317,3 +346,47 @@ def test_weights_sync_over_a_process_group_without_a_shared_disk(policy):
         for name, tensor in new_policy.state_dict().items():
             assert torch.equal(server.engine.model.state_dict()[name], tensor), name
         assert server.weight_version == "1" and server.engine.cached_sequences == 0  # flushed with the last bucket
+        kinds = [kind for kind, _ in server.weight_events]
+        buckets = kinds.count("bucket")
+        assert buckets > 1 and kinds == (["begin"] if sessions else []) + ["bucket"] * buckets + (
+            ["end"] if sessions else []
+        )
+        versions = [version for kind, version in server.weight_events if kind == "bucket"]
+        assert versions == [None] * (buckets - 1) + ["1"] and not server.session_open
+
+
+def test_weight_group_over_ipv6_and_a_second_join_under_the_same_name():
+    """A bracketed tcp:// address for an IPv6 master, and a group name joined again (servers
+    restarted, a new engine in this process) replaces the old group instead of failing."""
+    import torch.distributed as dist
+
+    from trainer.rollout.weight_transfer import init_weights_group
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError as error:
+        pytest.skip(f"no IPv6 loopback on this machine: {error}")
+    group = init_weights_group("gloo", "::1", port, 1, 0, "ipv6_test_group")
+    tensor = torch.arange(3.0)
+    dist.broadcast(tensor, src=0, group=group)
+    again = init_weights_group("gloo", "::1", port, 1, 0, "ipv6_test_group")
+    assert again.size() == 1 and list(dist.distributed_c10d._world.pg_names.values()).count("ipv6_test_group") == 1
+    dist.destroy_process_group(again)
+
+
+def test_collective_calls_are_sent_once_and_data_parallel_servers_refuse_group_sync(policy):
+    """Retrying a weight broadcast's HTTP call would pair it with the wrong broadcast: those calls
+    go out once; SGLang asserts dp_size == 1 for group sync, so the client refuses it up front."""
+    model, tokenizer = policy
+    with ProtocolServer(EmbeddedEngine(model, tokenizer), tokenizer) as server:
+        remote = client(server.url, tokenizer)
+        body = {"input_ids": [5, 6], "sampling_params": {"n": 1, "max_new_tokens": 2, "temperature": 0}}
+        server.inject_faults(["500", "500"])
+        with pytest.raises(SGLangServerError, match=r"after 1 attempt; last error: HTTP 500") as caught:
+            remote._call(server.url, "/generate", body=body, retry=False)
+        assert caught.value.status == 500 and server.next_fault() == "500"  # the second fault was not reached
+        assert remote._call(server.url, "/generate", body=body).json()["meta_info"]["finish_reason"]["type"]
+    with pytest.raises(ValueError, match="dp_size=2"):
+        client("http://127.0.0.1:9", tokenizer, dp_size=2).init_weight_transfer("127.0.0.1", 29999)

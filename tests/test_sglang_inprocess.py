@@ -36,7 +36,23 @@ class FakeEngine:
         self.weight_calls: list[tuple[list[str], bool]] = []
         self.fail_weights = False
         self.memory_events: list[str] = []
+        self.session_open = False
         FakeEngine.instances.append(self)
+
+    # SGLang 0.5.23: weight loads from tensors only inside begin_weight_update .. end_weight_update.
+    def begin_weight_update(self, selector="all"):
+        if self.session_open:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self.session_open = True
+        self.memory_events.append("begin")
+        return True, "Success"
+
+    def end_weight_update(self):
+        if not self.session_open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self.session_open = False
+        self.memory_events.append("end")
+        return True, "Success"
 
     async def async_generate(self, input_ids=None, sampling_params=None, priority=None):
         self.in_flight += 1
@@ -49,15 +65,19 @@ class FakeEngine:
 
         samples = []
         for ids, params in zip(input_ids, sampling_params, strict=True):
+            if params.get("min_new_tokens", 0) > 0 and self.options.get("skip_tokenizer_init"):
+                raise ValueError("min_new_tokens is unavailable when skip_tokenizer_init=True")  # as SGLang
             request = GenerationRequest(
                 tuple(ids), params["n"], params["max_new_tokens"], tuple(params["stop_token_ids"]),
-                SamplingParams(params["temperature"], params["top_p"], min_new_tokens=params["min_new_tokens"]),
+                SamplingParams(params["temperature"], params["top_p"], min_new_tokens=params.get("min_new_tokens", 0)),
                 cache_output=True,
             )  # fmt: skip
             samples += response_samples(self.backend.generate([request])[0], request, "rid")
         return samples
 
     def update_weights_from_tensor(self, named_tensors, flush_cache=True):
+        if not self.session_open:
+            return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
         self.weight_calls.append(([name for name, _ in named_tensors], flush_cache))
         if self.fail_weights:
             return False, "shape mismatch for model.norm.weight"
@@ -92,10 +112,11 @@ def policy():
 
 def test_requests_run_concurrently_per_prompt_and_match_the_embedded_engine(fake_sglang, policy):
     model, tokenizer = policy
-    engine = SGLangInProcessEngine("ckpt", tokenizer)
+    # skip_tokenizer_init=False: SGLang refuses min_new_tokens > 0 without its tokenizer (tested below).
+    engine = SGLangInProcessEngine("ckpt", tokenizer, skip_tokenizer_init=False)
     fake = FakeEngine.instances[-1]
     fake.backend = EmbeddedEngine(model, tokenizer)
-    assert fake.options["radix_eviction_policy"] == "priority" and fake.options["skip_tokenizer_init"]
+    assert fake.options["radix_eviction_policy"] == "priority"
     prompts = [tokenizer.encode(f"Compute {i}*{i}.", add_special_tokens=False) for i in range(3)]
     sampling = SamplingParams(temperature=0, min_new_tokens=4)
     got = engine.rollout(prompts, 1, 12, BudgetSchedule(12, 3), 2, sampling, 4)
@@ -110,11 +131,24 @@ def test_requests_run_concurrently_per_prompt_and_match_the_embedded_engine(fake
     assert len(fork_calls) == expected
 
 
+def test_min_new_tokens_without_the_tokenizer_is_refused_before_sending(fake_sglang, policy):
+    model, tokenizer = policy
+    engine = SGLangInProcessEngine("ckpt", tokenizer)
+    fake = FakeEngine.instances[-1]
+    fake.backend = EmbeddedEngine(model, tokenizer)
+    assert fake.options["skip_tokenizer_init"] is True
+    with pytest.raises(ValueError, match=r"min_new_tokens=3: .*skip_tokenizer_init=False"):
+        engine.think([[5, 6, 7]], 1, 8, SamplingParams(temperature=0, min_new_tokens=3))
+    assert fake.calls == []
+    assert engine.think([[5, 6, 7]], 1, 8, GREEDY).num_traces == 1  # without it, requests go out
+
+
 def test_weights_sync_in_buckets_with_one_flush_and_failures_raise(fake_sglang, policy):
     model, tokenizer = policy
     engine = SGLangInProcessEngine("ckpt", tokenizer, weight_bucket_mb=0.05)
     fake = FakeEngine.instances[-1]
     engine.update_weights(model)
+    assert fake.memory_events == ["begin", "end"] and not fake.session_open  # one session around the buckets
     names = [name for names, _ in fake.weight_calls for name in names]
     assert names == list(model.state_dict())  # every tensor once, in order
     assert len(fake.weight_calls) > 1 and [flush for _, flush in fake.weight_calls] == [False] * (
@@ -124,6 +158,17 @@ def test_weights_sync_in_buckets_with_one_flush_and_failures_raise(fake_sglang, 
     fake.fail_weights = True
     with pytest.raises(RuntimeError, match=r"rejected weight bucket 1/.*shape mismatch"):
         engine.update_weights(model)
+    assert not fake.session_open  # closed after the failure too
+    # An SGLang without sessions (before 0.5.23): the buckets go out alone.
+    fake.fail_weights = False
+    del FakeEngine.begin_weight_update
+    try:
+        calls = len(fake.weight_calls)
+        fake.session_open = True  # what such an engine accepts: no session calls at all
+        engine.update_weights(model)
+        assert len(fake.weight_calls) > calls and fake.memory_events.count("begin") == 2
+    finally:
+        FakeEngine.begin_weight_update = _begin_weight_update
 
 
 def test_weight_buckets_respect_the_byte_limit():
@@ -143,7 +188,7 @@ def test_colocated_engine_releases_memory_for_the_update_and_resumes_for_the_syn
     with pytest.raises(RuntimeError, match="memory is released"):
         engine.generate(engine._think_requests([[5, 6]], 1, 2, GREEDY))
     engine.update_weights(model)
-    assert fake.memory_events == ["release", "resume"] and not engine.released
+    assert fake.memory_events == ["release", "resume", "begin", "end"] and not engine.released
     # Not colocated: nothing is released.
     plain = SGLangInProcessEngine("ckpt", tokenizer)
     plain.release_memory()
@@ -156,3 +201,6 @@ def test_data_parallel_and_reuse_killers_are_refused(fake_sglang, policy):
         SGLangInProcessEngine("ckpt", tokenizer, dp_size=2)
     with pytest.raises(ValueError, match="disable-radix-cache"):
         SGLangInProcessEngine("ckpt", tokenizer, disable_radix_cache=True)
+
+
+_begin_weight_update = FakeEngine.begin_weight_update

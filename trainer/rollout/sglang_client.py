@@ -16,9 +16,11 @@ it over a process group the servers join (``/update_weights_from_distributed``);
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -55,8 +57,17 @@ logger = logging.getLogger(__name__)
 _REALTIME_TOKENS = re.compile(r'^sglang:realtime_tokens_total\{[^}]*mode="([a-z_]+)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
 
 
+# How long a server may wait for running requests to finish before it flushes its cache (/flush_cache?timeout=).
+FLUSH_WAIT_S = 30.0
+
+
 class SGLangServerError(RuntimeError):
-    """A server request failed for good (after the retries, or with a 4xx answer)."""
+    """A server request failed for good (after the retries, or with a 4xx answer); ``status`` is the
+    HTTP status of the last answer, None when there was none (a timeout, a dropped connection)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class SGLangEngine(RolloutEngine):
@@ -75,6 +86,9 @@ class SGLangEngine(RolloutEngine):
             as ``n`` one-sample requests with distinct seeds.
         eos_token_ids: every id that ends a sequence for this model (its config and generation
             config may name several), besides the tokenizer's.
+
+    Servers started with ``sglang_server_command`` skip tokenizer init, and SGLang then answers
+    ``min_new_tokens > 0`` with HTTP 400 (raised here with its message, not retried).
     """
 
     def __init__(
@@ -132,22 +146,25 @@ class SGLangEngine(RolloutEngine):
         key = request.routing_key if request.routing_key is not None else next(self._round_robin)
         return self.urls[key % len(self.urls)]
 
-    def _call(self, url: str, path: str, method: str = "POST", body: dict | None = None) -> requests.Response:
-        """One HTTP call with retries; returns a 2xx response whose body the caller checks."""
-        attempts = self.max_retries + 1
+    def _call(
+        self, url: str, path: str, method: str = "POST", body: dict | None = None, *, retry: bool = True
+    ) -> requests.Response:
+        """One HTTP call with retries (none with ``retry=False``: a collective call, such as a weight
+        broadcast, must not be sent twice); returns a 2xx response whose body the caller checks."""
+        attempts = self.max_retries + 1 if retry else 1
+        status = None
         for attempt in range(attempts):
             try:
                 response = self._session().request(method, url + path, json=body, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as error:
-                failure = f"{type(error).__name__}: {error}"
+                failure, status = f"{type(error).__name__}: {error}", None
             else:
-                if response.status_code < 400:
+                status = response.status_code
+                if status < 400:
                     return response
-                if response.status_code < 500 and response.status_code not in (408, 429):
-                    raise SGLangServerError(
-                        f"{method} {url}{path} answered {response.status_code}: {response.text[:500]}"
-                    )
-                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                if status < 500 and status not in (408, 429):
+                    raise SGLangServerError(f"{method} {url}{path} answered {status}: {response.text[:500]}", status)
+                failure = f"HTTP {status}: {response.text[:200]}"
             if attempt + 1 < attempts:
                 wait = self.backoff_s * 2**attempt
                 logger.warning(
@@ -161,7 +178,10 @@ class SGLangEngine(RolloutEngine):
                     wait,
                 )
                 time.sleep(wait)
-        raise SGLangServerError(f"{method} {url}{path} failed after {attempts} attempts; last error: {failure}")
+        raise SGLangServerError(
+            f"{method} {url}{path} failed after {attempts} attempt{'s' * (attempts != 1)}; last error: {failure}",
+            status,
+        )
 
     def _generate_one(self, request: GenerationRequest) -> GenerationOutput:
         if self.deterministic and request.sampling.seed is not None and request.n > 1:
@@ -271,8 +291,10 @@ class SGLangEngine(RolloutEngine):
         return traces, self._summary_batch(traces, schedule, forks, fork_outputs, num_summaries)
 
     def flush_cache(self) -> None:
-        for url in self.urls:
-            self._call(url, "/flush_cache")
+        """Empty every server's radix cache. SGLang refuses (400) while requests run or wait unless
+        ``?timeout=`` lets it wait for them: up to ``FLUSH_WAIT_S`` seconds here."""
+        for url in self._servers():
+            self._call(url, f"/flush_cache?timeout={FLUSH_WAIT_S:g}")
 
     def _check_weight_version(self, url: str, payload: Any) -> None:
         """Refuse samples of weights older than the last sync (a server that missed the update)."""
@@ -312,14 +334,47 @@ class SGLangEngine(RolloutEngine):
     def _servers(self) -> list[str]:
         return list(dict.fromkeys(self.urls))  # a URL listed twice is one server
 
-    def _on_every_server(self, path: str, bodies: dict[str, dict], action: str) -> None:
+    def _on_every_server(self, path: str, bodies: dict[str, dict], action: str, *, retry: bool = True) -> None:
         """POST each server its body at once; raise unless every one reports success."""
         with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
-            answers = {url: pool.submit(self._call, url, path, "POST", body) for url, body in bodies.items()}
+            answers = {
+                url: pool.submit(self._call, url, path, "POST", body, retry=retry) for url, body in bodies.items()
+            }
             results = {url: future.result().json() for url, future in answers.items()}
         for url, answer in results.items():
             if not answer.get("success", False):
                 raise SGLangServerError(f"{url} could not {action}: {answer.get('message')}")
+
+    @contextlib.contextmanager
+    def _weight_update_session(self):
+        """SGLang's weight-update session around loads from tensors or a process group: recent
+        servers refuse ``/update_weights_from_distributed`` outside ``/begin_weight_update`` ..
+        ``/end_weight_update``; servers that predate sessions answer 404 there and load without one."""
+        servers = self._servers()
+        opened = []
+        try:
+            for url in servers:
+                try:
+                    answer = self._call(url, "/begin_weight_update", "POST", {"selector": "all"}, retry=False).json()
+                except SGLangServerError as error:
+                    if error.status == 404:  # an SGLang without weight-update sessions
+                        continue
+                    raise
+                if not answer.get("success", False):
+                    raise SGLangServerError(f"{url} could not open a weight-update session: {answer.get('message')}")
+                opened.append(url)
+            yield
+        finally:
+            failures = []
+            for url in opened:  # close what was opened, even when the update failed
+                try:
+                    answer = self._call(url, "/end_weight_update", "POST", {}, retry=False).json()
+                    if not answer.get("success", False):
+                        failures.append(f"{url}: {answer.get('message')}")
+                except SGLangServerError as error:
+                    failures.append(f"{url}: {error}")
+            if failures and sys.exc_info()[0] is None:
+                raise SGLangServerError(f"could not close the weight-update session: {'; '.join(failures)}")
 
     def init_weight_transfer(
         self,
@@ -341,6 +396,11 @@ class SGLangEngine(RolloutEngine):
         """
         if ranks_per_server < 1 or bucket_mb <= 0:
             raise ValueError(f"need ranks_per_server >= 1 and bucket_mb > 0, got {ranks_per_server}, {bucket_mb}")
+        if self.dp_size > 1:
+            raise ValueError(
+                f"weight sync over a process group needs servers without data-parallel replicas (SGLang asserts "
+                f"dp_size == 1 there), got dp_size={self.dp_size}: run one server per replica, or sync from disk"
+            )
         from trainer.rollout.weight_transfer import init_weights_group
 
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -352,7 +412,7 @@ class SGLangEngine(RolloutEngine):
         }  # fmt: skip
         with ThreadPoolExecutor(max_workers=1) as pool:  # the servers join while this rank does
             joining = pool.submit(self._on_every_server, "/init_weights_update_group", bodies,
-                                  "join the weight-update group")  # fmt: skip
+                                  "join the weight-update group", retry=False)  # fmt: skip
             group = init_weights_group(backend, master_address, master_port, world_size, 0, group_name)
             joining.result()
         self._weights_group, self._weights_group_name = group, group_name
@@ -365,15 +425,18 @@ class SGLangEngine(RolloutEngine):
         from trainer.rollout.weight_transfer import broadcast_bucket, tensor_metadata, weight_buckets
 
         buckets = weight_buckets(model.state_dict(), self.weight_bucket_bytes)
-        for k, bucket in enumerate(buckets):
-            body = {**tensor_metadata(bucket), "group_name": self._weights_group_name,
-                    "flush_cache": k == len(buckets) - 1, "weight_version": str(self._weight_version)}  # fmt: skip
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                answered = pool.submit(self._on_every_server, "/update_weights_from_distributed",
-                                       dict.fromkeys(self._servers(), body),
-                                       f"receive weight bucket {k + 1}/{len(buckets)}")  # fmt: skip
-                broadcast_bucket(bucket, self._weights_group, self._weights_device)
-                answered.result()
+        with self._weight_update_session():
+            for k, bucket in enumerate(buckets):
+                last = k == len(buckets) - 1
+                body = {**tensor_metadata(bucket), "group_name": self._weights_group_name, "flush_cache": last}
+                if last:  # a server records the version with each bucket: only once every weight is in
+                    body["weight_version"] = str(self._weight_version)
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    answered = pool.submit(self._on_every_server, "/update_weights_from_distributed",
+                                           dict.fromkeys(self._servers(), body),
+                                           f"receive weight bucket {k + 1}/{len(buckets)}", retry=False)  # fmt: skip
+                    broadcast_bucket(bucket, self._weights_group, self._weights_device)
+                    answered.result()
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Load ``model``'s weights on every server: broadcast over the weight-update group when

@@ -21,8 +21,9 @@ class MalformedResponse(ValueError):
 
 
 class AbortedRequest(MalformedResponse):
-    """The server aborted the request (HTTP 200 with ``finish_reason.type == "abort"``: SGLang's
-    answer to a request it dropped, e.g. under memory pressure, on a weight update or a client abort)."""
+    """The server aborted the request: HTTP 200 with ``finish_reason.type == "abort"``, SGLang's
+    answer to a request it dropped without an error status (e.g. from its waiting queue, on a weight
+    update or a client abort; aborts that carry a status code of 400 or more come as HTTP errors)."""
 
 
 def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
@@ -43,8 +44,11 @@ def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
         "top_k": -1,
         "min_p": 0.0,
         "repetition_penalty": 1.0,
-        "min_new_tokens": request.sampling.min_new_tokens,
     }
+    if request.sampling.min_new_tokens > 0:
+        # Only when asked: SGLang refuses any min_new_tokens > 0 (HTTP 400) on a server started with
+        # --skip-tokenizer-init, as launch_server_cmd starts it.
+        params["min_new_tokens"] = request.sampling.min_new_tokens
     if request.sampling.seed is not None and request.n == 1:
         params["sampling_seed"] = request.sampling.seed
     return params
@@ -112,19 +116,21 @@ def parse_generate_response(payload: Any, request: GenerationRequest) -> Generat
     output_ids, reasons, cached = [], [], []
     prompt_tokens = len(request.input_ids)
     for i, sample in enumerate(samples):
+        # An abort's meta_info carries only id, finish_reason and timing (no token counts): look first.
+        finish = sample.get("meta_info", {}).get("finish_reason") if isinstance(sample, dict) else None
+        if isinstance(finish, dict) and finish.get("type") == "abort":
+            raise AbortedRequest(f"sample {i}: the server aborted the request ({finish.get('message', 'no message')})")
         try:
             ids = [int(t) for t in sample["output_ids"]]
             meta = sample["meta_info"]
             finish = meta["finish_reason"]
             cached.append(int(meta["cached_tokens"]))
             reported_prompt = int(meta["prompt_tokens"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise MalformedResponse(f"sample {i} lacks SGLang's output_ids/meta_info fields: {error!r}") from error
         if reported_prompt != prompt_tokens:
             raise MalformedResponse(f"sample {i}: server counted {reported_prompt} prompt tokens, sent {prompt_tokens}")
         reason = finish.get("type") if isinstance(finish, dict) else None
-        if reason == "abort":
-            raise AbortedRequest(f"sample {i}: the server aborted the request ({finish.get('message', 'no message')})")
         if reason not in ("stop", "length"):
             raise MalformedResponse(f"sample {i}: unfinished or aborted generation, finish_reason={finish!r}")
         output_ids.append(ids)

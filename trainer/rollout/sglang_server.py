@@ -12,6 +12,7 @@ other forks still need), ``--enable-metrics`` (the prefill counters the phase st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import subprocess
@@ -167,7 +168,9 @@ class SGLangInProcessEngine(RolloutEngine):
         colocate: share the GPU with the learner (memory saver; release around the update).
         weight_bucket_mb: most MiB of tensors per ``update_weights_from_tensor`` call.
         engine_kwargs: further ``sglang.Engine`` server arguments (``dp_size`` must stay 1 here:
-            SGLang's in-process engine asserts it; run servers and :class:`SGLangEngine` instead).
+            SGLang's weight updates from tensors assert it; run servers and :class:`SGLangEngine`
+            instead). The engine skips tokenizer init unless ``skip_tokenizer_init=False``, and SGLang
+            then refuses ``min_new_tokens > 0``: such requests raise here before any is sent.
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class SGLangInProcessEngine(RolloutEngine):
         self.colocate = colocate
         self.weight_bucket_bytes = int(weight_bucket_mb * 2**20)
         self.released = False
+        self.skips_tokenizer = bool(options["skip_tokenizer_init"])
         self.engine = sglang.Engine(model_path=str(model_path), **options)
         self._takes_priority = "priority" in inspect.signature(self.engine.async_generate).parameters
 
@@ -221,6 +225,12 @@ class SGLangInProcessEngine(RolloutEngine):
             return []
         if self.released:
             raise RuntimeError("the engine's memory is released (colocated training); sync weights first")
+        if self.skips_tokenizer and any(request.sampling.min_new_tokens > 0 for request in requests):
+            asked = max(request.sampling.min_new_tokens for request in requests)
+            raise ValueError(
+                f"min_new_tokens={asked}: SGLang refuses min_new_tokens > 0 without its tokenizer; start the "
+                "engine with skip_tokenizer_init=False to use it"
+            )
         # One call per routing key (a prompt: its think request, or one trace's forks) and n: SGLang
         # wants one n per batch and answers the n samples of each item consecutively.
         groups: dict[tuple, list[int]] = {}
@@ -262,16 +272,42 @@ class SGLangInProcessEngine(RolloutEngine):
             self.engine.resume_memory_occupation()
             self.released = False
         buckets = weight_buckets(model.state_dict(), self.weight_bucket_bytes)
-        for k, bucket in enumerate(buckets):
-            answer = self.engine.update_weights_from_tensor(bucket, flush_cache=k == len(buckets) - 1)
-            success, message = answer if isinstance(answer, tuple) else (bool(answer), "")
-            if not success:
-                names = f"{bucket[0][0]} .. {bucket[-1][0]}"
-                raise RuntimeError(f"sglang.Engine rejected weight bucket {k + 1}/{len(buckets)} ({names}): {message}")
+        with self._weight_update_session():
+            for k, bucket in enumerate(buckets):
+                answer = self.engine.update_weights_from_tensor(bucket, flush_cache=k == len(buckets) - 1)
+                success, message = _success(answer)
+                if not success:
+                    names = f"{bucket[0][0]} .. {bucket[-1][0]}"
+                    raise RuntimeError(
+                        f"sglang.Engine rejected weight bucket {k + 1}/{len(buckets)} ({names}): {message}"
+                    )
         self.stats.weight_sync_seconds += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _weight_update_session(self):
+        """``begin_weight_update`` .. ``end_weight_update`` around the buckets: recent SGLang refuses
+        ``update_weights_from_tensor`` outside a session; older engines have neither call."""
+        begin = getattr(self.engine, "begin_weight_update", None)
+        if begin is None:
+            yield
+            return
+        success, message = _success(begin())
+        if not success:
+            raise RuntimeError(f"sglang.Engine could not open a weight-update session: {message}")
+        try:
+            yield
+        finally:
+            success, message = _success(self.engine.end_weight_update())
+            if not success and sys.exc_info()[0] is None:
+                raise RuntimeError(f"sglang.Engine could not close the weight-update session: {message}")
 
     def flush_cache(self) -> None:
         self.engine.flush_cache()
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _success(answer) -> tuple[bool, str]:
+    """(success, message) of an ``sglang.Engine`` weight call (a tuple, or a bare truth value)."""
+    return tuple(answer[:2]) if isinstance(answer, tuple) else (bool(answer), "")

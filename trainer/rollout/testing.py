@@ -2,7 +2,9 @@
 
 Not part of ``trainer.rollout``'s exports: tests, benchmarks and the CPU demo import it from here.
 
-It serves ``/init_weights_update_group``, ``/update_weights_from_distributed``, ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
+It serves ``/init_weights_update_group``, ``/begin_weight_update``, ``/update_weights_from_distributed``,
+``/end_weight_update`` (loads only inside a session, as SGLang 0.5.23; ``weight_update_sessions=False``
+is an older server), ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
 ``stop_token_ids``, ``temperature``, ``top_p``, ``min_new_tokens``, ``sampling_seed``),
 ``/flush_cache``, ``/update_weights_from_disk``, ``/get_model_info`` and ``/health`` with the
 JSON fields of ``sglang.launch_server`` (``meta_info.cached_tokens`` included), so the SGLang
@@ -12,7 +14,8 @@ It behaves as SGLang does where the client depends on it: requests are served co
 scheduler thread batches every request waiting when it is free, as SGLang's continuous batching
 admits them), a bounded cache evicts by priority then LRU when the engine has a
 ``kv_budget_tokens``, batch items must share ``n`` and sampling keys must be known (400
-otherwise), ``/flush_cache`` is refused (400) while requests run or wait, ``cached_tokens`` is
+otherwise), ``/flush_cache`` is refused (400) while requests run or wait (after waiting up to
+``?timeout=`` seconds for them), ``cached_tokens`` is
 ``prompt_len - 1`` for ``n > 1``, and the full EOS set stops every request.
 
 Fault injection for tests: :meth:`ProtocolServer.inject_faults` queues faults that the next
@@ -29,6 +32,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,8 +53,21 @@ FAULTS = ("500", "malformed", "hang", "drop", "abort")
 class ProtocolServer:
     """SGLang's endpoints over an :class:`EmbeddedEngine`; ``with ProtocolServer(engine) as server:``."""
 
-    def __init__(self, engine: EmbeddedEngine, tokenizer=None, *, port: int = 0, model_path: str = "embedded"):
+    def __init__(
+        self,
+        engine: EmbeddedEngine,
+        tokenizer=None,
+        *,
+        port: int = 0,
+        model_path: str = "embedded",
+        weight_update_sessions: bool = True,
+    ):
         self.engine = engine
+        # SGLang >= 0.5.23 loads weights from a process group only inside /begin_weight_update ..
+        # /end_weight_update; False: an older server, which answers 404 there.
+        self.weight_update_sessions = weight_update_sessions
+        self.session_open = False
+        self.weight_events: list[tuple[str, str | None]] = []  # ("begin" | "bucket" | "end", weight_version)
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.hang_seconds = 5.0
@@ -227,20 +244,39 @@ class ProtocolServer:
                 int(body["world_size"]), int(body["rank_offset"]), body.get("group_name", "weight_update_group"),
             )  # fmt: skip
         except (KeyError, ValueError, RuntimeError) as error:
-            return 200, {"success": False, "message": f"could not join the weight-update group: {error!r}"}
+            return 400, {"success": False, "message": f"could not join the weight-update group: {error!r}"}
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def begin_weight_update(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.session_open:
+            return 400, {"success": False, "message": "a weight-update session is already open; call end_weight_update() first"}  # fmt: skip
+        self.session_open = True
+        self.weight_events.append(("begin", None))
+        return 200, {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if not self.session_open:
+            return 400, {"success": False, "message": "no weight-update session is open; call begin_weight_update() first"}  # fmt: skip
+        self.session_open = False
+        self.weight_events.append(("end", None))
+        return 200, {"success": True, "message": "Success"}
 
     def update_weights_from_distributed(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         from trainer.rollout.weight_transfer import receive_bucket
 
         if getattr(self, "_weights_group", None) is None:
-            return 200, {"success": False, "message": "no weight-update group (call /init_weights_update_group)"}
+            return 400, {"success": False, "message": "no weight-update group (call /init_weights_update_group)"}
+        if self.weight_update_sessions and not self.session_open:
+            # SGLang refuses before receiving anything (the sender's broadcast then finds no receiver).
+            message = "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+            return 400, {"success": False, "message": message}
         received = receive_bucket(body, self._weights_group, self.engine.device)
+        self.weight_events.append(("bucket", body.get("weight_version")))
         with self._lock:
             known = self.engine.model.state_dict(keep_vars=True)  # tied weights under each name
             unknown = [name for name in received if name not in known]
             if unknown:
-                return 200, {"success": False, "message": f"unknown parameters {unknown}"}
+                return 400, {"success": False, "message": f"unknown parameters {unknown}"}
             with torch.no_grad():
                 for name, tensor in received.items():
                     known[name].copy_(tensor)
@@ -349,6 +385,11 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
                 self._json(404, {"error": {"message": f"no route {path}"}})
 
         def _flush(self) -> None:
+            # ?timeout=T: wait up to T seconds for running and waiting requests to finish, as SGLang does.
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            deadline = time.monotonic() + float(query.get("timeout", ["0"])[0])
+            while not server.idle and time.monotonic() < deadline:
+                time.sleep(0.01)
             if not server.idle:
                 # SGLang's answer when requests are running or waiting.
                 message = "Cache not flushed. Please check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)"
@@ -375,6 +416,8 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
                 self._json(*server.init_weights_update_group(body))
             elif path == "/update_weights_from_distributed":
                 self._json(*server.update_weights_from_distributed(body))
+            elif path in ("/begin_weight_update", "/end_weight_update") and server.weight_update_sessions:
+                self._json(*getattr(server, path.strip("/"))(body))
             else:
                 self._json(404, {"error": {"message": f"no route {path}"}})
 
@@ -399,8 +442,11 @@ def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
                 return
             if fault == "abort":
                 for sample in payload if isinstance(payload, list) else [payload]:
+                    # SGLang's abort meta_info: no token counts, only id, finish_reason and timing.
                     sample["output_ids"] = sample["output_ids"][:1]
-                    sample["meta_info"]["finish_reason"] = {"type": "abort", "message": "injected abort"}
+                    sample["meta_info"] = {"id": sample["meta_info"].get("id", ""), "e2e_latency": 0.0,
+                                           "finish_reason": {"type": "abort", "message": "injected abort"},
+                                           "weight_version": server.weight_version}  # fmt: skip
             if fault == "malformed":
                 self._send(200, b'{"output_ids": [1, 2', "application/json")
                 return

@@ -38,8 +38,14 @@ def init_weights_group(
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a weight-update group of {world_size}")
+    # Joining again under the same name (servers restarted, a new engine in this process) replaces
+    # the old group: torch refuses a second group of one name.
+    for existing, name in list(_world.pg_names.items()):
+        if name == group_name:
+            dist.destroy_process_group(existing)
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+    host = f"[{master_address}]" if ":" in master_address and not master_address.startswith("[") else master_address
+    store, rank, world_size = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size,
                                               timeout=timeout))  # fmt: skip
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
