@@ -62,17 +62,31 @@ def fake_xformers(calls):
             self.q_lens, self.k_lens = list(q_lens), list(k_lens)
 
         @classmethod
-        def from_seqlens(cls, q_seqlen, kv_seqlen):
+        def from_seqlens(cls, q_seqlen, kv_seqlen, *, device=None):
             calls["bias"] += 1
+            calls["bias_devices"].add(str(device))  # xformers' default is the current CUDA device
             return cls(q_seqlen, kv_seqlen)
 
     def memory_efficient_attention(query, key, value, attn_bias=None, scale=None):
         calls["attend"] += 1
-        assert query.dim() == 5 and key.shape[2:] == query.shape[2:]
-        assert key.stride(3) == 0 and value.stride(3) == 0, "GQA must be a stride-0 expand, not a copy"
-        _, length, kv_heads, groups, dim = query.shape
-        q = query[0].reshape(length, kv_heads * groups, dim)
-        k, v = key[0, :, :, 0], value[0, :, :, 0]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if query.dim() == 5:  # grouped layout [B, M, G, H, D]: forward only (xformers 0.0.35)
+            if needs_grad:
+                raise NotImplementedError(
+                    "No operator found for `memory_efficient_attention_backward`: operator does not support BMGHK format"
+                )
+            calls["layouts"].add("BMGHK")
+            assert key.shape[2:] == query.shape[2:]
+            assert key.stride(3) == 0 and value.stride(3) == 0, "GQA must be a stride-0 expand, not a copy"
+            _, length, kv_heads, groups, dim = query.shape
+            q = query[0].reshape(length, kv_heads * groups, dim)
+            k, v = key[0, :, :, 0], value[0, :, :, 0]
+        else:  # [B, M, H, D]: K/V with the query's heads
+            calls["layouts"].add("BMHK")
+            assert query.dim() == 4 and key.shape[2:] == query.shape[2:] == value.shape[2:]
+            _, length, heads, dim = query.shape
+            kv_heads, groups = heads, 1
+            q, k, v = query[0], key[0], value[0]
         pieces, q_start, k_start = [], 0, 0
         for q_len, k_len in zip(attn_bias.q_lens, attn_bias.k_lens, strict=True):
             pieces.append(
@@ -81,7 +95,8 @@ def fake_xformers(calls):
                 )
             )
             q_start, k_start = q_start + q_len, k_start + k_len
-        return torch.cat(pieces).reshape(1, length, kv_heads, groups, dim)
+        out = torch.cat(pieces)
+        return out.reshape(1, length, kv_heads, groups, dim) if query.dim() == 5 else out[None]
 
     fmha = types.SimpleNamespace(
         attn_bias=types.SimpleNamespace(BlockDiagonalCausalFromBottomRightMask=BlockDiagonalCausalFromBottomRightMask),
@@ -91,7 +106,9 @@ def fake_xformers(calls):
 
 
 def available_on_cpu(monkeypatch, name):
-    monkeypatch.setitem(BACKENDS, name, dataclasses.replace(BACKENDS[name], available=lambda device: True))
+    """The stand-in runs on CPU in any dtype (the real flash-attn needs fp16/bf16: tested below)."""
+    entry = dataclasses.replace(BACKENDS[name], available=lambda device: True, serves_dtype=lambda dtype: True)
+    monkeypatch.setitem(BACKENDS, name, entry)
 
 
 def policies(backend, micro_batch_tokens):
@@ -123,7 +140,10 @@ def test_flash_attn_gets_keys_gathered_before_the_gqa_expansion(monkeypatch):
 
 
 def test_xformers_builds_its_bias_once_per_micro_batch(monkeypatch):
-    calls = {"bias": 0, "attend": 0}
+    """One bias per micro-batch, on the model's device; training uses [B, M, H, D] with K/V repeated
+    after the gather (xformers has no backward for its grouped layout), scoring without gradients
+    the grouped [B, M, G, H, D] layout with a stride-0 expand."""
+    calls = {"bias": 0, "attend": 0, "layouts": set(), "bias_devices": set()}
     xformers, ops = fake_xformers(calls)
     monkeypatch.setitem(sys.modules, "xformers", xformers)
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
@@ -134,7 +154,28 @@ def test_xformers_builds_its_bias_once_per_micro_batch(monkeypatch):
     assert num_micro_batches > 1
     check_same_logprobs_and_grads(reference, candidate, layout)
     num_layers = candidate.model.config.num_hidden_layers
-    assert calls == {"bias": num_micro_batches, "attend": num_micro_batches * num_layers}
+    assert (calls["bias"], calls["attend"]) == (num_micro_batches, num_micro_batches * num_layers)
+    assert calls["layouts"] == {"BMHK"} and calls["bias_devices"] == {"cpu"}
+    with torch.no_grad():
+        scored = candidate.forward(layout).logprobs
+        torch.testing.assert_close(scored, reference.forward(layout).logprobs, rtol=1e-5, atol=1e-5)
+    assert calls["layouts"] == {"BMHK", "BMGHK"}
+
+
+def test_flash_attn_needs_half_precision_and_auto_skips_it_otherwise(monkeypatch):
+    """flash-attn refuses fp32 q/k/v ("only support fp16 and bf16"): naming flash_attn for an fp32
+    model fails before any layer runs, and ``auto`` passes over it."""
+    monkeypatch.setitem(
+        BACKENDS, "flash_attn", dataclasses.replace(BACKENDS["flash_attn"], available=lambda device: True)
+    )
+    cuda = torch.device("cuda")
+    assert resolve_backend("flash_attn", cuda, head_dim=8, dtype=torch.bfloat16) == "flash_attn"
+    with pytest.raises(BackendUnavailableError, match=r"with head_dim 8 and float32 q/k/v: it needs .*fp16/bf16"):
+        resolve_backend("flash_attn", cuda, head_dim=8, dtype=torch.float32)
+    assert resolve_backend("auto", cuda, head_dim=8, dtype=torch.bfloat16) == "flash_attn"  # flex needs >= 16
+    assert resolve_backend("auto", cuda, head_dim=8, dtype=torch.float32) != "flash_attn"
+    with pytest.raises(BackendUnavailableError, match="head_dim 512"):
+        resolve_backend("flash_attn", cuda, head_dim=512, dtype=torch.bfloat16)
 
 
 def test_mixed_qkv_dtypes_are_unified_before_the_library_call(monkeypatch):

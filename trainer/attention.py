@@ -15,6 +15,8 @@ model's head size (flex needs ``head_dim >= 16``).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ class Backend:
         needs: what it needs to run, for the error when it cannot.
         available: ``(device) -> bool``.
         serves_head_dim: ``(head_dim) -> bool``; ``auto`` skips a backend that cannot serve it.
+        serves_dtype: ``(dtype) -> bool`` of q/k/v (the autocast dtype, else the model's); the same.
         prepare: ``(seq_ids, prefix_end, branch_start, device) -> state`` from ``[L]`` host
             offsets, once per micro-batch.
         attend: ``(state, query [1, Hq, L, D], key [1, Hkv, L, D], value, scale) -> [1, L, Hq, D]``.
@@ -53,6 +56,7 @@ class Backend:
     prepare: Callable[..., object]
     attend: Callable[..., torch.Tensor]
     serves_head_dim: Callable[[int], bool] = lambda head_dim: True
+    serves_dtype: Callable[[torch.dtype], bool] = lambda dtype: True
 
 
 def _on_device(*tensors: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
@@ -140,8 +144,9 @@ def _prepare_xformers(seq_ids, prefix_end, branch_start, device):
     from xformers.ops import fmha
 
     plan = gather_plan(seq_ids, prefix_end, branch_start, device=device)
-    bias = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(plan.q_lens, plan.k_lens)
-    return plan, bias
+    # On the model's device: xformers' default is the current CUDA device.
+    mask = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask
+    return plan, mask.from_seqlens(plan.q_lens, plan.k_lens, device=device)
 
 
 def _attend_xformers(state, query, key, value, scale):
@@ -152,17 +157,39 @@ def _attend_xformers(state, query, key, value, scale):
     length, heads, dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    # xformers' grouped layout [B, M, G, H, D]: the key of group g serves its H query heads by a
-    # stride-0 expand, never a copy.
-    q5 = q.reshape(1, length, kv_heads, groups, dim)
-    k5 = k[None, :, :, None, :].expand(1, k.shape[0], kv_heads, groups, dim)
-    v5 = v[None, :, :, None, :].expand(1, v.shape[0], kv_heads, groups, dim)
-    out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
-    return out.reshape(1, length, heads, dim)
+    if groups > 1 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Without gradients: xformers' grouped layout [B, M, G, H, D], the key of group g serving its
+        # H query heads by a stride-0 expand, never a copy.
+        q5 = q.reshape(1, length, kv_heads, groups, dim)
+        k5 = k[None, :, :, None, :].expand(1, k.shape[0], kv_heads, groups, dim)
+        v5 = v[None, :, :, None, :].expand(1, v.shape[0], kv_heads, groups, dim)
+        out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
+        return out.reshape(1, length, heads, dim)
+    # xformers has no backward for the grouped layout: [B, M, H, D] with K/V repeated to Hq heads,
+    # after the gather (query head h reads key head h // groups).
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)
 
 
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+@functools.cache
+def _importable(module: str, attribute: str) -> bool:
+    """Whether ``module.attribute`` imports (a package that is present but broken, or a namespace
+    without the function, e.g. only ``flash_attn.cute`` of flash-attn 4, does not count)."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return False
+    try:
+        return hasattr(importlib.import_module(module), attribute)
+    except (ImportError, OSError, RuntimeError):
+        return False
+
+
+def _flash_attn_available(device: torch.device) -> bool:
+    return (
+        device.type == "cuda"
+        and _importable("flash_attn", "flash_attn_varlen_func")
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
 
 
 BACKENDS: dict[str, Backend] = {
@@ -174,14 +201,19 @@ BACKENDS: dict[str, Backend] = {
         serves_head_dim=lambda head_dim: head_dim >= FLEX_MIN_HEAD_DIM,
     ),
     "flash_attn": Backend(
-        needs="a CUDA device and the flash-attn package (`pip install anytime-kernels[flash-attn]`)",
-        available=lambda device: device.type == "cuda" and _has_module("flash_attn"),
+        needs="an Ampere or newer CUDA device, the flash-attn 2 package (`pip install anytime-kernels[flash-attn]`), "
+        "fp16/bf16 q/k/v (a bf16 model or autocast) and head_dim <= 256",
+        available=_flash_attn_available,
         prepare=_prepare_plan,
         attend=_attend_flash_attn,
+        serves_head_dim=lambda head_dim: head_dim <= 256,
+        serves_dtype=lambda dtype: dtype in (torch.float16, torch.bfloat16),
     ),
     "xformers": Backend(
         needs="a CUDA device and the xformers package (`pip install anytime-kernels[xformers]`)",
-        available=lambda device: device.type == "cuda" and _has_module("xformers"),
+        available=lambda device: (
+            device.type == "cuda" and _importable("xformers.ops.fmha", "memory_efficient_attention")
+        ),
         prepare=_prepare_xformers,
         attend=_attend_xformers,
     ),
@@ -194,19 +226,30 @@ AUTO_ORDER = ("flex", "flash_attn", "xformers", "sdpa")
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
-def resolve_backend(backend: str, device: torch.device | str, head_dim: int | None = None) -> str:
-    """The concrete backend for ``backend`` on ``device`` (and the model's ``head_dim``, if known)."""
+def resolve_backend(
+    backend: str, device: torch.device | str, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """The concrete backend for ``backend`` on ``device`` (and the model's ``head_dim`` and the
+    q/k/v ``dtype``, where known)."""
     device = torch.device(device)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"attention backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+    def serves(entry: Backend) -> bool:
+        return (
+            entry.available(device)
+            and (head_dim is None or entry.serves_head_dim(head_dim))
+            and (dtype is None or entry.serves_dtype(dtype))
+        )
+
     if backend == "auto":
         for candidate in AUTO_ORDER:
-            entry = BACKENDS[candidate]
-            if entry.available(device) and (head_dim is None or entry.serves_head_dim(head_dim)):
+            if serves(BACKENDS[candidate]):
                 return candidate
     entry = BACKENDS[backend]
-    if not entry.available(device) or (head_dim is not None and not entry.serves_head_dim(head_dim)):
+    if not serves(entry):
         shape = "" if head_dim is None else f" with head_dim {head_dim}"
+        shape += "" if dtype is None else f" and {str(dtype).removeprefix('torch.')} q/k/v"
         raise BackendUnavailableError(
             f"attention backend {backend!r} is not available on {device}{shape}: it needs {entry.needs}"
         )
@@ -235,6 +278,7 @@ def prepare_tree_attention(
     backend: str = "auto",
     *,
     head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> TreeAttention:
     """Prepare the tree rule of one packed micro-batch for ``backend`` on ``device``.
@@ -243,6 +287,7 @@ def prepare_tree_attention(
         seq_ids, prefix_end, branch_start: ``[L]`` local offsets (``ResponseTreeLayout`` fields of
             the micro-batch). Host tensors keep device syncs out of the step.
         head_dim: the model's head size, so that ``auto`` skips a backend that cannot serve it.
+        dtype: the dtype attention runs in (autocast's, else the model's); the same for it.
         device: where attention runs (default: where the offsets are).
     """
     if not (seq_ids.shape == prefix_end.shape == branch_start.shape) or seq_ids.dim() != 1:
@@ -251,7 +296,7 @@ def prepare_tree_attention(
             f"{tuple(seq_ids.shape)}, {tuple(prefix_end.shape)}, {tuple(branch_start.shape)}"
         )
     device = seq_ids.device if device is None else torch.device(device)
-    resolved = resolve_backend(backend, device, head_dim)
+    resolved = resolve_backend(backend, device, head_dim, dtype)
     state = BACKENDS[resolved].prepare(seq_ids, prefix_end, branch_start, device)
     return TreeAttention(resolved, int(seq_ids.numel()), state)
 

@@ -182,7 +182,7 @@ class TreePolicy:
     def _spec(self, trees: ResponseTreeLayout):
         return prepare_tree_attention(
             trees.seq_ids, trees.prefix_end, trees.branch_start, self.attention_backend, head_dim=self.head_dim,
-            device=self.device,
+            dtype=self.autocast_dtype or next(self.model.parameters()).dtype, device=self.device,
         )  # fmt: skip
 
     def hidden_states(self, micro_batch: MicroBatch) -> torch.Tensor:
