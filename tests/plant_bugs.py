@@ -38,7 +38,7 @@ BUGS = (
     Bug("sampling ignores the temperature", "trainer/rollout/embedded.py",
         "probs = torch.softmax(logits / temperatures.clamp_min(1e-6)[:, None], dim=-1)",
         "probs = torch.softmax(logits, dim=-1)", ("tests/test_sampler.py",)),
-    Bug("top_p ignored", "trainer/rollout/embedded.py", "if bool((top_p < 1).any()):", "if False:",
+    Bug("top_p ignored", "trainer/rollout/embedded.py", "if any(r.sampling.top_p < 1 for r in requests):", "if False:",
         ("tests/test_sampler.py",)),
     Bug("min_new_tokens ignored", "trainer/rollout/embedded.py",
         "if count < request.sampling.min_new_tokens:", "if False:", ("tests/test_sampler.py",)),

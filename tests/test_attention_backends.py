@@ -1,11 +1,12 @@
 """The backend table of tree attention, proven on CPU.
 
 flash-attn and xformers need CUDA, so these tests install stand-ins with the libraries' calling
-conventions (``flash_attn_varlen_func``; xformers' ``BlockDiagonalCausalFromBottomRightMask`` and
-the grouped ``[B, M, G, H, D]`` layout) that compute attention with plain loops, and check that the
-glue feeds them what the real libraries need: K/V gathered *before* the grouped-query expansion
-(``Hkv`` heads), one attention bias per micro-batch (not per layer), one dtype for q/k/v. The
-end-to-end reference is the dense-mask SDPA backend.
+conventions (``flash_attn_varlen_func``; xformers' ``BlockDiagonalCausalFromBottomRightMask``,
+its ``[B, M, H, D]`` layout and its grouped ``[B, M, G, H, D]`` one, which has no backward) that
+compute attention with plain loops, and check that the glue feeds them what the real libraries
+need: K/V gathered *before* any grouped-query expansion (``Hkv`` heads), one attention bias per
+micro-batch (not per layer) on the model's device, one dtype for q/k/v, and for flash-attn half
+precision. The end-to-end reference is the dense-mask SDPA backend.
 """
 
 import copy
@@ -140,9 +141,8 @@ def test_flash_attn_gets_keys_gathered_before_the_gqa_expansion(monkeypatch):
 
 
 def test_xformers_builds_its_bias_once_per_micro_batch(monkeypatch):
-    """One bias per micro-batch, on the model's device; training uses [B, M, H, D] with K/V repeated
-    after the gather (xformers has no backward for its grouped layout), scoring without gradients
-    the grouped [B, M, G, H, D] layout with a stride-0 expand."""
+    """One bias per micro-batch, on the model's device; [B, M, H, D] with K/V repeated after the
+    gather, in training (xformers has no backward for its grouped layout) and in scoring alike."""
     calls = {"bias": 0, "attend": 0, "layouts": set(), "bias_devices": set()}
     xformers, ops = fake_xformers(calls)
     monkeypatch.setitem(sys.modules, "xformers", xformers)
@@ -159,7 +159,7 @@ def test_xformers_builds_its_bias_once_per_micro_batch(monkeypatch):
     with torch.no_grad():
         scored = candidate.forward(layout).logprobs
         torch.testing.assert_close(scored, reference.forward(layout).logprobs, rtol=1e-5, atol=1e-5)
-    assert calls["layouts"] == {"BMHK", "BMGHK"}
+    assert calls["layouts"] == {"BMHK"}
 
 
 def test_flash_attn_needs_half_precision_and_auto_skips_it_otherwise(monkeypatch):

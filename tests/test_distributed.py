@@ -71,3 +71,27 @@ def test_two_ranks_update_like_one_process_and_their_checkpoint_resumes_on_one(t
     for key in single_state:
         torch.testing.assert_close(resumed_state[key]["exp_avg"], single_state[key]["exp_avg"], rtol=1e-4, atol=1e-7)
     resumed.rl_step(1)  # and training goes on
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_without_trees_of_its_own_keeps_step_with_the_others(tmp_path, monkeypatch):
+    """3 ranks and mini-batches of 2 trees: one rank runs filler forwards only, yet joins every
+    collective (FSDP all-gathers and the metric all-reduces) and the step equals one process's."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    step = [*STEP, "train.ppo_mini_batch_prompts=1"]  # 4 updates of 1 prompt x G=2: 2 trees for 3 ranks
+    single = Trainer(load_config(None, step), tmp_path / "single")
+    expected = single.rl_step(0)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
+               str(tmp_path / "ranks"), *step, "train.dist_timeout_minutes=1"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = torch.load(tmp_path / "ranks" / "result.pt", weights_only=False)
+    assert result["world_size"] == 3
+    assert result["loss"] == pytest.approx(expected["train/loss"], rel=1e-5, abs=1e-7)
+    # Four Adam steps of lr 1e-3 over 3-way gradient sums in another order: ~2e-6 apart (0.2% of a step).
+    for name, tensor in single.parts.policy.model.state_dict().items():
+        torch.testing.assert_close(result["weights"]["model." + name], tensor, rtol=1e-5, atol=1e-5, msg=name)

@@ -234,7 +234,9 @@ def test_flex_block_mask_reproduces_the_dense_tree_rule_on_cpu():
 
 
 def test_unavailable_backends_raise_clear_errors():
-    with pytest.raises(BackendUnavailableError, match="'flash_attn' is not available on cpu: it needs an Ampere or newer CUDA device"):
+    with pytest.raises(
+        BackendUnavailableError, match="'flash_attn' is not available on cpu: it needs an Ampere or newer CUDA device"
+    ):
         resolve_backend("flash_attn", "cpu")
     with pytest.raises(BackendUnavailableError, match="'flex' is not available on cpu"):
         resolve_backend("flex", "cpu")

@@ -187,3 +187,14 @@ def test_learner_scores_sampled_tokens_as_the_sampler_did():
     order = scored.positions.argsort()
     # fp32 on both sides (the fused LM-head op has no fp64); a wrong temperature is off by whole nats.
     torch.testing.assert_close(scored.logprobs[order], sampled, rtol=1e-4, atol=1e-4)
+
+
+def test_every_planted_bug_still_finds_its_line():
+    """tests/plant_bugs.py edits one line per bug; a refactor that moves a line would make the script
+    report "NOT PLANTED" instead of testing the suite, so each line must occur exactly once."""
+    from plant_bugs import BUGS, ROOT
+
+    for bug in BUGS:
+        count = (ROOT / bug.path).read_text().count(bug.old)
+        assert count == 1, f"{bug.name}: {bug.old!r} occurs {count} times in {bug.path}"
+        assert all((ROOT / test).is_file() for test in bug.tests), bug.name

@@ -154,19 +154,10 @@ def _attend_xformers(state, query, key, value, scale):
 
     plan, bias = state
     q, k, v = _gathered(plan, query, key, value)
-    length, heads, dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    if groups > 1 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        # Without gradients: xformers' grouped layout [B, M, G, H, D], the key of group g serving its
-        # H query heads by a stride-0 expand, never a copy.
-        q5 = q.reshape(1, length, kv_heads, groups, dim)
-        k5 = k[None, :, :, None, :].expand(1, k.shape[0], kv_heads, groups, dim)
-        v5 = v[None, :, :, None, :].expand(1, v.shape[0], kv_heads, groups, dim)
-        out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
-        return out.reshape(1, length, heads, dim)
-    # xformers has no backward for the grouped layout: [B, M, H, D] with K/V repeated to Hq heads,
-    # after the gather (query head h reads key head h // groups).
+    groups = q.shape[1] // k.shape[1]
+    # [B, M, H, D] with K/V repeated to Hq heads after the gather (query head h reads key head
+    # h // groups): xformers has no backward for its grouped [B, M, G, H, D] layout, and scoring
+    # old log-probs with the same kernel as training keeps the PPO ratio of an unchanged policy at 1.
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)

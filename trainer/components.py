@@ -140,7 +140,7 @@ def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: P
     eos = eos_token_ids(model, tokenizer)  # every EOS of the model's configs, as SGLang stops at them
     if r.engine == "embedded":
         return EmbeddedEngine(model, tokenizer, max_batch_rows=r.max_batch_rows, seed=config.train.seed,
-                              eos_token_ids=eos)  # fmt: skip
+                              eos_token_ids=eos, kv_budget_tokens=r.kv_budget_tokens)  # fmt: skip
     if r.engine == "sglang":
         from trainer.rollout import SGLangEngine
 
@@ -172,7 +172,7 @@ def norm_length(config: RunConfig, delimiters: Delimiters) -> int:
 def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None) -> RunParts:
     """All parts of a run, on the configured device; ``resume`` loads the weights of a checkpoint."""
     device = resolve_device(config.train.device)
-    context = setup_distributed(device)
+    context = setup_distributed(device, config.train.dist_timeout_minutes)
     device = local_device(device)
     torch.manual_seed(config.train.seed)
     model_config = config.model
@@ -182,6 +182,15 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         )
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, tokenizer, device, seed=config.train.seed)
+    if model_config.dtype != "float32" and config.train.steps > 0:
+        # AdamW moves a weight by about lr per step; bf16 resolves 2^-8 of its magnitude, so at
+        # lr 1e-6 nearly every update of a bf16 weight rounds back to the weight.
+        logger.warning(
+            "model.dtype=%s: the learner updates %s parameters in place, and AdamW steps of about "
+            "optim.lr=%g are below half a bf16 ulp of most weights, so they are lost; train with "
+            "model.dtype=float32 and model.autocast=bfloat16 (fp32 weights, bf16 compute)",
+            model_config.dtype, model_config.dtype, config.optim.lr,
+        )  # fmt: skip
     model_context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
     limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
     train_prompts, eval_prompts, data_counts = _prompts(config, tokenizer, run_dir, limit)

@@ -110,6 +110,9 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling threshold", 1.0)
     summary_max_new_tokens: int = _help("summary cap (the authors: 128 - 10 = 118)", 118)
     max_batch_rows: int = _help("embedded engine: sampled rows decoded together", 64)
+    kv_budget_tokens: int | None = _help(
+        "embedded engine: most tokens of cached traces kept for their forks (None: unbounded); past it, "
+        "forks first, then the least recently used", None)  # fmt: skip
     weight_sync: str = _help("engine sglang: disk (save + /update_weights_from_disk, a shared file system) or "
                              "distributed (broadcast over a process group the servers join)", "disk")  # fmt: skip
     weight_sync_master: str = _help("weight_sync distributed: host:port of this machine the servers can reach", "")
@@ -162,6 +165,9 @@ class TrainConfig:
     save_every: int = _help("checkpoint every k steps (0: only at the end)", 0)
     keep_checkpoints: int = _help("periodic checkpoints kept (the newest; sft and final are always kept)", 3)
     max_skipped_updates: int = _help("stop the run after this many non-finite updates in a row", 10)
+    dist_timeout_minutes: float = _help(
+        "torchrun: limit of one collective (ranks > 0 wait in one while rank 0 rolls out and evaluates)", 180.0
+    )
 
 
 @dataclass
@@ -391,6 +397,8 @@ def validate(config: RunConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
     _check(r.max_batch_rows >= 1, "rollout.max_batch_rows", r.max_batch_rows, ">= 1")
+    _check(r.kv_budget_tokens is None or r.kv_budget_tokens >= 1, "rollout.kv_budget_tokens", r.kv_budget_tokens,
+           ">= 1 tokens or null")  # fmt: skip
     _check(r.weight_sync in ("disk", "distributed"), "rollout.weight_sync", r.weight_sync, "disk or distributed")
     _check(r.weight_sync == "disk" or r.weight_sync_master.rpartition(":")[2].isdigit(), "rollout.weight_sync_master",
            r.weight_sync_master, "host:port (weight_sync distributed)")  # fmt: skip
@@ -425,6 +433,7 @@ def validate(config: RunConfig) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.max_skipped_updates >= 1, "train.max_skipped_updates", t.max_skipped_updates, ">= 1")
+    _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "> 0 minutes")
     _check(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft", dataclasses.asdict(s),
            "steps >= 0, batch_size >= 1, lr > 0")  # fmt: skip
     _check(e.samples_per_problem >= 1, "eval.samples_per_problem", e.samples_per_problem, ">= 1")

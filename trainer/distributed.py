@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,16 +39,29 @@ class Distributed:
 SINGLE_PROCESS = Distributed()
 
 
-def setup_distributed(device: torch.device) -> Distributed:
-    """Join the process group ``torchrun`` describes in the environment (none for one process)."""
+def setup_distributed(device: torch.device, timeout_minutes: float = 180.0) -> Distributed:
+    """Join the process group ``torchrun`` describes in the environment (none for one process).
+
+    ``timeout_minutes`` bounds every collective: ranks > 0 wait in one while rank 0 rolls out,
+    grades and evaluates, which at b_max 8000 takes far longer than NCCL's 10-minute default.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
     if not dist.is_initialized():
+        if timeout_minutes <= 0:
+            raise ValueError(f"the collective timeout must be > 0 minutes, got {timeout_minutes}")
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -84,7 +98,7 @@ def all_reduce_sum(tensor: torch.Tensor, context: Distributed) -> torch.Tensor:
 def all_reduce_max(value: int, context: Distributed) -> int:
     if not context.enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.long)
+    tensor = torch.tensor([value], dtype=torch.long, device=collective_device())  # NCCL: CUDA tensors only
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor)
 

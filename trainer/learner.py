@@ -212,8 +212,10 @@ class Learner:
             (terms.loss * (scale if real else 0.0)).backward()
             if real:
                 total += terms.loss.detach()
-                for name, value in terms.sums.items():
-                    sums[name] += value
+            # A filler adds zeros, so that every rank holds the same metric keys, in the same order,
+            # for the all-reduces after the update (a rank of fillers only would skip them and hang).
+            for name, value in terms.sums.items():
+                sums[name] += value if real else torch.zeros_like(value)
         all_reduce_sum(total, self.context)
         parameters = [p for p in self.policy.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")

@@ -272,8 +272,10 @@ class Trainer:
         generator = getattr(self.parts.engine, "_generator", None)  # no engine on ranks > 0
         if generator is not None:
             states["engine"] = generator.get_state()
-        if torch.cuda.is_available():
-            states["cuda"] = torch.cuda.get_rng_state_all()
+            states["engine_device"] = generator.device.type
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # This process's device only: a resume may see another number of GPUs.
+            states["cuda_device"] = torch.cuda.get_rng_state()
         return states
 
     def _restore_random_states(self, states: dict | None) -> None:
@@ -284,9 +286,18 @@ class Trainer:
         self.parts.learner.rng.setstate(states["learner"])
         generator = getattr(self.parts.engine, "_generator", None)
         if generator is not None and "engine" in states:
-            generator.set_state(states["engine"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
+            if states.get("engine_device", generator.device.type) == generator.device.type:
+                generator.set_state(states["engine"])
+            else:  # a CPU generator's state does not fit a CUDA one (or the reverse)
+                logger.warning(
+                    "the checkpoint's sampling RNG is a %s generator and this engine's a %s one: sampling "
+                    "continues from a fresh stream", states["engine_device"], generator.device.type,
+                )  # fmt: skip
+        if torch.cuda.is_available():
+            if "cuda_device" in states:
+                torch.cuda.set_rng_state(states["cuda_device"])
+            elif "cuda" in states and torch.cuda.current_device() < len(states["cuda"]):  # older checkpoints
+                torch.cuda.set_rng_state(states["cuda"][torch.cuda.current_device()])
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:
         plot_curves(evaluations, self.run_dir / "budget_accuracy.png", title=f"{self.config.name}: accuracy vs budget")

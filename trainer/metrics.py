@@ -12,6 +12,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,6 +73,12 @@ class NullMetrics:
         return None
 
 
+def _synchronize() -> None:
+    """Wait for this process's queued CUDA work (a few times per step; nothing without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseTimer:
     """Seconds per phase of a step (``with timer.phase("think"): ...``), shown live when a display is given."""
 
@@ -82,10 +90,12 @@ class PhaseTimer:
     def phase(self, name: str):
         if self.display is not None:
             self.display.phase(name)
+        _synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _synchronize()  # CUDA work queued in this phase counts here, not in the next one
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:

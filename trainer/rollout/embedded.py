@@ -183,6 +183,11 @@ class EmbeddedEngine(RolloutEngine):
         self._stored.clear()
         self._stored_tokens = 0
 
+    def release_memory(self) -> None:
+        """Drop the step's cached traces before the learner trains: on a GPU shared with the learner
+        their K/V would hold memory through the update, and the weight sync flushes them anyway."""
+        self.flush_cache()
+
     def prefill_priorities(self) -> list[int]:
         """The request priorities that have prefilled so far, ascending (``prefill_counters``' keys)."""
         return sorted(self._prefill_by_priority)
@@ -290,7 +295,9 @@ class EmbeddedEngine(RolloutEngine):
             tokens, logprobs = self._sample(
                 logits, [rows.request(row) for row in present], [len(rows.outputs[row]) for row in present]
             )
-            self._append_tokens(rows, present, tokens.tolist(), logprobs.tolist(), cache, mask)
+            # One device-to-host copy per decoded token for both (ids are exact in float64).
+            tokens_host, logprobs_host = torch.stack([tokens.double(), logprobs.double()]).tolist()
+            self._append_tokens(rows, present, [int(t) for t in tokens_host], logprobs_host, cache, mask)
             keep = [position for position, row in enumerate(present) if rows.reasons[row] is None]
             if not keep:
                 break
@@ -419,11 +426,12 @@ class EmbeddedEngine(RolloutEngine):
             if count < request.sampling.min_new_tokens:
                 logits[row, list(request.stop_token_ids)] = float("-inf")
         greedy = logits.argmax(dim=-1)
-        if bool((temperatures == 0).all()):
+        # Decided from the requests on the host: no device sync per decoded token.
+        if all(r.sampling.temperature == 0 for r in requests):
             return greedy
         probs = torch.softmax(logits / temperatures.clamp_min(1e-6)[:, None], dim=-1)
         top_p = torch.tensor([r.sampling.top_p for r in requests], device=logits.device)
-        if bool((top_p < 1).any()):
+        if any(r.sampling.top_p < 1 for r in requests):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest set of most likely tokens whose mass reaches top_p.
             outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
