@@ -17,7 +17,7 @@ from trainer.evaluate import main as eval_main
 from trainer.learner import Learner
 from trainer.loop import Trainer
 from trainer.models import load_tokenizer
-from trainer.rollout import SummaryBatch
+from trainer.rollout import SamplingParams, SummaryBatch
 from trainer.synthetic import synthetic_reward
 from trainer.tokenizer import build_tokenizer
 
@@ -222,3 +222,28 @@ def test_the_first_update_uses_the_current_logprobs_as_the_old_ones(tmp_path, mo
     ):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(fast.parts.policy.model.parameters(), initial, strict=True))
+
+
+def test_run_settings_reach_their_parts_and_bf16_weights_are_warned_about(tmp_path, caplog):
+    """rollout.kv_budget_tokens reaches the embedded engine, which drops its cached traces before the
+    update; bf16 weights draw a warning (AdamW steps of lr 1e-6 round away); a sampling RNG state of
+    another device type is skipped with a warning instead of failing the resume."""
+    from trainer.config import ConfigError
+
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(load_config(None, [*TINY, "rollout.kv_budget_tokens=64", "model.dtype=bfloat16"]), tmp_path)
+    assert "model.dtype=bfloat16" in caplog.text and "model.dtype=float32" in caplog.text
+    engine = trainer.parts.engine
+    assert engine.kv_budget_tokens == 64
+    engine.think([[5, 6, 7]], 1, 4, SamplingParams(temperature=0))
+    assert engine.cached_sequences == 1
+    engine.release_memory()
+    assert engine.cached_sequences == 0
+    states = trainer._random_states()
+    assert states["engine_device"] == "cpu"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        trainer._restore_random_states({**states, "engine": torch.zeros(3, dtype=torch.uint8), "engine_device": "cuda"})
+    assert "sampling continues from a fresh stream" in caplog.text
+    with pytest.raises(ConfigError, match=r"train\.dist_timeout_minutes: 0\.0 is not allowed"):
+        load_config(None, [*TINY, "train.dist_timeout_minutes=0"])
