@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from fixtures.tiny_policy import tiny_policy
+from safetensors.torch import load_file
 
 from trainer.budgets import BudgetSchedule
 from trainer.rollout import EmbeddedEngine, SamplingParams, SGLangEngine, SGLangServerError
@@ -111,10 +112,26 @@ def test_model_info_flush_and_weight_sync_from_disk(policy, server, tmp_path):
     new_policy, _ = tiny_policy(seed=6)
     remote.think([[5, 6, 7]], 1, 4, GREEDY)
     remote.update_weights(new_policy)
-    assert (tmp_path / "policy" / "model.safetensors").exists()
-    assert torch.equal(server.engine.model.model.embed_tokens.weight, new_policy.model.embed_tokens.weight)
+    saved = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}  # half the bytes of fp32
+    served = server.engine.model.model.embed_tokens.weight
+    assert torch.equal(served, new_policy.model.embed_tokens.weight.bfloat16().float())  # the server casts back
     assert server.engine.cached_sequences == 0
     assert server.model_info()["weight_version"] == "1"
+    exact = client(server.url, tokenizer, weights_dir=tmp_path / "exact", sync_dtype=None)
+    exact.update_weights(new_policy)
+    assert torch.equal(server.engine.model.model.embed_tokens.weight, new_policy.model.embed_tokens.weight)
+
+
+def test_cast_floats_keeps_tied_tensors_shared_and_leaves_integers():
+    from trainer.rollout.weight_transfer import cast_floats
+
+    weight = torch.randn(4, 3)
+    state = {"embed": weight, "lm_head": weight, "steps": torch.arange(3), "norm": torch.ones(3)}
+    cast = cast_floats(state, torch.bfloat16)
+    assert cast["embed"] is cast["lm_head"] and cast["embed"].dtype == torch.bfloat16
+    assert cast["steps"] is state["steps"] and cast["norm"].dtype == torch.bfloat16
+    assert torch.equal(cast["embed"], weight.bfloat16()) and cast_floats(state, None) is state
 
 
 @pytest.mark.parametrize("faults", [["500"], ["malformed"], ["drop"], ["500", "malformed"]])

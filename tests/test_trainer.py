@@ -247,3 +247,27 @@ def test_run_settings_reach_their_parts_and_bf16_weights_are_warned_about(tmp_pa
     assert "sampling continues from a fresh stream" in caplog.text
     with pytest.raises(ConfigError, match=r"train\.dist_timeout_minutes: 0\.0 is not allowed"):
         load_config(None, [*TINY, "train.dist_timeout_minutes=0"])
+
+
+def test_resume_and_checkpoint_evaluation_push_the_checkpoints_weights_to_the_engine(tmp_path, monkeypatch):
+    """Servers restarted after a crash hold the base model: resuming (and anytime-eval of a
+    checkpoint) syncs the loaded weights to the engine before anything is sampled."""
+    from trainer.loop import evaluate_checkpoint
+    from trainer.rollout import EmbeddedEngine
+
+    first = Trainer(load_config(None, [*TINY, "sft.steps=0"]), tmp_path / "run")
+    checkpoint = first.save("step0", 0)
+    first.metrics.close()
+    synced = []
+    real = EmbeddedEngine.update_weights
+
+    def recording(self, model):
+        synced.append(model)
+        return real(self, model)
+
+    monkeypatch.setattr(EmbeddedEngine, "update_weights", recording)
+    resumed = Trainer(load_config(None, [*TINY, "sft.steps=0"]), tmp_path / "run", resume=checkpoint)
+    assert synced == [resumed.parts.policy.model]
+    resumed.metrics.close()
+    evaluate_checkpoint(checkpoint, None, ["data.synthetic.num_eval=2"], tmp_path / "eval", "again")
+    assert len(synced) == 2

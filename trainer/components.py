@@ -147,6 +147,7 @@ def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: P
         engine = SGLangEngine(
             r.urls, tokenizer, weights_dir=run_dir, timeout_s=r.request_timeout_s, max_retries=r.max_retries,
             backoff_s=r.retry_backoff_s, dp_size=r.dp_size, eos_token_ids=eos,
+            sync_dtype=getattr(torch, r.weight_sync_dtype),
         )  # fmt: skip
         if r.weight_sync == "distributed":
             host, _, port = r.weight_sync_master.rpartition(":")
@@ -198,6 +199,9 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
     if context.is_main:
         separate = config.rollout.engine == "embedded" or context.enabled
         rollout_model = copy.deepcopy(model).eval() if separate else model
+        if separate and config.rollout.engine != "embedded":
+            # Only a host for the gathered weights on their way to the servers: keep it off the GPU.
+            rollout_model = rollout_model.cpu()
         engine = make_engine(config, rollout_model, tokenizer, run_dir)
         host_model = rollout_model if context.enabled else None
     autocast = model_config.autocast

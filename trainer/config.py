@@ -116,6 +116,9 @@ class RolloutConfig:
     weight_sync: str = _help("engine sglang: disk (save + /update_weights_from_disk, a shared file system) or "
                              "distributed (broadcast over a process group the servers join)", "disk")  # fmt: skip
     weight_sync_master: str = _help("weight_sync distributed: host:port of this machine the servers can reach", "")
+    weight_sync_dtype: str = _help(
+        "engine sglang: dtype the weights travel in (bfloat16, float16, float32); servers cast to their own",
+        "bfloat16")  # fmt: skip
     server_tp_size: int = _help("weight_sync distributed: tensor-parallel ranks per server", 1)
     colocate: bool = _help("engine sglang_inprocess: share the GPU with the learner (memory released during updates)",
                            False)  # fmt: skip
@@ -397,6 +400,8 @@ def validate(config: RunConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
     _check(r.max_batch_rows >= 1, "rollout.max_batch_rows", r.max_batch_rows, ">= 1")
+    _check(r.weight_sync_dtype in ("bfloat16", "float16", "float32"), "rollout.weight_sync_dtype",
+           r.weight_sync_dtype, "bfloat16, float16 or float32")  # fmt: skip
     _check(r.kv_budget_tokens is None or r.kv_budget_tokens >= 1, "rollout.kv_budget_tokens", r.kv_budget_tokens,
            ">= 1 tokens or null")  # fmt: skip
     _check(r.weight_sync in ("disk", "distributed"), "rollout.weight_sync", r.weight_sync, "disk or distributed")

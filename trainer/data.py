@@ -95,7 +95,8 @@ def read_rows(source: str | Path, *, split: str = "train") -> list[dict]:
     if path.is_dir():
         return _read_datasets_folder(path, split)
     if path.suffix.lower() in _FILE_FORMATS or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"data source {str(source)!r} does not exist")
+        where = "" if path.is_absolute() else f" (relative paths are read from the current directory, {Path.cwd()})"
+        raise FileNotFoundError(f"data source {str(source)!r} does not exist{where}")
     return _read_hub_dataset(str(source), split)
 
 

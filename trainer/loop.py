@@ -61,6 +61,8 @@ class Trainer:
             self._restore_random_states(load_rng_state(Path(resume)))
             if self.context.is_main and Path(resume).parent == self.run_dir / "checkpoints":
                 _truncate_lines(self.run_dir / "metrics.jsonl", state.get("metrics_lines"))
+            # Servers restarted after a crash hold the base model: sample from the checkpoint's weights.
+            self._sync_weights()
         self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
         self.metrics = (
             MetricsLogger(
@@ -376,6 +378,7 @@ def evaluate_checkpoint(model_dir: Path, config_path: str | None, overrides, out
                                        "model.config=null", "model.gguf_file=null"])  # fmt: skip
     trainer = Trainer(config, out_dir)
     try:
+        trainer._sync_weights()  # an SGLang server scores the checkpoint, not whatever it holds
         return trainer.evaluate(name, step=0)
     finally:
         trainer.metrics.close()

@@ -65,8 +65,14 @@ def _run_with_deadline(grade_fn: Callable[..., float], args: tuple, timeout_s: f
         signal.signal(signal.SIGALRM, previous)
 
 
+# Grading a step's distinct answers needs a few workers, and each imports sympy and math-verify
+# (~100 MB): one per core of a 224-thread node would hold ~20 GB for nothing.
+MAX_DEFAULT_WORKERS = 32
+
+
 def default_num_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
 class GradingPool:

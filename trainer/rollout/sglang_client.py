@@ -51,6 +51,7 @@ from trainer.rollout.sglang_protocol import (
     parse_generate_response,
     split_for_seeds,
 )
+from trainer.rollout.weight_transfer import cast_floats
 
 logger = logging.getLogger(__name__)
 # One sample of SGLang's prefill/decode token counter: its mode label and its value.
@@ -86,6 +87,9 @@ class SGLangEngine(RolloutEngine):
             as ``n`` one-sample requests with distinct seeds.
         eos_token_ids: every id that ends a sequence for this model (its config and generation
             config may name several), besides the tokenizer's.
+        sync_dtype: the dtype weights travel in to the servers (saved to disk or broadcast); the
+            servers cast what they receive to their own dtype, so bf16 (the default) halves the bytes
+            of an fp32 policy for the same served weights. None: the policy's own dtypes.
 
     Servers started with ``sglang_server_command`` skip tokenizer init, and SGLang then answers
     ``min_new_tokens > 0`` with HTTP 400 (raised here with its message, not retried).
@@ -105,8 +109,10 @@ class SGLangEngine(RolloutEngine):
         dp_size: int = 1,
         deterministic: bool = False,
         eos_token_ids: Sequence[int] = (),
+        sync_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
         super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
+        self.sync_dtype = sync_dtype
         if dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {dp_size}")
         self.dp_size = dp_size
@@ -424,7 +430,7 @@ class SGLangEngine(RolloutEngine):
     def _update_weights_distributed(self, model: torch.nn.Module) -> None:
         from trainer.rollout.weight_transfer import broadcast_bucket, tensor_metadata, weight_buckets
 
-        buckets = weight_buckets(model.state_dict(), self.weight_bucket_bytes)
+        buckets = weight_buckets(cast_floats(model.state_dict(), self.sync_dtype), self.weight_bucket_bytes)
         with self._weight_update_session():
             for k, bucket in enumerate(buckets):
                 last = k == len(buckets) - 1
@@ -455,7 +461,9 @@ class SGLangEngine(RolloutEngine):
         start = time.perf_counter()
         self._weight_version += 1
         path = self.weights_dir / "policy"
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(
+            path, safe_serialization=True, state_dict=cast_floats(model.state_dict(), self.sync_dtype)
+        )
         body = {"model_path": str(path), "weight_version": str(self._weight_version)}
         self._on_every_server("/update_weights_from_disk", dict.fromkeys(self._servers(), body),
                               f"load the weights in {path}")  # fmt: skip

@@ -98,3 +98,26 @@ def weight_buckets(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[
         buckets[-1].append((name, tensor.detach()))
         size += nbytes
     return buckets if buckets[0] else []
+
+
+def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``state`` with floating-point tensors in ``dtype`` (None: unchanged). Tensors that share storage
+    (tied embeddings) stay shared, so a save keeps writing them once."""
+    if dtype is None:
+        return state
+    converted: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            out[name] = tensor
+            continue
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if key not in converted:
+            converted[key] = tensor.detach().to(dtype)
+        out[name] = converted[key]
+    return out
