@@ -7,6 +7,7 @@ SDPA attention and a plain log-softmax over the full logits.
 
 import copy
 import random
+import types
 
 import pytest
 import torch
@@ -151,12 +152,23 @@ def test_plan_micro_batches_respects_the_token_budget():
     lens = layout.row_lens.tolist()
     budget = max(lens) + 3
     batches = plan_micro_batches(layout, budget)
-    assert [r for mb in batches for r in mb.rows] == list(range(6))
+    assert sorted(r for mb in batches for r in mb.rows) == list(range(6))
     for mb in batches:
-        assert mb.num_tokens == sum(lens[r] for r in mb.rows)
+        assert mb.rows == sorted(mb.rows) and mb.num_tokens == sum(lens[r] for r in mb.rows)
         assert len(mb.rows) == 1 or mb.num_tokens <= budget
     with pytest.raises(ValueError, match="micro_batch_tokens must be >= 1, got 0"):
         plan_micro_batches(layout, 0)
+
+
+def test_plan_micro_batches_first_fit_decreasing_by_hand():
+    """Trees of 5, 9, 4, 3, 6 tokens into micro-batches of 10: in order they would take 4
+    ([5], [9], [4, 3], [6]); longest first, each into the first that fits, they take 3."""
+    fake = types.SimpleNamespace(
+        row_lens=torch.tensor([5, 9, 4, 3, 6]), tree_token_index=lambda rows: rows, select_trees=lambda rows: None
+    )
+    assert [mb.rows for mb in plan_micro_batches(fake, 10)] == [[0, 3], [1], [2, 4]]
+    assert [mb.rows for mb in plan_micro_batches(fake, 10, rows=[4, 1, 3])] == [[4, 3], [1]]
+    assert [mb.rows for mb in plan_micro_batches(fake, 4)] == [[0], [1], [2], [3], [4]]  # too long: alone
 
 
 def test_branch_cannot_see_later_thinking_or_sibling_branches():

@@ -60,24 +60,29 @@ class TokenLogprobs:
 def plan_micro_batches(
     layout: ResponseTreeLayout, max_tokens: int, rows: Sequence[int] | None = None
 ) -> list[MicroBatch]:
-    """Greedy packing of whole trees (``rows``, default all, in order) into sequences of at most
-    ``max_tokens`` tokens; a tree longer than that gets a micro-batch of its own."""
+    """Whole trees (``rows``, default all) packed into sequences of at most ``max_tokens`` tokens,
+    first-fit by decreasing length (fewer forwards than filling in order: at paper scale 9 instead of
+    10-11 micro-batches of 32k tokens per rank); each micro-batch keeps its trees in ``rows`` order,
+    and a tree longer than ``max_tokens`` gets a micro-batch of its own."""
     if max_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {max_tokens}")
     row_lens = layout.row_lens.tolist()
-    rows = range(len(row_lens)) if rows is None else [int(r) for r in rows]
+    rows = list(range(len(row_lens))) if rows is None else [int(r) for r in rows]
+    order = {row: k for k, row in enumerate(rows)}
     groups: list[list[int]] = []
-    current: list[int] = []
-    current_tokens = 0
-    for row in rows:
+    loads: list[int] = []
+    for row in sorted(rows, key=lambda r: (-row_lens[r], order[r])):
         length = row_lens[row]
-        if current and current_tokens + length > max_tokens:
-            groups.append(current)
-            current, current_tokens = [], 0
-        current.append(row)
-        current_tokens += length
-    if current:
-        groups.append(current)
+        for k, load in enumerate(loads):
+            if load + length <= max_tokens:
+                groups[k].append(row)
+                loads[k] += length
+                break
+        else:
+            groups.append([row])
+            loads.append(length)
+    groups = [sorted(group, key=order.__getitem__) for group in groups]
+    groups.sort(key=lambda group: order[group[0]])
     return [MicroBatch(rows, layout.tree_token_index(rows), layout.select_trees(rows)) for rows in groups]
 
 
