@@ -187,6 +187,25 @@ class TestMathGrading:
         if expected is not None:
             assert grade_answer(given, truths) == expected
 
+    @pytest.mark.parametrize(
+        ("given", "truth", "expected"),
+        [
+            (r"4.5 \times 10^{33}", "4.5e33", 1.0),  # Minerva's gold in e-notation, the model's in LaTeX
+            ("4.5e33", r"4.5 \times 10^{33}", 1.0),
+            (r"4.6 \times 10^{33}", "4.5e33", 0.0),
+            ("10^{-5}", "1e-5", 1.0),
+            ("17000", "1.70e4", 1.0),
+            ("3", "1e-5", 0.0),
+            ("2e", "2e", 1.0),  # Euler's number is still e outside e-notation
+            ("0.003''", r"0.003^{\prime \prime}", 1.0),
+            ("y'+ry-rx(t)=0", r"y^{\prime}+ry-rx(t)=0", 1.0),
+        ],
+    )
+    def test_e_notation_and_primes_mean_what_minerva_means(self, given, truth, expected):
+        """math-verify reads ``4.5e33`` as 4.5 * e * 33 and ``\\prime`` as a symbol: without a rewrite
+        a model's ``4.5 \\times 10^{33}`` scored 0 against 11 of the eval sets' gold answers."""
+        assert grade_answer(given, (truth,)) == expected
+
     def test_exact_shortcut_can_be_turned_off(self):
         with MathReward(num_workers=1, exact_shortcut=False) as reward:
             scores, metrics = reward([closed("t", "\\boxed{5}"), closed("t", "\\boxed{6}")], ["5", "5"])

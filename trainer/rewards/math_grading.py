@@ -23,11 +23,28 @@ def init_worker() -> None:
     _parse_boxed("0")
 
 
+_E_NOTATION = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))[eE]([+-]?\d+)\s*")
+_PRIMES = ((re.compile(r"\^\{\s*\\prime\s*\\prime\s*\}"), "''"), (re.compile(r"\^\{\s*\\prime\s*\}"), "'"),
+           (re.compile(r"\^\\prime\b"), "'"))  # fmt: skip
+
+
+def latex_friendly(text: str) -> str:
+    """What math-verify's LaTeX parser reads as intended: ``4.5e33`` -> ``4.5\\times 10^{33}`` (it
+    reads ``e`` as Euler's number), ``x^{\\prime}`` -> ``x'`` and ``^{\\prime\\prime}`` -> ``''`` (it
+    reads ``\\prime`` as a symbol). Minerva writes such gold answers; models write the other form."""
+    match = _E_NOTATION.fullmatch(text)
+    if match:
+        return f"{match.group(1)}\\times 10^{{{int(match.group(2))}}}"
+    for pattern, replacement in _PRIMES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 @functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
 def _parse_boxed(text: str) -> tuple:
     from math_verify import parse
 
-    return tuple(parse("\\boxed{" + text + "}", parsing_timeout=None))
+    return tuple(parse("\\boxed{" + latex_friendly(text) + "}", parsing_timeout=None))
 
 
 def grade_answer(answer: str, ground_truths: Sequence[str]) -> float:
