@@ -271,3 +271,25 @@ def test_resume_and_checkpoint_evaluation_push_the_checkpoints_weights_to_the_en
     resumed.metrics.close()
     evaluate_checkpoint(checkpoint, None, ["data.synthetic.num_eval=2"], tmp_path / "eval", "again")
     assert len(synced) == 2
+
+
+def test_a_dataset_with_its_own_column_names_through_the_run_config(tmp_path):
+    """data.columns maps roles to a file's columns: the same problems under other names give the
+    same prompts and answers as the synthetic layout; an unknown role stops before any work."""
+    from trainer.config import ConfigError
+    from trainer.synthetic import generate_rows
+
+    rows = generate_rows(8, seed=5, min_steps=1, max_steps=2, modulus=10, max_operand=9)
+    plain, renamed = tmp_path / "plain.jsonl", tmp_path / "renamed.jsonl"
+    plain.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    renamed.write_text("".join(json.dumps({"question": r["problem"], "final": r["answer"]}) + "\n" for r in rows))
+    base = [*TINY, "sft.steps=0"]
+    expected = Trainer(load_config(None, [*base, f"data.source={plain}"]), tmp_path / "a").parts
+    mapped = Trainer(
+        load_config(None, [*base, f"data.source={renamed}", "data.columns={problem: question, answer: final}"]),
+        tmp_path / "b",
+    ).parts
+    assert [q.token_ids for q in mapped.train_prompts] == [q.token_ids for q in expected.train_prompts]
+    assert [q.answer for q in mapped.train_prompts] == [q.answer for q in expected.train_prompts]
+    with pytest.raises(ConfigError, match=r"data\.columns"):
+        load_config(None, [*base, "data.columns={question: q}"])

@@ -114,11 +114,15 @@ def _prompts(
             sources["eval"] = str(save_rows(generate_rows(s.num_eval, seed=s.seed + 1, **options),
                                             run_dir / "data" / "eval.jsonl"))  # fmt: skip
     limits = {"train": d.limit, "eval": d.eval_limit}
+    splits = {"train": d.split, "eval": d.eval_split}
+    columns = {"train": d.columns, "eval": d.eval_columns}
+    text = {} if d.instruction is None else {"instruction": d.instruction}
     sets, skipped = {}, {}
     for name, source in sources.items():
         loaded = load_prompts(
             DataConfig(source=source, max_prompt_tokens=max_prompt_tokens, limit=limits[name],
-                       skip_bad_rows=d.skip_bad_rows),
+                       skip_bad_rows=d.skip_bad_rows, split=splits[name], columns=dict(columns[name] or {}),
+                       thinking_opener=d.thinking_opener, **text),
             tokenizer,
         )  # fmt: skip
         if loaded.too_long and not d.skip_long_prompts:

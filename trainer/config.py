@@ -83,6 +83,18 @@ class DataConfig:
     skip_bad_rows: bool = _help("skip (and count) malformed rows; false: stop, naming the row", False)
     limit: int | None = _help("use the first N training problems", None)
     eval_limit: int | None = _help("use the first N evaluation problems", None)
+    split: str = _help("split of a datasets source (train)", "train")
+    eval_split: str = _help("split of a datasets eval_source", "train")
+    columns: dict | None = _help(
+        "train source columns by role, e.g. {problem: question, answer: final} (None: the known layouts)", None
+    )
+    eval_columns: dict | None = _help("the same for eval_source", None)
+    instruction: str | None = _help(
+        "appended to each problem (None: the authors' 'Let's think step by step and output the final answer "
+        "within \\boxed{}.'; '': nothing)", None)  # fmt: skip
+    thinking_opener: str | None = _help(
+        "text after the chat template's generation prompt: auto (<think>\\n when the tokenizer has <think> "
+        "and its template does not add it), a string, or null for nothing", "auto")  # fmt: skip
     synthetic: SyntheticDataConfig = _help("the synthetic task's generator", factory=SyntheticDataConfig)
 
 
@@ -439,6 +451,10 @@ def validate(config: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.max_skipped_updates >= 1, "train.max_skipped_updates", t.max_skipped_updates, ">= 1")
     _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "> 0 minutes")
+    for key in ("columns", "eval_columns"):
+        mapping = getattr(config.data, key) or {}
+        _check(set(mapping) <= {"problem", "answer", "solution"} and all(isinstance(v, str) for v in mapping.values()),
+               f"data.{key}", mapping, "a mapping of problem/answer/solution to column names")  # fmt: skip
     _check(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft", dataclasses.asdict(s),
            "steps >= 0, batch_size >= 1, lr > 0")  # fmt: skip
     _check(e.samples_per_problem >= 1, "eval.samples_per_problem", e.samples_per_problem, ">= 1")
