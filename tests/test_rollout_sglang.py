@@ -289,3 +289,20 @@ def test_settings_that_kill_prefix_reuse_are_rejected(policy):
             sglang_server_command("/models/policy", 31000, extra_args=[flag])
     with pytest.raises(ValueError, match="disable_radix_cache"):
         SGLangInProcessEngine("/models/policy", policy[1], disable_radix_cache=True)
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [{"output_ids": [1], "meta_info": "oops"}, "not a record", {"output_ids": [1]}],
+    ids=["meta_info-not-a-record", "sample-not-a-record", "no-meta_info"],
+)
+def test_malformed_samples_are_malformed_responses(sample):
+    """Anything short of SGLang's layout is a MalformedResponse (which the client retries), never a
+    stray AttributeError from looking for an abort first."""
+    from trainer.rollout import GenerationRequest
+    from trainer.rollout.sglang_protocol import AbortedRequest, MalformedResponse, parse_generate_response
+
+    request = GenerationRequest((1, 2), 1, 4, (), GREEDY)
+    with pytest.raises(MalformedResponse, match="lacks SGLang's output_ids/meta_info fields") as caught:
+        parse_generate_response(sample, request)
+    assert not isinstance(caught.value, AbortedRequest)

@@ -117,7 +117,8 @@ def parse_generate_response(payload: Any, request: GenerationRequest) -> Generat
     prompt_tokens = len(request.input_ids)
     for i, sample in enumerate(samples):
         # An abort's meta_info carries only id, finish_reason and timing (no token counts): look first.
-        finish = sample.get("meta_info", {}).get("finish_reason") if isinstance(sample, dict) else None
+        meta = sample.get("meta_info") if isinstance(sample, dict) else None
+        finish = meta.get("finish_reason") if isinstance(meta, dict) else None
         if isinstance(finish, dict) and finish.get("type") == "abort":
             raise AbortedRequest(f"sample {i}: the server aborted the request ({finish.get('message', 'no message')})")
         try:
