@@ -51,7 +51,13 @@ from trainer.rollout.sglang_protocol import (
     parse_generate_response,
     split_for_seeds,
 )
-from trainer.rollout.weight_transfer import cast_floats
+from trainer.rollout.weight_transfer import (
+    broadcast_bucket,
+    cast_floats,
+    init_weights_group,
+    tensor_metadata,
+    weight_buckets,
+)
 
 logger = logging.getLogger(__name__)
 # One sample of SGLang's prefill/decode token counter: its mode label and its value.
@@ -407,8 +413,6 @@ class SGLangEngine(RolloutEngine):
                 f"weight sync over a process group needs servers without data-parallel replicas (SGLang asserts "
                 f"dp_size == 1 there), got dp_size={self.dp_size}: run one server per replica, or sync from disk"
             )
-        from trainer.rollout.weight_transfer import init_weights_group
-
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         world_size = 1 + ranks_per_server * len(self._servers())
         bodies = {
@@ -428,8 +432,6 @@ class SGLangEngine(RolloutEngine):
         self.weight_bucket_bytes = int(bucket_mb * 2**20)
 
     def _update_weights_distributed(self, model: torch.nn.Module) -> None:
-        from trainer.rollout.weight_transfer import broadcast_bucket, tensor_metadata, weight_buckets
-
         buckets = weight_buckets(cast_floats(model.state_dict(), self.sync_dtype), self.weight_bucket_bytes)
         with self._weight_update_session():
             for k, bucket in enumerate(buckets):
