@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.rewards import LENGTH_REWARD
+from test_policy_tree import random_rollouts, tiny_model
 from test_trainer import TINY
 
+from anytime_kernels import pack_response_trees
 from trainer.config import load_config
-from trainer.distributed import split_rows
+from trainer.distributed import fsdp_param_dtype, split_rows
 from trainer.loop import Trainer
+from trainer.policy import TreePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two optimizer updates of 2 prompts x G=2; a reward with signal so the update is not empty.
@@ -95,3 +98,54 @@ def test_a_rank_without_trees_of_its_own_keeps_step_with_the_others(tmp_path, mo
     # Four Adam steps of lr 1e-3 over 3-way gradient sums in another order: ~2e-6 apart (0.2% of a step).
     for name, tensor in single.parts.policy.model.state_dict().items():
         torch.testing.assert_close(result["weights"]["model." + name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fsdp_param_dtype_setting():
+    assert fsdp_param_dtype("auto", torch.bfloat16) == torch.bfloat16  # gather in the autocast dtype
+    assert fsdp_param_dtype("auto", None) is None
+    assert fsdp_param_dtype("float32", torch.bfloat16) is None
+    assert fsdp_param_dtype("bfloat16", None) == torch.bfloat16
+    with pytest.raises(ValueError, match="'fp8'"):
+        fsdp_param_dtype("fp8", None)
+    with pytest.raises(ValueError, match=r"train\.fsdp_param_dtype"):
+        load_config(None, [*TINY, "train.fsdp_param_dtype=half"])
+
+
+def one_process_step(param_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What tests/fsdp_worker.py runs, in one process without FSDP: the parameters (not the
+    buffers, such as RoPE's frequencies) cast to ``param_dtype``, gradients read back in fp32."""
+    layout = pack_response_trees(*random_rollouts(seed=3))
+    model = tiny_model("qwen2")
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(param_dtype)
+    result = TreePolicy(model, attention_backend="sdpa", autocast_dtype=torch.bfloat16).forward(layout)
+    weights = torch.randn(result.logprobs.numel(), generator=torch.Generator().manual_seed(0))
+    (result.logprobs * weights).sum().backward()
+    return result.logprobs.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.timeout(200)
+def test_fsdp_mixed_precision_gathers_bf16_weights_and_reduces_fp32_gradients(tmp_path):
+    """shard_policy(param_dtype=bf16): layers compute with bf16 copies of the weights, the
+    gradients land in fp32 shards, and forward and gradients equal one process running bf16
+    parameters (fp32 buffers). Without it, they equal one process with fp32 parameters."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path / "out.pt")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = torch.load(tmp_path / "out.pt", weights_only=False)
+    expected = {"None": one_process_step(torch.float32), "torch.bfloat16": one_process_step(torch.bfloat16)}
+    for key, compute in (("None", "torch.float32"), ("torch.bfloat16", "torch.bfloat16")):
+        got = results[key]
+        assert got["compute_dtype"] == compute, key
+        assert got["shard_dtypes"] == {"torch.float32"} and got["grad_dtypes"] == {"torch.float32"}, key
+        logprobs, grads = expected[key]
+        torch.testing.assert_close(got["logprobs"], logprobs, rtol=1e-6, atol=1e-6, msg=key)
+        assert got["grads"].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+    # The two references differ far beyond those tolerances, so each run matched its own.
+    (fp32_logprobs, fp32_grads), (bf16_logprobs, bf16_grads) = expected.values()
+    assert (fp32_logprobs - bf16_logprobs).abs().max() > 1e-4
+    assert max(float((fp32_grads[n] - bf16_grads[n]).norm() / fp32_grads[n].norm()) for n in fp32_grads) > 1e-3

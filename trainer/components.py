@@ -19,7 +19,14 @@ import torch
 from trainer.budgets import BudgetSchedule, Delimiters
 from trainer.config import RunConfig
 from trainer.data import DataConfig, DataError, Prompt, load_prompts
-from trainer.distributed import SINGLE_PROCESS, Distributed, local_device, setup_distributed, shard_policy
+from trainer.distributed import (
+    SINGLE_PROCESS,
+    Distributed,
+    fsdp_param_dtype,
+    local_device,
+    setup_distributed,
+    shard_policy,
+)
 from trainer.learner import Learner, make_optimizer
 from trainer.models import eos_token_ids, load_model, load_tokenizer
 from trainer.policy import TreePolicy
@@ -225,9 +232,10 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
                                autocast_dtype=policy.autocast_dtype,
                                micro_batch_tokens=config.train.micro_batch_tokens)  # fmt: skip
     if context.enabled:
-        shard_policy(policy)
+        param_dtype = fsdp_param_dtype(config.train.fsdp_param_dtype, policy.autocast_dtype)
+        shard_policy(policy, param_dtype)
         if reference is not None:
-            shard_policy(reference)
+            shard_policy(reference, param_dtype)
     t = config.train
     updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.ppo_mini_batch_prompts)
     optimizer, scheduler = make_optimizer(model, config.optim, total_steps=t.steps * updates_per_step)

@@ -183,6 +183,11 @@ class TrainConfig:
     dist_timeout_minutes: float = _help(
         "torchrun: limit of one collective (ranks > 0 wait in one while rank 0 rolls out and evaluates)", 180.0
     )
+    fsdp_param_dtype: str = _help(
+        "torchrun: dtype FSDP2 gathers and computes the weights in, gradients reduced in fp32 into fp32 "
+        "shards: auto (bfloat16 under bf16 autocast, else the weights' own), float32, bfloat16",
+        "auto",
+    )
 
 
 @dataclass
@@ -451,6 +456,8 @@ def validate(config: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.max_skipped_updates >= 1, "train.max_skipped_updates", t.max_skipped_updates, ">= 1")
     _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "> 0 minutes")
+    _check(t.fsdp_param_dtype in ("auto", "float32", "bfloat16"), "train.fsdp_param_dtype", t.fsdp_param_dtype,
+           "auto, float32 or bfloat16")  # fmt: skip
     for key in ("columns", "eval_columns"):
         mapping = getattr(config.data, key) or {}
         _check(set(mapping) <= {"problem", "answer", "solution"} and all(isinstance(v, str) for v in mapping.values()),

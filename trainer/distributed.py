@@ -71,13 +71,37 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def shard_policy(policy) -> None:
-    """FSDP2: every decoder layer is a unit, the tree forward (embeddings, final norm, LM head) the root."""
-    from torch.distributed.fsdp import fully_shard
+def fsdp_param_dtype(setting: str, autocast_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``train.fsdp_param_dtype`` as the dtype for ``shard_policy``: ``auto`` gathers in the autocast
+    dtype when there is one (the matmuls run in it anyway), ``float32`` keeps the weights' own dtype."""
+    if setting == "auto":
+        return autocast_dtype
+    if setting == "float32":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    raise ValueError(f"train.fsdp_param_dtype must be auto, float32 or bfloat16, got {setting!r}")
 
+
+def shard_policy(policy, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: every decoder layer is a unit, the tree forward (embeddings, final norm, LM head) the root.
+
+    ``param_dtype`` (e.g. ``torch.bfloat16``): the units gather their parameters in this dtype and
+    compute with them (half the all-gather traffic and unsharded memory of fp32 weights), and the
+    gradients are reduced in fp32 into the fp32 shards the optimizer updates (FSDP2's
+    ``MixedPrecisionPolicy``). None: the parameters' own dtype throughout. Forward inputs are not
+    cast: autocast decides each op's dtype, as in one process.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy_kwargs = {}
+    if param_dtype is not None:
+        policy_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for layer in policy.decoder.layers:
-        fully_shard(layer)
-    fully_shard(policy.module)
+        fully_shard(layer, **policy_kwargs)
+    fully_shard(policy.module, **policy_kwargs)
 
 
 def broadcast(value, context: Distributed):
