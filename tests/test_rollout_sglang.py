@@ -210,16 +210,32 @@ def test_requests_name_their_replica_and_forks_follow_their_trace(policy, server
     _, tokenizer = policy
     remote = client(server.url, tokenizer, dp_size=4)
     prompts = [[8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    # Record, per /generate body, its replica and the prompts it carries (a fork's input starts
+    # with its trace's prompt; no prompt here is a prefix of another).
+    bodies = []
+    parse = server._parse
+
+    def recording(body):
+        bodies.append((body.get("routed_dp_rank"), body["input_ids"]))
+        return parse(body)
+
+    server._parse = recording
     traces = remote.think(prompts, 2, 6, GREEDY)
     think_ranks = list(server.routed_dp_ranks)
+    num_think_bodies = len(bodies)
     remote.summarize(traces, BudgetSchedule(6, 2), 1, GREEDY, max_new_tokens=3)
     fork_ranks = server.routed_dp_ranks[len(think_ranks) :]
     from trainer.rollout.base import prompt_key
 
     # Concurrent requests reach the server in any order: compare the ranks as a multiset.
     assert sorted(think_ranks) == sorted(prompt_key(p) % 4 for p in prompts)
-    expected = {prompt_key(p) % 4 for p in prompts}
-    assert fork_ranks and set(fork_ranks) <= expected
+    ranks = [prompt_key(p) % 4 for p in prompts]
+    assert len(set(ranks)) == len(prompts)  # distinct replicas: a fork sent to another trace's one shows
+    assert len(fork_ranks) == len(bodies) - num_think_bodies > 0 and set(fork_ranks) == set(ranks)
+    for rank, input_ids in bodies:
+        for ids in input_ids if isinstance(input_ids[0], list) else [input_ids]:
+            owner = [i for i, p in enumerate(prompts) if ids[: len(p)] == p]
+            assert len(owner) == 1 and rank == ranks[owner[0]], (rank, ids)
     plain = client(server.url, tokenizer)  # dp_size 1: nothing to route
     plain.think([[5, 6]], 1, 2, GREEDY)
     assert len(server.routed_dp_ranks) == len(think_ranks) + len(fork_ranks)
