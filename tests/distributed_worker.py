@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR [key=value ...]
 
-Rank 0 writes ``OUT_DIR/result.pt`` (the loss and the full updated weights) after the step, and the
-job writes a distributed checkpoint into ``OUT_DIR/run/checkpoints/step1``.
+Rank 0 writes ``OUT_DIR/result.pt`` (the loss, the step's metrics, the traces and rollouts it
+trained on, and the full updated weights) after the step, and the job writes a distributed
+checkpoint into ``OUT_DIR/run/checkpoints/step1``.
 """
 
 import sys
@@ -20,11 +21,19 @@ from trainer.loop import Trainer
 def main() -> None:
     out = Path(sys.argv[1])
     trainer = Trainer(load_config(None, sys.argv[2:]), out / "run")
+    seen = {}
+    rollout_metrics = trainer._rollout_metrics
+
+    def recording(traces, scored, batch, engine_stats):  # rank 0: what the step trained on
+        seen.update(traces=traces, rollouts=scored.rollouts)
+        return rollout_metrics(traces, scored, batch, engine_stats)
+
+    trainer._rollout_metrics = recording
     metrics = trainer.rl_step(0)
     weights = full_state_dict(trainer.parts.policy.module, trainer.context)
     if trainer.context.is_main:
-        torch.save({"loss": metrics["train/loss"], "weights": weights, "world_size": trainer.context.world_size},
-                   out / "result.pt")  # fmt: skip
+        torch.save({"loss": metrics["train/loss"], "metrics": metrics, "weights": weights,
+                    "world_size": trainer.context.world_size, **seen}, out / "result.pt")  # fmt: skip
     trainer.save("step1", 1)
     trainer.metrics.close()
     dist.destroy_process_group()

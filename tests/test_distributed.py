@@ -1,10 +1,13 @@
 """Data parallelism with FSDP2 on CPU (gloo, 2 processes): one update equals the one-process update,
 and a checkpoint written by 2 ranks resumes on 1."""
 
+import copy
 import os
+import random
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,12 @@ from test_policy_tree import random_rollouts, tiny_model
 from test_trainer import TINY
 
 from anytime_kernels import pack_response_trees
+from trainer.components import make_engine
 from trainer.config import load_config
-from trainer.distributed import fsdp_param_dtype, split_rows
+from trainer.distributed import Distributed, fsdp_param_dtype, split_rows
 from trainer.loop import Trainer
 from trainer.policy import TreePolicy
+from trainer.rollout import SummaryBatch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two optimizer updates of 2 prompts x G=2; a reward with signal so the update is not empty.
@@ -74,6 +79,55 @@ def test_two_ranks_update_like_one_process_and_their_checkpoint_resumes_on_one(t
     for key in single_state:
         torch.testing.assert_close(resumed_state[key]["exp_avg"], single_state[key]["exp_avg"], rtol=1e-4, atol=1e-7)
     resumed.rl_step(1)  # and training goes on
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_rolls_out_its_share_and_the_update_trains_on_all(tmp_path, monkeypatch):
+    """rollout.every_rank, 2 ranks: rank k's engine (seed + k) samples the k-th half of the step's
+    prompts, exactly what a one-process engine with that seed samples for them; rank 0 trains on
+    the halves in prompt order, as one process would on the same rollouts; the metrics count both
+    halves; the checkpoint keeps each rank's sampling stream."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
+               str(tmp_path / "ranks"), *STEP, "rollout.every_rank=true"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = torch.load(tmp_path / "ranks" / "result.pt", weights_only=False)
+
+    torch.manual_seed(0)
+    single = Trainer(load_config(None, STEP), tmp_path / "single")
+    c, p = single.config, single.parts
+    prompts = p.sampler.batch(0)
+    assert len(prompts) == 4
+    engines = [p.engine, make_engine(c, copy.deepcopy(p.engine.model), p.tokenizer, tmp_path, seed=c.train.seed + 1)]
+    halves = [
+        engine.rollout([q.token_ids for q in prompts[2 * k : 2 * k + 2]], c.rollout.group_size, c.method.b_max, p.schedule,
+                       c.method.num_summaries, single.sampling, c.rollout.summary_max_new_tokens)[1]
+        for k, engine in enumerate(engines)
+    ]  # fmt: skip
+    expected = SummaryBatch.concatenate(halves)
+    got = result["rollouts"]
+    for field in ("prompt_ids", "thinking_ids", "inserted_ids", "summary_ids", "summary_finish"):
+        assert getattr(got, field) == getattr(expected, field), field
+    assert torch.equal(got.cut_lens, expected.cut_lens)
+    assert result["traces"].thinking_ids == expected.thinking_ids
+    stats = [engine.reset_stats() for engine in engines]
+    sampled = sum(s.think.generated_tokens + s.summarize.generated_tokens for s in stats)
+    assert result["metrics"]["rollout/sampled_tokens"] == sampled > 0
+
+    rng = torch.load(tmp_path / "ranks" / "run" / "checkpoints" / "step1" / "rng.pt", weights_only=False)
+    assert len(rng["engine_ranks"]) == 2
+    for rank, engine in enumerate(engines):
+        assert torch.equal(rng["engine_ranks"][rank], engine._generator.get_state()), rank
+
+    monkeypatch.setattr(p.engine, "rollout", lambda *args, **kwargs: (result["traces"], result["rollouts"]))
+    update = single.rl_step(0)
+    assert result["loss"] == pytest.approx(update["train/loss"], rel=1e-5, abs=1e-7)
+    for name, tensor in single.parts.policy.model.state_dict().items():
+        torch.testing.assert_close(result["weights"]["model." + name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.timeout(300)
@@ -149,3 +203,29 @@ def test_fsdp_mixed_precision_gathers_bf16_weights_and_reduces_fp32_gradients(tm
     (fp32_logprobs, fp32_grads), (bf16_logprobs, bf16_grads) = expected.values()
     assert (fp32_logprobs - bf16_logprobs).abs().max() > 1e-4
     assert max(float((fp32_grads[n] - bf16_grads[n]).norm() / fp32_grads[n].norm()) for n in fp32_grads) > 1e-3
+
+
+def test_every_rank_resume_gives_each_rank_its_own_sampling_stream():
+    """A checkpoint of rollout.every_rank holds every rank's engine state: rank k restores the k-th;
+    one written by another number of ranks leaves ranks > 0 on their seeded streams."""
+
+    def rank_view(rank: int, world_size: int):
+        generator = torch.Generator().manual_seed(100 + rank)
+        parts = types.SimpleNamespace(engine=types.SimpleNamespace(_generator=generator),
+                                      learner=types.SimpleNamespace(rng=random.Random(0)))  # fmt: skip
+        return types.SimpleNamespace(every_rank=True, context=Distributed(rank, world_size), parts=parts)
+
+    streams = [torch.Generator().manual_seed(seed).get_state() for seed in (7, 8)]
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "learner": random.Random(1).getstate(),
+              "engine": streams[0], "engine_device": "cpu", "engine_ranks": streams}  # fmt: skip
+    for rank in (0, 1):
+        view = rank_view(rank, 2)
+        Trainer._restore_random_states(view, states)
+        assert torch.equal(view.parts.engine._generator.get_state(), streams[rank]), rank
+    seeded = torch.Generator().manual_seed(101).get_state()
+    view = rank_view(1, 3)  # saved by 2 ranks, resumed on 3: rank 1 keeps its own seeded stream
+    Trainer._restore_random_states(view, states)
+    assert torch.equal(view.parts.engine._generator.get_state(), seeded)
+    view = rank_view(0, 3)  # rank 0 continues the run's stream
+    Trainer._restore_random_states(view, states)
+    assert torch.equal(view.parts.engine._generator.get_state(), streams[0])

@@ -68,14 +68,15 @@ class RunParts:
     eval_prompts: list[Prompt]
     policy: TreePolicy
     learner: Learner
-    engine: RolloutEngine | None  # rank 0 only
+    engine: RolloutEngine | None  # rank 0 only, unless rollout.every_rank
     schedule: BudgetSchedule
     reward: object
     eos_token_ids: list[int]
     sampler: PromptSampler
     data_counts: dict
     context: Distributed = SINGLE_PROCESS
-    host_model: torch.nn.Module | None = None  # distributed, rank 0: unsharded weights for the engine and exports
+    # distributed, rank 0 (every rank with rollout.every_rank): unsharded weights for the engine and exports
+    host_model: torch.nn.Module | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,11 +147,15 @@ def _prompts(
     return sets["train"], sets["eval"], skipped
 
 
-def make_engine(config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path) -> RolloutEngine:
+def make_engine(
+    config: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path, seed: int | None = None
+) -> RolloutEngine:
+    """The configured engine; ``seed`` (default ``train.seed``) seeds the embedded engine's sampling."""
     r = config.rollout
     eos = eos_token_ids(model, tokenizer)  # every EOS of the model's configs, as SGLang stops at them
     if r.engine == "embedded":
-        return EmbeddedEngine(model, tokenizer, max_batch_rows=r.max_batch_rows, seed=config.train.seed,
+        seed = config.train.seed if seed is None else seed
+        return EmbeddedEngine(model, tokenizer, max_batch_rows=r.max_batch_rows, seed=seed,
                               eos_token_ids=eos, kv_budget_tokens=r.kv_budget_tokens)  # fmt: skip
     if r.engine == "sglang":
         from trainer.rollout import SGLangEngine
@@ -207,13 +212,14 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
     limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
     train_prompts, eval_prompts, data_counts = _prompts(config, tokenizer, run_dir, limit)
     engine, host_model = None, None
-    if context.is_main:
+    if context.is_main or (config.rollout.every_rank and context.enabled):
         separate = config.rollout.engine == "embedded" or context.enabled
         rollout_model = copy.deepcopy(model).eval() if separate else model
         if separate and config.rollout.engine != "embedded":
             # Only a host for the gathered weights on their way to the servers: keep it off the GPU.
             rollout_model = rollout_model.cpu()
-        engine = make_engine(config, rollout_model, tokenizer, run_dir)
+        # Engines of several ranks sample independent streams; rank 0's is the one-process stream.
+        engine = make_engine(config, rollout_model, tokenizer, run_dir, seed=config.train.seed + context.rank)
         host_model = rollout_model if context.enabled else None
     autocast = model_config.autocast
     if autocast == "auto":

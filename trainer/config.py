@@ -134,6 +134,9 @@ class RolloutConfig:
     server_tp_size: int = _help("weight_sync distributed: tensor-parallel ranks per server", 1)
     colocate: bool = _help("engine sglang_inprocess: share the GPU with the learner (memory released during updates)",
                            False)  # fmt: skip
+    every_rank: bool = _help(
+        "engine embedded under torchrun: every rank rolls out its share of the step's prompts on its own "
+        "device (a full copy of the weights per rank) instead of rank 0 alone", False)  # fmt: skip
     stream_window: int = _help(
         "prompts thinking at once while finished prompts' summary forks run (0: all); size it so the "
         "window's traces fit the engine's KV cache", 0)  # fmt: skip
@@ -426,6 +429,8 @@ def validate(config: RunConfig) -> None:
            r.weight_sync_master, "host:port (weight_sync distributed)")  # fmt: skip
     _check(r.server_tp_size >= 1, "rollout.server_tp_size", r.server_tp_size, ">= 1")
     _check(r.stream_window >= 0, "rollout.stream_window", r.stream_window, ">= 0 prompts (0: all)")
+    _check(not r.every_rank or r.engine == "embedded", "rollout.every_rank", r.every_rank,
+           "false unless rollout.engine is embedded (SGLang servers serve every rank's requests already)")  # fmt: skip
     _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype, "float32 or bfloat16")
     _check(config.model.tokenizer in ("synthetic", "model"), "model.tokenizer", config.model.tokenizer,
            "synthetic or model")  # fmt: skip

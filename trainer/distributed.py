@@ -113,6 +113,21 @@ def broadcast(value, context: Distributed):
     return holder[0]
 
 
+def gather_to_main(value, context: Distributed) -> list | None:
+    """Every rank's ``value`` (pickled), in rank order, on rank 0; None on the other ranks."""
+    if not context.enabled:
+        return [value]
+    holder = [None] * context.world_size if context.is_main else None
+    dist.gather_object(value, holder, dst=0)
+    return holder
+
+
+def share_of(items: list, context: Distributed) -> list:
+    """This rank's contiguous share of ``items`` (sizes differ by at most one; rank order is item order)."""
+    count, rank, size = len(items), context.rank, context.world_size
+    return items[rank * count // size : (rank + 1) * count // size]
+
+
 def all_reduce_sum(tensor: torch.Tensor, context: Distributed) -> torch.Tensor:
     if context.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -147,6 +162,18 @@ def full_state_dict(model: torch.nn.Module, context: Distributed) -> dict[str, t
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_weights(sharded: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Every rank: ``sharded``'s full weights into ``target`` (keys ``model.<name>`` -> ``<name>``,
+    as ``TreeForward`` wraps the model), one tensor at a time: each DTensor is all-gathered, copied
+    and dropped, so no rank holds a second full copy. A collective: every rank calls it."""
+    destination = target.state_dict()
+    with torch.no_grad():
+        for key, value in sharded.state_dict().items():
+            if hasattr(value, "full_tensor"):
+                value = value.full_tensor()
+            destination[key.removeprefix("model.")].copy_(value)
 
 
 def save_sharded(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -28,10 +28,20 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import RunConfig, load_config
-from trainer.distributed import barrier, broadcast, full_state_dict, load_sharded, save_sharded
+from trainer.distributed import (
+    barrier,
+    broadcast,
+    full_state_dict,
+    gather_to_main,
+    load_full_weights,
+    load_sharded,
+    save_sharded,
+    share_of,
+)
 from trainer.evaluate import EvalResult, evaluate, markdown_table, plot_curves
 from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer
-from trainer.rollout import SamplingParams
+from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
+from trainer.rollout.base import RolloutStats
 from trainer.sft import sft_examples, sft_warmup
 
 logger = logging.getLogger(__name__)
@@ -53,6 +63,8 @@ class Trainer:
         self.start_step = 0
         self.sft_done = False
         self.context = self.parts.context
+        # rollout.every_rank: each rank's engine rolls out its share of the prompts (else rank 0's all).
+        self.every_rank = config.rollout.every_rank and self.context.enabled
         if resume is not None:
             state = load_trainer_state(Path(resume), self.parts.learner.optimizer, self.parts.learner.scheduler)
             if (Path(resume) / "dcp").is_dir():  # sharded optimizer (and weights) of a distributed run
@@ -89,19 +101,33 @@ class Trainer:
         p, c = self.parts, self.config
         timer = PhaseTimer(self.display)
         batch = rollout_metrics = None
-        if self.context.is_main:
+        if self.context.is_main or self.every_rank:
             prompts = p.sampler.batch(step)
             # Think and summarize overlap (a prompt's forks go out once its traces are back); the
             # engine splits the wall time: until the last trace is back, and the rest.
             if timer.display is not None:
                 timer.display.phase("rollout")
             seen = p.engine.stats.think.seconds, p.engine.stats.summarize.seconds
-            traces, rollouts = p.engine.rollout(
-                [q.token_ids for q in prompts], c.rollout.group_size, c.method.b_max, p.schedule,
-                c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens, window=c.rollout.stream_window,
-            )  # fmt: skip
+            share = share_of(prompts, self.context) if self.every_rank else prompts
+            traces = rollouts = None
+            if share:
+                traces, rollouts = p.engine.rollout(
+                    [q.token_ids for q in share], c.rollout.group_size, c.method.b_max, p.schedule,
+                    c.method.num_summaries, self.sampling, c.rollout.summary_max_new_tokens,
+                    window=c.rollout.stream_window,
+                )  # fmt: skip
             timer.seconds["think"] = p.engine.stats.think.seconds - seen[0]
             timer.seconds["summarize"] = p.engine.stats.summarize.seconds - seen[1]
+            engine_stats = p.engine.reset_stats()
+            if self.every_rank:
+                # Rank 0 puts the shares back together in prompt order (rank order is prompt order).
+                with timer.phase("gather"):
+                    parts = gather_to_main((traces, rollouts, engine_stats), self.context)
+                if parts is not None:
+                    traces = ThinkingBatch.concatenate([t for t, _, _ in parts if t is not None])
+                    rollouts = SummaryBatch.concatenate([r for _, r, _ in parts if r is not None])
+                    engine_stats = RolloutStats.combine([e for _, _, e in parts])
+        if self.context.is_main:
             with timer.phase("score"):
                 answers = [q.answer for q in prompts for _ in range(c.rollout.group_size)]
                 scored = score_rollouts(
@@ -113,11 +139,11 @@ class Trainer:
                     scored, p.schedule, variance_reduction=c.method.variance_reduction,
                     summary_method=c.method.summary_method,
                 )  # fmt: skip
-            rollout_metrics = self._rollout_metrics(traces, scored, batch)
+            rollout_metrics = self._rollout_metrics(traces, scored, batch, engine_stats)
         if self.context.enabled:
             with timer.phase("broadcast"):
                 batch = broadcast(batch, self.context)
-        if self.context.is_main:
+        if p.engine is not None:
             p.engine.release_memory()  # a colocated engine frees the GPU for the update
         with timer.phase("update"):
             train_metrics = p.learner.update(batch, c.train.ppo_mini_batch_prompts, c.train.ppo_epochs)
@@ -132,6 +158,10 @@ class Trainer:
         p = self.parts
         if not self.context.enabled:
             p.engine.update_weights(p.policy.model)
+            return
+        if self.every_rank:  # every rank's engine samples: every rank gathers the full weights
+            load_full_weights(p.policy.module, p.host_model)
+            p.engine.update_weights(p.host_model)
             return
         state = full_state_dict(p.policy.module, self.context)  # collective; keys "model.<name>"
         if self.context.is_main:
@@ -275,6 +305,8 @@ class Trainer:
         if generator is not None:
             states["engine"] = generator.get_state()
             states["engine_device"] = generator.device.type
+        if self.every_rank:  # a collective: save() runs on every rank
+            states["engine_ranks"] = gather_to_main(states.get("engine"), self.context)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             # This process's device only: a resume may see another number of GPUs.
             states["cuda_device"] = torch.cuda.get_rng_state()
@@ -287,6 +319,12 @@ class Trainer:
         random.setstate(states["python"])
         self.parts.learner.rng.setstate(states["learner"])
         generator = getattr(self.parts.engine, "_generator", None)
+        ranks = states.get("engine_ranks") or []
+        if self.every_rank and len(ranks) == self.context.world_size:  # each rank its own stream
+            states = {**states, "engine": ranks[self.context.rank]}
+        elif self.every_rank and not self.context.is_main and "engine" in states:
+            # Saved by rank 0 alone (or by another number of ranks): the rank's seeded stream goes on.
+            states = {key: value for key, value in states.items() if key != "engine"}
         if generator is not None and "engine" in states:
             if states.get("engine_device", generator.device.type) == generator.device.type:
                 generator.set_state(states["engine"])
@@ -319,11 +357,10 @@ class Trainer:
 
     # -- metrics -------------------------------------------------------------------------------
 
-    def _rollout_metrics(self, traces, scored, batch) -> dict[str, float]:
+    def _rollout_metrics(self, traces, scored, batch, engine_stats: RolloutStats) -> dict[str, float]:
         p = self.parts
         stats = advantage_stats(scored.scores, batch.layout.cut_lens, scored.group_size, p.schedule.probs)
         mean_score = stats.mean_score.tolist()
-        engine_stats = p.engine.reset_stats()
         summaries = [len(ids) for per_trace in scored.rollouts.summary_ids for slot in per_trace for ids in slot]
         uniform = 1.0 / len(mean_score)
         anytime = sum(uniform * s for s in mean_score)

@@ -188,6 +188,24 @@ class RolloutStats:
     # engine's prefill counters, which cannot tell the overlapping phases apart, go here whole.
     rollout: PhaseStats = field(default_factory=PhaseStats)
 
+    @classmethod
+    def combine(cls, parts: Sequence[RolloutStats]) -> RolloutStats:
+        """The accounting of engines that ran side by side (one per rank): counts add up, times are
+        the slowest engine's (wall time), server counters add up where every engine has them."""
+        combined = cls()
+        for phase in ("think", "ingest", "summarize", "rollout"):
+            for f in dataclasses.fields(PhaseStats):
+                values = [getattr(getattr(part, phase), f.name) for part in parts]
+                if f.name == "seconds":
+                    value = max(values, default=0.0)
+                elif f.name.startswith("server_"):
+                    value = None if not values or None in values else sum(values)
+                else:
+                    value = sum(values)
+                setattr(getattr(combined, phase), f.name, value)
+        combined.weight_sync_seconds = max((p.weight_sync_seconds for p in parts), default=0.0)
+        return combined
+
 
 @dataclass
 class ThinkingBatch:
@@ -209,6 +227,18 @@ class ThinkingBatch:
     @property
     def num_traces(self) -> int:
         return len(self.thinking_ids)
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[ThinkingBatch]) -> ThinkingBatch:
+        """The traces of ``batches`` one after the other (the prompts of each, in order)."""
+        if not batches or len({b.group_size for b in batches}) != 1:
+            raise ValueError(f"need >= 1 batch of one group size, got {[b.group_size for b in batches]}")
+        return cls(
+            [ids for b in batches for ids in b.prompt_ids],
+            [ids for b in batches for ids in b.thinking_ids],
+            [f for b in batches for f in b.finish],
+            batches[0].group_size,
+        )
 
     @property
     def thinking_lens(self) -> list[int]:
@@ -234,6 +264,20 @@ class SummaryBatch:
     inserted_ids: list[list[tuple[int, ...]]]
     summary_ids: list[list[list[list[int]]]]
     summary_finish: list[list[list[str]]]
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[SummaryBatch]) -> SummaryBatch:
+        """The traces of ``batches`` one after the other."""
+        if not batches:
+            raise ValueError("need at least one batch to concatenate")
+        return cls(
+            [ids for b in batches for ids in b.prompt_ids],
+            [ids for b in batches for ids in b.thinking_ids],
+            torch.cat([b.cut_lens for b in batches]),
+            [ids for b in batches for ids in b.inserted_ids],
+            [ids for b in batches for ids in b.summary_ids],
+            [f for b in batches for f in b.summary_finish],
+        )
 
     def pack_arguments(self) -> tuple:
         """``(prompt_ids, thinking_ids, cut_lens, inserted_ids, summary_ids)`` for tree packing."""
