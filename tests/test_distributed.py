@@ -17,9 +17,11 @@ from test_policy_tree import random_rollouts, tiny_model
 from test_trainer import TINY
 
 from anytime_kernels import pack_response_trees
+from trainer.budgets import BudgetSchedule
 from trainer.components import make_engine
 from trainer.config import load_config
 from trainer.distributed import Distributed, fsdp_param_dtype, split_rows
+from trainer.evaluate import EvalResult, eval_result, evaluate_samples
 from trainer.loop import Trainer
 from trainer.policy import TreePolicy
 from trainer.rollout import SummaryBatch
@@ -27,6 +29,16 @@ from trainer.rollout import SummaryBatch
 ROOT = Path(__file__).resolve().parent.parent
 # Two optimizer updates of 2 prompts x G=2; a reward with signal so the update is not empty.
 STEP = [*TINY, "sft.steps=0", "logging.tensorboard=false", "rollout.reward=length_reward:reward"]
+
+
+def worker_env(*paths) -> dict[str, str]:
+    """The environment of a torchrun job: ``paths`` importable, one thread per rank, Python stacks on
+    a crash, and without the Triton interpreter that conftest sets (the workers run the CPU
+    backends, and with it set more gloo ranks abort in interpreter finalization)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONFAULTHANDLER"] = "1"
+    return env
 
 
 def free_port() -> int:
@@ -54,7 +66,7 @@ def test_two_ranks_update_like_one_process_and_their_checkpoint_resumes_on_one(t
     initial = Trainer(load_config(None, STEP), tmp_path / "initial").parts.policy.model.state_dict()
     assert any(not torch.equal(expected_weights[k], initial[k]) for k in initial), "the update changed nothing"
 
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    env = worker_env(ROOT, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
                str(tmp_path / "ranks"), *STEP]  # fmt: skip
@@ -89,7 +101,7 @@ def test_every_rank_rolls_out_its_share_and_the_update_trains_on_all(tmp_path, m
     halves; the checkpoint keeps each rank's sampling stream."""
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    env = worker_env(ROOT, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
                str(tmp_path / "ranks"), *STEP, "rollout.every_rank=true"]  # fmt: skip
@@ -140,7 +152,7 @@ def test_a_rank_without_trees_of_its_own_keeps_step_with_the_others(tmp_path, mo
     step = [*STEP, "train.ppo_mini_batch_prompts=1"]  # 4 updates of 1 prompt x G=2: 2 trees for 3 ranks
     single = Trainer(load_config(None, step), tmp_path / "single")
     expected = single.rl_step(0)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    env = worker_env(ROOT, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
                str(tmp_path / "ranks"), *step, "train.dist_timeout_minutes=1"]  # fmt: skip
@@ -183,7 +195,7 @@ def test_fsdp_mixed_precision_gathers_bf16_weights_and_reduces_fp32_gradients(tm
     """shard_policy(param_dtype=bf16): layers compute with bf16 copies of the weights, the
     gradients land in fp32 shards, and forward and gradients equal one process running bf16
     parameters (fp32 buffers). Without it, they equal one process with fp32 parameters."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    env = worker_env(ROOT, ROOT / "tests")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path / "out.pt")]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
@@ -203,6 +215,49 @@ def test_fsdp_mixed_precision_gathers_bf16_weights_and_reduces_fp32_gradients(tm
     (fp32_logprobs, fp32_grads), (bf16_logprobs, bf16_grads) = expected.values()
     assert (fp32_logprobs - bf16_logprobs).abs().max() > 1e-4
     assert max(float((fp32_grads[n] - bf16_grads[n]).norm() / fp32_grads[n].norm()) for n in fp32_grads) > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_evaluates_its_share_of_the_problems(tmp_path):
+    """rollout.every_rank, 2 ranks: rank k samples the k-th half of the eval problems at seed
+    train.seed + 1 + k; rank 0's statistics are those of both halves together, as one process
+    computes them from the same samples."""
+    problems = ["data.synthetic={num_train: 32, num_eval: 6, min_steps: 1, max_steps: 2, modulus: 10, max_operand: 9}",
+                "eval.samples_per_problem=2"]  # fmt: skip
+    config = [*STEP, *problems, "rollout.every_rank=true"]
+    env = worker_env(ROOT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
+               str(tmp_path / "ranks"), "--evaluate", *config, "rollout.reward=synthetic"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = EvalResult.from_json(tmp_path / "ranks" / "run" / "eval" / "start.json")
+
+    single = Trainer(load_config(None, [*config, "rollout.reward=synthetic"]), tmp_path / "single")
+    c, p = single.config, single.parts
+    schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
+    prompts = p.eval_prompts
+    assert len(prompts) == 6
+    halves = [
+        evaluate_samples(
+            p.engine, [q.token_ids for q in prompts[3 * k : 3 * k + 3]], [q.answer for q in prompts[3 * k : 3 * k + 3]],
+            p.tokenizer, p.reward, schedule=schedule, temperature=c.eval.temperature, samples_per_problem=2,
+            summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
+            eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + k,
+        )
+        for k in (0, 1)
+    ]  # fmt: skip
+    expected = eval_result(halves, schedule, 2, c.eval.temperature)
+    assert got == expected
+    assert got.num_problems == 6
+    # The halves were sampled with their own seeds: one seed for both would give other traces.
+    same_seed = evaluate_samples(
+        p.engine, [q.token_ids for q in prompts[3:]], [q.answer for q in prompts[3:]], p.tokenizer, p.reward,
+        schedule=schedule, temperature=c.eval.temperature, samples_per_problem=2,
+        summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
+        eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1,
+    )  # fmt: skip
+    assert same_seed.thinking_lens != halves[1].thinking_lens
 
 
 def test_every_rank_resume_gives_each_rank_its_own_sampling_stream():

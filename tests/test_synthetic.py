@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -143,3 +144,29 @@ class TestTokenizer:
         for prompt in prompt_set.prompts:
             assert prompt.text.endswith("<|assistant|>\n<think>\n")
             assert solve_text(prompt.problem.problem) == int(prompt.answer[0])
+
+
+def test_save_rows_is_atomic_for_concurrent_readers(tmp_path):
+    """Every rank of a distributed run writes the same rows into the shared run folder: a reader
+    must never see a truncated or half-written file while another process rewrites it."""
+    rows = generate_rows(400, seed=0)
+    path = save_rows(rows, tmp_path / "train.jsonl")
+    expected = path.read_text(encoding="utf-8")
+    torn, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            text = path.read_text(encoding="utf-8")
+            if text != expected:
+                torn.append(len(text))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(300):
+            save_rows(rows, path)
+    finally:
+        stop.set()
+        reader.join()
+    assert torn == []
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]  # no partial file left behind

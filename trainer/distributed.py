@@ -196,6 +196,15 @@ def load_sharded(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def shutdown(context: Distributed) -> None:
+    """End of a successful run: the ranks leave together and tear the process group down while the
+    interpreter is whole (NCCL warns otherwise, and gloo's threads can abort in its finalization).
+    Not after a failure: the other ranks would wait for the failed one in the barrier."""
+    if context.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier(context: Distributed) -> None:
     if context.enabled:
         dist.barrier()

@@ -65,7 +65,78 @@ def _stderr(values: torch.Tensor) -> float:
     return float(values.std(unbiased=True) / math.sqrt(count)) if count > 1 else float("nan")
 
 
+@dataclass
+class EvalSamples:
+    """What :func:`evaluate` samples and scores for some problems, before the statistics.
+
+    Attributes:
+        per_problem: ``[P, S]`` float64 score per problem and budget, averaged over its samples.
+        thinking_lens: ``[P * K]`` thinking tokens of every trace.
+        finish: ``[P * K]`` how every trace ended.
+    """
+
+    per_problem: torch.Tensor
+    thinking_lens: list[int]
+    finish: list[str]
+
+
 @torch.no_grad()
+def evaluate_samples(
+    engine: RolloutEngine,
+    prompt_ids: Sequence[Sequence[int]],
+    answers: Sequence[object],
+    tokenizer,
+    reward: Callable,
+    *,
+    schedule: BudgetSchedule,
+    temperature: float,
+    samples_per_problem: int,
+    summary_max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    seed: int,
+) -> EvalSamples:
+    """Sample and score ``samples_per_problem`` traces per problem and one summary per (trace, budget)."""
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+    traces = engine.think(prompt_ids, samples_per_problem, schedule.b_max, sampling)
+    rollouts = engine.summarize(traces, schedule, 1, sampling, max_new_tokens=summary_max_new_tokens)
+    trace_answers = [answers[n // samples_per_problem] for n in range(traces.num_traces)]
+    scored = score_rollouts(
+        rollouts,
+        trace_answers,
+        tokenizer,
+        reward,
+        think_end_id=engine.delimiters.think_end_id,
+        eos_token_ids=eos_token_ids,
+        group_size=samples_per_problem,
+    )
+    # [P, K, S]: problems, samples, budgets; averaged over samples first.
+    per_problem = scored.scores[:, :, 0].view(len(prompt_ids), samples_per_problem, -1).double().mean(dim=1)
+    return EvalSamples(per_problem, traces.thinking_lens, list(traces.finish))
+
+
+def eval_result(
+    parts: Sequence[EvalSamples], schedule: BudgetSchedule, samples_per_problem: int, temperature: float
+) -> EvalResult:
+    """The statistics of ``parts`` taken together (problem shares of several ranks, in order)."""
+    per_problem = torch.cat([part.per_problem for part in parts])
+    weights = schedule.probs
+    anytime = per_problem @ weights
+    lengths = torch.tensor([n for part in parts for n in part.thinking_lens], dtype=torch.float64)
+    finish = [f for part in parts for f in part.finish]
+    return EvalResult(
+        anytime_score=float(anytime.mean()),
+        stderr=_stderr(anytime),
+        num_problems=per_problem.shape[0],
+        samples_per_problem=samples_per_problem,
+        accuracy={b: float(per_problem[:, s].mean()) for s, b in enumerate(schedule.budgets)},
+        stderr_by_budget={b: _stderr(per_problem[:, s]) for s, b in enumerate(schedule.budgets)},
+        weights={b: float(w) for b, w in zip(schedule.budgets, weights.tolist(), strict=True)},
+        mean_thinking_tokens=float(lengths.mean()),
+        closed_share=sum(f == "think_end" for f in finish) / max(len(finish), 1),
+        temperature=temperature,
+    )
+
+
 def evaluate(
     engine: RolloutEngine,
     prompt_ids: Sequence[Sequence[int]],
@@ -87,36 +158,12 @@ def evaluate(
     if not prompt_ids:
         raise ValueError("evaluation needs at least one problem")
     schedule = BudgetSchedule.from_budgets(budgets, prior)
-    sampling = SamplingParams(temperature=temperature, seed=seed)
-    traces = engine.think(prompt_ids, samples_per_problem, schedule.b_max, sampling)
-    rollouts = engine.summarize(traces, schedule, 1, sampling, max_new_tokens=summary_max_new_tokens)
-    trace_answers = [answers[n // samples_per_problem] for n in range(traces.num_traces)]
-    scored = score_rollouts(
-        rollouts,
-        trace_answers,
-        tokenizer,
-        reward,
-        think_end_id=engine.delimiters.think_end_id,
-        eos_token_ids=eos_token_ids,
-        group_size=samples_per_problem,
-    )
-    # [P, K, S]: problems, samples, budgets; averaged over samples first.
-    per_problem = scored.scores[:, :, 0].view(len(prompt_ids), samples_per_problem, -1).double().mean(dim=1)
-    weights = schedule.probs
-    anytime = per_problem @ weights
-    lengths = torch.tensor(traces.thinking_lens, dtype=torch.float64)
-    return EvalResult(
-        anytime_score=float(anytime.mean()),
-        stderr=_stderr(anytime),
-        num_problems=len(prompt_ids),
-        samples_per_problem=samples_per_problem,
-        accuracy={b: float(per_problem[:, s].mean()) for s, b in enumerate(schedule.budgets)},
-        stderr_by_budget={b: _stderr(per_problem[:, s]) for s, b in enumerate(schedule.budgets)},
-        weights={b: float(w) for b, w in zip(schedule.budgets, weights.tolist(), strict=True)},
-        mean_thinking_tokens=float(lengths.mean()),
-        closed_share=sum(f == "think_end" for f in traces.finish) / max(traces.num_traces, 1),
-        temperature=temperature,
-    )
+    samples = evaluate_samples(
+        engine, prompt_ids, answers, tokenizer, reward, schedule=schedule, temperature=temperature,
+        samples_per_problem=samples_per_problem, summary_max_new_tokens=summary_max_new_tokens,
+        eos_token_ids=eos_token_ids, seed=seed,
+    )  # fmt: skip
+    return eval_result([samples], schedule, samples_per_problem, temperature)
 
 
 def markdown_table(results: dict[str, EvalResult]) -> str:

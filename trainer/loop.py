@@ -20,6 +20,7 @@ import torch
 from anytime_kernels import advantage_stats
 from trainer import components
 from trainer.batches import build_train_batch, score_rollouts
+from trainer.budgets import BudgetSchedule
 from trainer.checkpoint import (
     latest_checkpoint,
     load_rng_state,
@@ -37,8 +38,9 @@ from trainer.distributed import (
     load_sharded,
     save_sharded,
     share_of,
+    shutdown,
 )
-from trainer.evaluate import EvalResult, evaluate, markdown_table, plot_curves
+from trainer.evaluate import EvalResult, eval_result, evaluate_samples, markdown_table, plot_curves
 from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer
 from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
 from trainer.rollout.base import RolloutStats
@@ -241,27 +243,31 @@ class Trainer:
 
     def evaluate(self, name: str, step: int) -> EvalResult | None:
         """Anytime evaluation of the current policy on the held-out problems -> ``eval/<name>.json``
-        (rank 0, which holds the engine; None on the other ranks)."""
+        (rank 0, which holds the engine; None on the other ranks). With ``rollout.every_rank``,
+        rank k samples the k-th share of the problems at seed ``train.seed + 1 + k`` and rank 0
+        takes the statistics over all of them."""
         p, c = self.parts, self.config
-        if not self.context.is_main:
+        if not (self.context.is_main or self.every_rank):
             return None
-        budgets = c.eval.budgets or p.schedule.budgets
+        schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
         prompts = p.eval_prompts[: c.eval.num_problems] if c.eval.num_problems else p.eval_prompts
-        result = evaluate(
-            p.engine,
-            [q.token_ids for q in prompts],
-            [q.answer for q in prompts],
-            p.tokenizer,
-            p.reward,
-            budgets=budgets,
-            prior=c.eval.prior,
-            temperature=c.eval.temperature,
-            samples_per_problem=c.eval.samples_per_problem,
-            summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
-            eos_token_ids=p.eos_token_ids,
-            seed=c.train.seed + 1,
-        )
+        if not prompts:
+            raise ValueError("evaluation needs at least one problem")
+        share = share_of(prompts, self.context) if self.every_rank else prompts
+        samples = None
+        if share:
+            samples = evaluate_samples(
+                p.engine, [q.token_ids for q in share], [q.answer for q in share], p.tokenizer, p.reward,
+                schedule=schedule, temperature=c.eval.temperature, samples_per_problem=c.eval.samples_per_problem,
+                summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
+                eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + (self.context.rank if self.every_rank else 0),
+            )  # fmt: skip
         p.engine.reset_stats()
+        parts = gather_to_main(samples, self.context) if self.every_rank else [samples]
+        if parts is None:  # ranks > 0
+            return None
+        result = eval_result([part for part in parts if part is not None], schedule, c.eval.samples_per_problem,
+                             c.eval.temperature)  # fmt: skip
         result.to_json(self.run_dir / "eval" / f"{name}.json")
         self.metrics.log(step, {"eval/anytime_score": result.anytime_score, "eval/stderr": result.stderr,
                                 **{f"eval/accuracy@{b}": a for b, a in result.accuracy.items()}})  # fmt: skip
@@ -405,7 +411,10 @@ def _truncate_lines(path: Path, lines: int | None) -> None:
 
 def train(config: RunConfig, run_dir: str | Path, *, max_steps: int | None = None, resume=None):
     """Run a whole training job; returns the evaluations by name."""
-    return Trainer(config, run_dir, resume=resume).run(max_steps)
+    trainer = Trainer(config, run_dir, resume=resume)
+    evaluations = trainer.run(max_steps)
+    shutdown(trainer.context)
+    return evaluations
 
 
 def evaluate_checkpoint(model_dir: Path, config_path: str | None, overrides, out_dir: Path, name: str) -> EvalResult:

@@ -12,6 +12,7 @@ warm-up traces of many lengths for the same problem. The verifier applies the ma
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,10 +130,16 @@ def generate_rows(
 
 
 def save_rows(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write rows as JSONL, a file ``trainer.data`` loads like any data set."""
+    """Write rows as JSONL, a file ``trainer.data`` loads like any data set.
+
+    Atomically (a file of this process, then renamed): every rank of a distributed run writes the
+    same rows into the shared run folder, and none may read another's half-written file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(partial, path)
     return path
 
 
