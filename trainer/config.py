@@ -135,8 +135,8 @@ class RolloutConfig:
     colocate: bool = _help("engine sglang_inprocess: share the GPU with the learner (memory released during updates)",
                            False)  # fmt: skip
     every_rank: bool = _help(
-        "engine embedded under torchrun: every rank rolls out its share of the step's prompts on its own "
-        "device (a full copy of the weights per rank) instead of rank 0 alone", False)  # fmt: skip
+        "engine embedded under torchrun: every rank rolls out (and evaluates) its share of the prompts on "
+        "its own device (a full copy of the weights per rank) instead of rank 0 alone", False)  # fmt: skip
     stream_window: int = _help(
         "prompts thinking at once while finished prompts' summary forks run (0: all); size it so the "
         "window's traces fit the engine's KV cache", 0)  # fmt: skip
