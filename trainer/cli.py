@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
     run_dir = args.out or Path("runs") / config.name
     train(config, run_dir, max_steps=args.max_steps, resume=args.resume)
-    print(f"run folder: {run_dir} (report.md, metrics.jsonl, eval/, checkpoints/final, budget_accuracy.png)")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: once, from rank 0
+        print(f"run folder: {run_dir} (report.md, metrics.jsonl, eval/, checkpoints/final, budget_accuracy.png)")
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
