@@ -41,6 +41,15 @@ def worker_env(*paths) -> dict[str, str]:
     return env
 
 
+def run_ranks(nproc: int, script: str, paths: list, args: list, timeout: int = 280) -> None:
+    """``torchrun --nproc_per_node nproc tests/<script> args...`` on this machine; fails the test
+    with the job's output unless every rank exits 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / script), *map(str, args)]  # fmt: skip
+    done = subprocess.run(command, env=worker_env(*paths), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,12 +75,7 @@ def test_two_ranks_update_like_one_process_and_their_checkpoint_resumes_on_one(t
     initial = Trainer(load_config(None, STEP), tmp_path / "initial").parts.policy.model.state_dict()
     assert any(not torch.equal(expected_weights[k], initial[k]) for k in initial), "the update changed nothing"
 
-    env = worker_env(ROOT, tmp_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
-               str(tmp_path / "ranks"), *STEP]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ranks(2, "distributed_worker.py", [ROOT, tmp_path], [str(tmp_path / "ranks"), *STEP], timeout=280)
     result = torch.load(tmp_path / "ranks" / "result.pt", weights_only=False)
     assert result["world_size"] == 2
     assert result["loss"] == pytest.approx(expected["train/loss"], rel=1e-5, abs=1e-7)
@@ -101,12 +105,13 @@ def test_every_rank_rolls_out_its_share_and_the_update_trains_on_all(tmp_path, m
     halves; the checkpoint keeps each rank's sampling stream."""
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    env = worker_env(ROOT, tmp_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
-               str(tmp_path / "ranks"), *STEP, "rollout.every_rank=true"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ranks(
+        2,
+        "distributed_worker.py",
+        [ROOT, tmp_path],
+        [str(tmp_path / "ranks"), *STEP, "rollout.every_rank=true"],
+        timeout=280,
+    )
     result = torch.load(tmp_path / "ranks" / "result.pt", weights_only=False)
 
     torch.manual_seed(0)
@@ -152,12 +157,13 @@ def test_a_rank_without_trees_of_its_own_keeps_step_with_the_others(tmp_path, mo
     step = [*STEP, "train.ppo_mini_batch_prompts=1"]  # 4 updates of 1 prompt x G=2: 2 trees for 3 ranks
     single = Trainer(load_config(None, step), tmp_path / "single")
     expected = single.rl_step(0)
-    env = worker_env(ROOT, tmp_path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
-               str(tmp_path / "ranks"), *step, "train.dist_timeout_minutes=1"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ranks(
+        3,
+        "distributed_worker.py",
+        [ROOT, tmp_path],
+        [str(tmp_path / "ranks"), *step, "train.dist_timeout_minutes=1"],
+        timeout=280,
+    )
     result = torch.load(tmp_path / "ranks" / "result.pt", weights_only=False)
     assert result["world_size"] == 3
     assert result["loss"] == pytest.approx(expected["train/loss"], rel=1e-5, abs=1e-7)
@@ -195,11 +201,7 @@ def test_fsdp_mixed_precision_gathers_bf16_weights_and_reduces_fp32_gradients(tm
     """shard_policy(param_dtype=bf16): layers compute with bf16 copies of the weights, the
     gradients land in fp32 shards, and forward and gradients equal one process running bf16
     parameters (fp32 buffers). Without it, they equal one process with fp32 parameters."""
-    env = worker_env(ROOT, ROOT / "tests")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path / "out.pt")]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ranks(2, "fsdp_worker.py", [ROOT, ROOT / "tests"], [tmp_path / "out.pt"], timeout=180)
     results = torch.load(tmp_path / "out.pt", weights_only=False)
     expected = {"None": one_process_step(torch.float32), "torch.bfloat16": one_process_step(torch.bfloat16)}
     for key, compute in (("None", "torch.float32"), ("torch.bfloat16", "torch.bfloat16")):
@@ -225,12 +227,13 @@ def test_every_rank_evaluates_its_share_of_the_problems(tmp_path):
     problems = ["data.synthetic={num_train: 32, num_eval: 6, min_steps: 1, max_steps: 2, modulus: 10, max_operand: 9}",
                 "eval.samples_per_problem=2"]  # fmt: skip
     config = [*STEP, *problems, "rollout.every_rank=true"]
-    env = worker_env(ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
-               str(tmp_path / "ranks"), "--evaluate", *config, "rollout.reward=synthetic"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_ranks(
+        2,
+        "distributed_worker.py",
+        [ROOT],
+        [str(tmp_path / "ranks"), "--evaluate", *config, "rollout.reward=synthetic"],
+        timeout=280,
+    )
     got = EvalResult.from_json(tmp_path / "ranks" / "run" / "eval" / "start.json")
 
     single = Trainer(load_config(None, [*config, "rollout.reward=synthetic"]), tmp_path / "single")
