@@ -287,3 +287,9 @@ def test_every_rank_resume_gives_each_rank_its_own_sampling_stream():
     view = rank_view(0, 3)  # rank 0 continues the run's stream
     Trainer._restore_random_states(view, states)
     assert torch.equal(view.parts.engine._generator.get_state(), streams[0])
+
+
+def test_every_rank_needs_the_embedded_engine():
+    with pytest.raises(ValueError, match=r"rollout\.every_rank"):
+        load_config(None, [*TINY, "rollout.every_rank=true", "rollout.engine=sglang", "rollout.urls=[http://h:1]"])
+    assert load_config(None, [*TINY, "rollout.every_rank=true"]).rollout.every_rank is True
