@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from anytime_kernels import logprobs_triton
-from anytime_kernels.constants import IGNORE_INDEX
 from anytime_kernels.logprobs_triton import _row_blocks
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -217,12 +216,7 @@ def forward(
         if compute_entropy:
             mean_logit[row_start:row_end] = (part_weighted[:used] * scale).sum(dim=0) / total
         del part_max, part_sum, part_weighted, scale
-    valid = targets != IGNORE_INDEX
-    logprobs = torch.where(valid, target_logit - lse, 0.0)
-    if not compute_entropy:
-        return logprobs, torch.zeros(0, **fp32), lse
-    entropy = torch.where(valid, (lse - mean_logit).clamp_min(0.0), 0.0)
-    return logprobs, entropy, lse
+    return logprobs_triton.finish_rows(targets, target_logit, lse, mean_logit if compute_entropy else None)
 
 
 def backward(

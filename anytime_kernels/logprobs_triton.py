@@ -288,11 +288,18 @@ def forward(
             )
             del logits
     lse = running_max + torch.log(running_sum)
+    return finish_rows(targets, target_logit, lse, running_weighted / running_sum if compute_entropy else None)
+
+
+def finish_rows(
+    targets: torch.Tensor, target_logit: torch.Tensor, lse: torch.Tensor, mean_logit: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``forward``'s result from fp32 per-row statistics: log-probs, entropy (empty when
+    ``mean_logit`` is None) and lse; ignored targets read 0."""
     valid = targets != IGNORE_INDEX
     logprobs = torch.where(valid, target_logit - lse, 0.0)
-    if not compute_entropy:
-        return logprobs, torch.zeros(0, **fp32), lse
-    mean_logit = running_weighted / running_sum
+    if mean_logit is None:
+        return logprobs, torch.zeros(0, dtype=torch.float32, device=lse.device), lse
     # lse >= mean logit exactly; rounding can leave a tiny negative entropy.
     entropy = torch.where(valid, (lse - mean_logit).clamp_min(0.0), 0.0)
     return logprobs, entropy, lse
