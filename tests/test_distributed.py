@@ -241,25 +241,21 @@ def test_every_rank_evaluates_its_share_of_the_problems(tmp_path):
     schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
     prompts = p.eval_prompts
     assert len(prompts) == 6
-    halves = [
-        evaluate_samples(
-            p.engine, [q.token_ids for q in prompts[3 * k : 3 * k + 3]], [q.answer for q in prompts[3 * k : 3 * k + 3]],
-            p.tokenizer, p.reward, schedule=schedule, temperature=c.eval.temperature, samples_per_problem=2,
+
+    def sample(share, seed):
+        return evaluate_samples(
+            p.engine, [q.token_ids for q in share], [q.answer for q in share], p.tokenizer, p.reward,
+            schedule=schedule, temperature=c.eval.temperature, samples_per_problem=2,
             summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
-            eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + k,
-        )
-        for k in (0, 1)
-    ]  # fmt: skip
+            eos_token_ids=p.eos_token_ids, seed=seed,
+        )  # fmt: skip
+
+    halves = [sample(prompts[3 * k : 3 * k + 3], c.train.seed + 1 + k) for k in (0, 1)]
     expected = eval_result(halves, schedule, 2, c.eval.temperature)
     assert got == expected
     assert got.num_problems == 6
     # The halves were sampled with their own seeds: one seed for both would give other traces.
-    same_seed = evaluate_samples(
-        p.engine, [q.token_ids for q in prompts[3:]], [q.answer for q in prompts[3:]], p.tokenizer, p.reward,
-        schedule=schedule, temperature=c.eval.temperature, samples_per_problem=2,
-        summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
-        eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1,
-    )  # fmt: skip
+    same_seed = sample(prompts[3:], c.train.seed + 1)
     assert same_seed.thinking_lens != halves[1].thinking_lens
 
 

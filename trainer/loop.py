@@ -260,7 +260,7 @@ class Trainer:
                 p.engine, [q.token_ids for q in share], [q.answer for q in share], p.tokenizer, p.reward,
                 schedule=schedule, temperature=c.eval.temperature, samples_per_problem=c.eval.samples_per_problem,
                 summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
-                eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + (self.context.rank if self.every_rank else 0),
+                eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + self.context.rank,  # rank 0 unless every_rank
             )  # fmt: skip
         p.engine.reset_stats()
         parts = gather_to_main(samples, self.context) if self.every_rank else [samples]
