@@ -17,7 +17,7 @@ from trainer.evaluate import main as eval_main
 from trainer.learner import Learner
 from trainer.loop import Trainer
 from trainer.models import load_tokenizer
-from trainer.rollout import SamplingParams, SummaryBatch
+from trainer.rollout import GenerationRequest, SamplingParams, SummaryBatch
 from trainer.synthetic import synthetic_reward
 from trainer.tokenizer import build_tokenizer
 
@@ -293,3 +293,47 @@ def test_a_dataset_with_its_own_column_names_through_the_run_config(tmp_path):
     assert [q.answer for q in mapped.train_prompts] == [q.answer for q in expected.train_prompts]
     with pytest.raises(ConfigError, match=r"data\.columns"):
         load_config(None, [*base, "data.columns={question: q}"])
+
+
+def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_learner(tmp_path, monkeypatch):
+    """rollout.dtype=auto samples in the learner's autocast dtype: the engine holds the learner's
+    weights rounded to bf16 (before and after an update), keeps RoPE's fp32 inv_freq, caches K/V
+    in bf16 and reports fp32 log-probs; without autocast (or with float32) it keeps fp32 weights."""
+    from trainer.config import ConfigError
+
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)  # a reward with signal: the update moves weights
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = ["sft.steps=0", "model.autocast=bfloat16", "rollout.reward=length_reward:reward"]
+    trainer = Trainer(load_config(None, [*TINY, *overrides]), tmp_path / "bf16")
+    engine, learner_model = trainer.parts.engine, trainer.parts.policy.model
+
+    def assert_engine_holds_learner_weights_in_bf16():
+        engine_parameters = dict(engine.model.named_parameters())
+        for name, parameter in learner_model.named_parameters():
+            assert parameter.dtype == torch.float32, name
+            assert engine_parameters[name].dtype == torch.bfloat16, name
+            assert torch.equal(engine_parameters[name], parameter.detach().to(torch.bfloat16)), name
+
+    assert_engine_holds_learner_weights_in_bf16()
+    inv_freq = engine.model.model.rotary_emb.inv_freq
+    assert inv_freq.dtype == torch.float32 and torch.equal(inv_freq, learner_model.model.rotary_emb.inv_freq)
+    before = [p.detach().clone() for p in learner_model.parameters()]
+    trainer.rl_step(0)
+    assert any(not torch.equal(p, q) for p, q in zip(learner_model.parameters(), before, strict=True))
+    assert_engine_holds_learner_weights_in_bf16()
+    request = GenerationRequest((5, 6, 7), n=1, max_new_tokens=4, stop_token_ids=(), sampling=SamplingParams(),
+                                cache_output=True)  # fmt: skip
+    output = engine.generate([request])[0]
+    stored = next(iter(engine._stored.values()))
+    assert stored.keys[0].dtype == torch.bfloat16 and stored.values[0].dtype == torch.bfloat16
+    assert all(isinstance(lp, float) and lp <= 0 for lp in output.output_logprobs[0])
+    trainer.metrics.close()
+
+    for name, overrides in (("fp32", []), ("forced", ["model.autocast=bfloat16", "rollout.dtype=float32"])):
+        other = Trainer(load_config(None, [*TINY, "sft.steps=0", *overrides]), tmp_path / name)
+        assert {p.dtype for p in other.parts.engine.model.parameters()} == {torch.float32}
+        other.metrics.close()
+    with pytest.raises(ConfigError, match=r"rollout\.dtype: 'float16'"):
+        load_config(None, [*TINY, "rollout.dtype=float16"])
+    with pytest.raises(ConfigError, match=r"rollout\.dtype: 'bfloat16'.*auto unless rollout\.engine is embedded"):
+        load_config(None, [*TINY, "rollout.engine=sglang", "rollout.urls=[http://x:1]", "rollout.dtype=bfloat16"])

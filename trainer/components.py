@@ -176,6 +176,35 @@ def make_engine(
     return SGLangInProcessEngine(config.model.path, tokenizer, eos_token_ids=eos, colocate=r.colocate)
 
 
+def rollout_dtype(setting: str, autocast_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``rollout.dtype`` as the dtype of the embedded engine's weights (None: keep the weights' own).
+
+    ``auto`` samples in the learner's autocast dtype when it has one: the matmuls run in it anyway,
+    SGLang serves in it, and it halves the engine's weights and K/V cache (decode reads every weight
+    once per token). The learner recomputes the old log-probs itself, so the sampling dtype only
+    moves the sampling distribution, as a bf16 inference server does.
+    """
+    if setting == "auto":
+        return autocast_dtype
+    if setting == "float32":
+        return torch.float32
+    if setting == "bfloat16":
+        return torch.bfloat16
+    raise ValueError(f"rollout.dtype must be auto, float32 or bfloat16, got {setting!r}")
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast ``model``'s floating-point parameters to ``dtype`` in place, one at a time (each old
+    copy is freed as it goes; tied weights stay tied). Buffers keep their dtype: RoPE's
+    ``inv_freq`` rounded to bf16 would move every position's angle."""
+    if dtype is None:
+        return
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+
+
 def norm_length(config: RunConfig, delimiters: Delimiters) -> int:
     """The ``token-sum-norm`` constant: one tree's padded response length, ``b_max`` + every branch at
     its cap (longest inserted delimiter + summary cap); 10176 for R1-Distill-Qwen at b_max 8000, S=A=4."""
@@ -211,6 +240,10 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
     model_context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
     limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
     train_prompts, eval_prompts, data_counts = _prompts(config, tokenizer, run_dir, limit)
+    autocast = model_config.autocast
+    if autocast == "auto":
+        autocast = "bfloat16" if device.type == "cuda" else None
+    autocast_dtype = torch.bfloat16 if autocast == "bfloat16" else None
     engine, host_model = None, None
     if context.is_main or (config.rollout.every_rank and context.enabled):
         separate = config.rollout.engine == "embedded" or context.enabled
@@ -218,17 +251,16 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         if separate and config.rollout.engine != "embedded":
             # Only a host for the gathered weights on their way to the servers: keep it off the GPU.
             rollout_model = rollout_model.cpu()
+        if config.rollout.engine == "embedded":
+            cast_parameters(rollout_model, rollout_dtype(config.rollout.dtype, autocast_dtype))
         # Engines of several ranks sample independent streams; rank 0's is the one-process stream.
         engine = make_engine(config, rollout_model, tokenizer, run_dir, seed=config.train.seed + context.rank)
         host_model = rollout_model if context.enabled else None
-    autocast = model_config.autocast
-    if autocast == "auto":
-        autocast = "bfloat16" if device.type == "cuda" else None
     policy = TreePolicy(
         model,
         attention_backend=model_config.attention_backend,
         gradient_checkpointing=model_config.gradient_checkpointing,
-        autocast_dtype=torch.bfloat16 if autocast == "bfloat16" else None,
+        autocast_dtype=autocast_dtype,
         micro_batch_tokens=config.train.micro_batch_tokens,
     )
     reference = None

@@ -125,6 +125,9 @@ class RolloutConfig:
     kv_budget_tokens: int | None = _help(
         "embedded engine: most tokens of cached traces kept for their forks (None: unbounded); past it, "
         "forks first, then the least recently used", None)  # fmt: skip
+    dtype: str = _help(
+        "embedded engine: dtype of its weight copy and K/V cache: auto (bfloat16 when the learner computes "
+        "under bf16 autocast, as an SGLang server serves; else the weights' own), float32 or bfloat16", "auto")  # fmt: skip
     weight_sync: str = _help("engine sglang: disk (save + /update_weights_from_disk, a shared file system) or "
                              "distributed (broadcast over a process group the servers join)", "disk")  # fmt: skip
     weight_sync_master: str = _help("weight_sync distributed: host:port of this machine the servers can reach", "")
@@ -424,6 +427,10 @@ def validate(config: RunConfig) -> None:
            r.weight_sync_dtype, "bfloat16, float16 or float32")  # fmt: skip
     _check(r.kv_budget_tokens is None or r.kv_budget_tokens >= 1, "rollout.kv_budget_tokens", r.kv_budget_tokens,
            ">= 1 tokens or null")  # fmt: skip
+    _check(r.dtype in ("auto", "float32", "bfloat16"), "rollout.dtype", r.dtype, "auto, float32 or bfloat16")
+    _check(r.dtype == "auto" or r.engine == "embedded", "rollout.dtype", r.dtype,
+           "auto unless rollout.engine is embedded (a server computes in its own --dtype; "
+           "rollout.weight_sync_dtype sets the dtype the weights travel in)")  # fmt: skip
     _check(r.weight_sync in ("disk", "distributed"), "rollout.weight_sync", r.weight_sync, "disk or distributed")
     _check(r.weight_sync == "disk" or r.weight_sync_master.rpartition(":")[2].isdigit(), "rollout.weight_sync_master",
            r.weight_sync_master, "host:port (weight_sync distributed)")  # fmt: skip
