@@ -433,18 +433,19 @@ class SGLangEngine(RolloutEngine):
 
     def _update_weights_distributed(self, model: torch.nn.Module) -> None:
         buckets = weight_buckets(cast_floats(model.state_dict(), self.sync_dtype), self.weight_bucket_bytes)
-        with self._weight_update_session():
+        # One thread posts each bucket's request (the servers then wait in the broadcast) while this
+        # one sends the bucket; the request returns once the servers have loaded it.
+        with self._weight_update_session(), ThreadPoolExecutor(max_workers=1) as pool:
             for k, bucket in enumerate(buckets):
                 last = k == len(buckets) - 1
                 body = {**tensor_metadata(bucket), "group_name": self._weights_group_name, "flush_cache": last}
                 if last:  # a server records the version with each bucket: only once every weight is in
                     body["weight_version"] = str(self._weight_version)
-                with ThreadPoolExecutor(max_workers=1) as pool:
-                    answered = pool.submit(self._on_every_server, "/update_weights_from_distributed",
-                                           dict.fromkeys(self._servers(), body),
-                                           f"receive weight bucket {k + 1}/{len(buckets)}", retry=False)  # fmt: skip
-                    broadcast_bucket(bucket, self._weights_group, self._weights_device)
-                    answered.result()
+                answered = pool.submit(self._on_every_server, "/update_weights_from_distributed",
+                                       dict.fromkeys(self._servers(), body),
+                                       f"receive weight bucket {k + 1}/{len(buckets)}", retry=False)  # fmt: skip
+                broadcast_bucket(bucket, self._weights_group, self._weights_device)
+                answered.result()
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Load ``model``'s weights on every server: broadcast over the weight-update group when
