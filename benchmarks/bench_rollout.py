@@ -40,6 +40,9 @@ engine's own prefill counters of the fork requests), `summary_s` (the summary ph
 40%; at full budget both about 0 (only a trace's last sampled token, which has no keys/values yet,
 is recomputed by the fork at its end).
 
+Case `engine_dtype_*` (``rollout.dtype``): the thinking phase of the embedded engine holding fp32
+weights against their bf16 copy (see ``engine_dtype_case``).
+
 With `--device cuda` and `sglang` installed, case `sglang_server_*` runs the summary phase against a
 real `sglang.launch_server` and reports the server's own prefill counters (`server_prefill_compute`,
 `server_prefill_cache` from `/metrics`) next to its `cache_hit_share`.
@@ -142,6 +145,8 @@ def main() -> None:
         real_server_case(results, model, tokenizer, b_max=1024 if args.quick else 4096)
     else:
         print("sglang: not installed or no CUDA device; no real-server case")
+    del model, engines
+    engine_dtype_case(results, tokenizer, args.device, args.quick)
     results.finish(args.out)
 
 
@@ -180,6 +185,62 @@ def real_server_case(results: Results, model, tokenizer, b_max: int) -> None:
                 value = getattr(stats, name)
                 results.add(case, "sglang", name, float("nan") if value is None else value, "tokens")
             results.add(case, "sglang", "cache_hit_share", stats.cache_hit_share, "fraction")
+
+
+def engine_dtype_case(results: Results, tokenizer, device: str, quick: bool) -> None:
+    """``rollout.dtype``: the embedded engine's thinking phase from fp32 weights against their bf16
+    copy (RoPE buffers fp32, as the trainer makes it), same prompts, seed and lengths
+    (``min_new_tokens`` = the cap). On CUDA the policy has DeepSeek-R1-Distill-Qwen-1.5B's shape (28
+    layers, hidden 1536, MLP 8960, 12/2 heads of 128, vocabulary 151,936; random weights), where a
+    decode step reads every weight once; on a CPU the 2 x 768 benchmark policy. Metrics: weight
+    memory, think wall time (median), sampled tokens per second, and on CUDA the peak memory the
+    think phase adds (its K/V cache and activations)."""
+    from trainer.components import cast_parameters
+
+    cuda = device == "cuda"
+    num_prompts, group_size = (4 if quick else 8), 8
+    max_tokens, repeat = (128, 1) if quick else (256, 2)
+    with torch.device(device):
+        if cuda:
+            source = tiny_causal_lm(151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                                    num_kv_heads=2, head_dim=128, tie_word_embeddings=False)  # fmt: skip
+        else:
+            source = benchmark_policy(len(tokenizer), device)
+    prompts = [
+        tokenizer.encode(f"Problem {i}: what is {i} + {i}?", add_special_tokens=False) for i in range(num_prompts)
+    ]
+    sampling = SamplingParams(temperature=1.0, min_new_tokens=max_tokens, seed=0)
+    medians: dict[str, float] = {}
+    case = f"engine_dtype_{'qwen1.5b_shape' if cuda else 'cpu_2x768'}_P{num_prompts}_G{group_size}_tokens{max_tokens}"
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+        model = source
+        if dtype is not None:
+            cast_parameters(model, dtype)  # the fp32 run is done: cast the one copy in place
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        results.add(case, name, "weight_mib", weight_bytes / 2**20, "MiB")
+        engine = EmbeddedEngine(model, tokenizer, max_batch_rows=num_prompts * group_size, seed=0)
+        seconds, tokens = [], 0
+        for round_index in range(1 + repeat):
+            engine.flush_cache()
+            synchronize(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            traces = engine.think(prompts, group_size, max_tokens, sampling)
+            synchronize(device)
+            if round_index == 0:  # warm-up (CUDA: kernels, allocator)
+                tokens = sum(traces.thinking_lens)
+                if cuda:
+                    results.add(case, name, "think_peak_mib", (torch.cuda.max_memory_allocated() - base) / 2**20, "MiB")
+                continue
+            seconds.append(time.perf_counter() - start)
+        think_s = statistics.median(seconds)
+        results.add(case, name, "think_s", think_s, "s")
+        results.add(case, name, "sampled_tokens_per_s", tokens / think_s, "tokens/s")
+        medians[name] = think_s
+        del engine
+    results.add(case, "bfloat16", "speedup_vs_float32", medians["float32"] / medians["bfloat16"], "x")
 
 
 def kv_budget_cases(results: Results, model, tokenizer, b_max: int) -> None:

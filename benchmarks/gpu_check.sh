@@ -110,7 +110,7 @@ bench tree_attention 90 --quick
 bench tree_forward 75 --quick
 bench advantages 45
 bench e2e 150 --quick
-bench rollout 120 --quick
+bench rollout 150 --quick
 bench tree_pack 30 --quick
 if ! { has_module pebble && has_module math_verify; }; then
   skip bench_rewards "pebble or math_verify does not import (carry their wheels in .whl/)"
