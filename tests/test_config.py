@@ -92,6 +92,9 @@ def test_every_shipped_run_config_loads(path):
     assert isinstance(config, RunConfig)
     if path.name.startswith("r1-distill-qwen-1.5b"):
         assert config.method.b_max == 8000 and config.rollout.engine == "sglang" and config.rollout.reward == "math"
+        # The evaluation sets are read relative to the directory the run starts in: the checkout.
+        assert set(config.data.eval_source) == {"aime", "amc", "math500", "minerva"}
+        assert all((ROOT / source).is_file() for source in config.data.eval_source.values()), config.data.eval_source
 
 
 def test_describe_lists_every_key_with_help():

@@ -239,7 +239,7 @@ def test_every_rank_evaluates_its_share_of_the_problems(tmp_path):
     single = Trainer(load_config(None, [*config, "rollout.reward=synthetic"]), tmp_path / "single")
     c, p = single.config, single.parts
     schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
-    prompts = p.eval_prompts
+    prompts = p.eval_sets["eval"]
     assert len(prompts) == 6
 
     def sample(share, seed):

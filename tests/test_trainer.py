@@ -337,3 +337,70 @@ def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_le
         load_config(None, [*TINY, "rollout.dtype=float16"])
     with pytest.raises(ConfigError, match=r"rollout\.dtype: 'bfloat16'.*auto unless rollout\.engine is embedded"):
         load_config(None, [*TINY, "rollout.engine=sglang", "rollout.urls=[http://x:1]", "rollout.dtype=bfloat16"])
+
+
+def test_named_evaluation_sets_are_each_evaluated_as_alone_and_averaged(tmp_path):
+    """data.eval_source={a: ..., b: ...}: each set's result equals a run evaluating that set alone
+    (same weights and seed), the run's result is their mean with independent standard errors, and
+    every set has its JSON, metrics, report rows and curve."""
+    from trainer.synthetic import generate_rows, save_rows
+
+    files = {name: save_rows(generate_rows(n, seed=seed, min_steps=1, max_steps=2, max_operand=9), tmp_path / f"{name}.jsonl")
+             for name, n, seed in (("a", 3, 11), ("b", 5, 12))}  # fmt: skip
+    base = [*TINY, "sft.steps=0", "train.steps=1", "eval.samples_per_problem=2"]
+    named = Trainer(
+        load_config(None, [*base, f"data.eval_source={{a: {files['a']}, b: {files['b']}}}"]), tmp_path / "r"
+    )
+    evaluations = named.run()
+    alone = {}
+    for name, path in files.items():
+        trainer = Trainer(load_config(None, [*base, f"data.eval_source={path}"]), tmp_path / f"alone_{name}")
+        alone[name] = trainer.evaluate("start", step=0)
+        trainer.metrics.close()
+    run_dir = tmp_path / "r"
+    for name in files:
+        assert EvalResult.from_json(run_dir / "eval" / "start" / f"{name}.json") == alone[name]
+        assert named.set_results["start"][name] == alone[name]
+    a, b = alone["a"], alone["b"]
+    start = evaluations["start"]
+    assert EvalResult.from_json(run_dir / "eval" / "start.json") == start
+    assert start.num_problems == 8 and start.sets == {"a": a.anytime_score, "b": b.anytime_score}
+    assert start.anytime_score == pytest.approx((a.anytime_score + b.anytime_score) / 2)
+    assert start.stderr == pytest.approx(math.hypot(a.stderr, b.stderr) / 2)
+    for budget in a.accuracy:
+        assert start.accuracy[budget] == pytest.approx((a.accuracy[budget] + b.accuracy[budget]) / 2)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("eval/b/anytime_score") == pytest.approx(b.anytime_score) for row in logged)
+    assert any(row.get("eval/anytime_score") == pytest.approx(start.anytime_score) for row in logged)
+    report = (run_dir / "report.md").read_text()
+    assert "| start a |" in report and "| final b |" in report
+    assert (run_dir / "budget_accuracy_by_set.png").stat().st_size > 0
+    assert (run_dir / "eval" / "final" / "a.json").exists()
+
+
+def test_mean_over_sets_by_hand_and_refusals(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.evaluate import mean_over_sets
+
+    def result(score, stderr, accuracy, problems, weights=None):
+        return EvalResult(anytime_score=score, stderr=stderr, num_problems=problems, samples_per_problem=4,
+                          accuracy=accuracy, stderr_by_budget={8: 0.3, 16: 0.4}, weights=weights or {8: 0.5, 16: 0.5},
+                          mean_thinking_tokens=10.0 * problems, closed_share=0.5, temperature=0.6)  # fmt: skip
+
+    mean = mean_over_sets({"x": result(0.2, 0.03, {8: 0.1, 16: 0.3}, 2), "y": result(0.6, 0.04, {8: 0.5, 16: 0.7}, 6)})
+    assert mean.anytime_score == pytest.approx(0.4) and mean.stderr == pytest.approx(0.025)  # sqrt(.03²+.04²)/2
+    assert mean.accuracy == pytest.approx({8: 0.3, 16: 0.5}) and mean.stderr_by_budget[8] == pytest.approx(0.3 / 2**0.5)
+    assert mean.num_problems == 8 and mean.mean_thinking_tokens == pytest.approx(40.0)
+    assert mean.sets == {"x": 0.2, "y": 0.6}
+    mean.to_json(tmp_path / "mean.json")
+    assert EvalResult.from_json(tmp_path / "mean.json") == mean
+    with pytest.raises(ValueError, match="'z' has other budgets"):
+        mean_over_sets(
+            {
+                "x": result(0.2, 0.0, {8: 0.1, 16: 0.3}, 2),
+                "z": result(0.2, 0.0, {8: 0.1, 16: 0.3}, 2, {8: 1.0, 16: 0.0}),
+            }
+        )
+    for bad in ("{}", "{'a b': x.json}", "{a: 3}"):
+        with pytest.raises(ConfigError, match=r"data\.eval_source"):
+            load_config(None, [*TINY, f"data.eval_source={bad}"])

@@ -65,7 +65,8 @@ class RunParts:
     device: torch.device
     tokenizer: object
     train_prompts: list[Prompt]
-    eval_prompts: list[Prompt]
+    # Evaluation sets by name: {"eval": ...} for one data.eval_source, its names for a mapping.
+    eval_sets: dict[str, list[Prompt]]
     policy: TreePolicy
     learner: Learner
     engine: RolloutEngine | None  # rank 0 only, unless rollout.every_rank
@@ -101,13 +102,22 @@ def prompt_limit(config: RunConfig, context: int, delimiters: Delimiters) -> int
     return limit
 
 
+def eval_set_sources(eval_source: str | dict | None) -> dict[str, str | None]:
+    """``data.eval_source`` as ``{set name: source}``: a single source is the set ``eval``."""
+    return dict(eval_source) if isinstance(eval_source, dict) else {"eval": eval_source}
+
+
 def _prompts(
     config: RunConfig, tokenizer, run_dir: Path, max_prompt_tokens: int
-) -> tuple[list[Prompt], list[Prompt], dict]:
-    """Training and evaluation prompts, and what was skipped (``data/...`` counts)."""
+) -> tuple[list[Prompt], dict[str, list[Prompt]], dict]:
+    """Training prompts, evaluation prompts by set (``eval_set_sources``), and what was skipped
+    (``data/...`` counts; ``data/eval_<set>_...`` for named sets)."""
     d = config.data
-    sources = {"train": d.source, "eval": d.eval_source}
-    if d.source == "synthetic" or d.eval_source is None:
+    eval_sets = eval_set_sources(d.eval_source)
+    named = isinstance(d.eval_source, dict)
+    sources = {"train": d.source, **{f"eval_{name}" if named else name: source for name, source in eval_sets.items()}}
+    synthetic_eval = [name for name, source in sources.items() if name != "train" and source in (None, "synthetic")]
+    if d.source == "synthetic" or synthetic_eval:
         from trainer.synthetic import generate_rows, save_rows
 
         s = d.synthetic
@@ -118,18 +128,17 @@ def _prompts(
         if d.source == "synthetic":
             sources["train"] = str(save_rows(generate_rows(s.num_train, seed=s.seed, **options),
                                              run_dir / "data" / "train.jsonl"))  # fmt: skip
-        if d.eval_source is None:
-            sources["eval"] = str(save_rows(generate_rows(s.num_eval, seed=s.seed + 1, **options),
-                                            run_dir / "data" / "eval.jsonl"))  # fmt: skip
-    limits = {"train": d.limit, "eval": d.eval_limit}
-    splits = {"train": d.split, "eval": d.eval_split}
-    columns = {"train": d.columns, "eval": d.eval_columns}
+        if synthetic_eval:  # the synthetic held-out problems
+            rows = generate_rows(s.num_eval, seed=s.seed + 1, **options)
+            sources.update(dict.fromkeys(synthetic_eval, str(save_rows(rows, run_dir / "data" / "eval.jsonl"))))
     text = {} if d.instruction is None else {"instruction": d.instruction}
     sets, skipped = {}, {}
     for name, source in sources.items():
+        train = name == "train"  # the eval_* settings apply to every evaluation set
         loaded = load_prompts(
-            DataConfig(source=source, max_prompt_tokens=max_prompt_tokens, limit=limits[name],
-                       skip_bad_rows=d.skip_bad_rows, split=splits[name], columns=dict(columns[name] or {}),
+            DataConfig(source=source, max_prompt_tokens=max_prompt_tokens, limit=d.limit if train else d.eval_limit,
+                       skip_bad_rows=d.skip_bad_rows, split=d.split if train else d.eval_split,
+                       columns=dict((d.columns if train else d.eval_columns) or {}),
                        thinking_opener=d.thinking_opener, **text),
             tokenizer,
         )  # fmt: skip
@@ -144,7 +153,8 @@ def _prompts(
         skipped[f"data/{name}_too_long"] = float(loaded.num_too_long)
         skipped[f"data/{name}_bad_rows"] = float(loaded.num_bad_rows)
         skipped[f"data/{name}_prompts"] = float(len(loaded.prompts))
-    return sets["train"], sets["eval"], skipped
+    evaluation = {name: sets[f"eval_{name}" if named else name] for name in eval_sets}
+    return sets["train"], evaluation, skipped
 
 
 def make_engine(
@@ -239,7 +249,7 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         )  # fmt: skip
     model_context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
     limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
-    train_prompts, eval_prompts, data_counts = _prompts(config, tokenizer, run_dir, limit)
+    train_prompts, eval_sets, data_counts = _prompts(config, tokenizer, run_dir, limit)
     autocast = model_config.autocast
     if autocast == "auto":
         autocast = "bfloat16" if device.type == "cuda" else None
@@ -289,7 +299,7 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         device=device,
         tokenizer=tokenizer,
         train_prompts=train_prompts,
-        eval_prompts=eval_prompts,
+        eval_sets=eval_sets,
         policy=policy,
         learner=learner,
         engine=engine,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,7 +76,9 @@ class SyntheticDataConfig:
 @dataclass
 class DataConfig:
     source: str = _help("'synthetic', or a JSON/JSONL/parquet file, a datasets folder, or a hub name", "synthetic")
-    eval_source: str | None = _help("held-out problems for evaluation (None: the synthetic held-out set)", None)
+    eval_source: str | dict | None = _help(
+        "held-out problems for evaluation: one source, or {name: source} for several benchmarks, each "
+        "evaluated and reported on its own besides their mean (None: the synthetic held-out set)", None)  # fmt: skip
     max_prompt_tokens: int | None = _help(
         "longest prompt (None: the model's context minus b_max and one summary branch)", None
     )
@@ -470,6 +473,12 @@ def validate(config: RunConfig) -> None:
     _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "> 0 minutes")
     _check(t.fsdp_param_dtype in ("auto", "float32", "bfloat16"), "train.fsdp_param_dtype", t.fsdp_param_dtype,
            "auto, float32 or bfloat16")  # fmt: skip
+    sets = config.data.eval_source
+    if isinstance(sets, dict):
+        _check(bool(sets) and all(isinstance(v, str) and v for v in sets.values())
+               and all(isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k in sets),
+               "data.eval_source", sets,
+               "a source, or a non-empty mapping of set names (letters, digits, _ . -) to sources")  # fmt: skip
     for key in ("columns", "eval_columns"):
         mapping = getattr(config.data, key) or {}
         _check(set(mapping) <= {"problem", "answer", "solution"} and all(isinstance(v, str) for v in mapping.values()),

@@ -42,6 +42,8 @@ class EvalResult:
     mean_thinking_tokens: float
     closed_share: float
     temperature: float
+    # A mean over evaluation sets: each set's anytime score (None: one set).
+    sets: dict[str, float] | None = None
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -166,6 +168,41 @@ def evaluate(
     return eval_result([samples], schedule, samples_per_problem, temperature)
 
 
+def mean_over_sets(results: dict[str, EvalResult]) -> EvalResult:
+    """The unweighted mean of several sets' evaluations (every benchmark counts alike, as papers
+    report an average column); standard errors combine as independent: sqrt(sum se^2) / K.
+    ``num_problems`` is the total, ``sets`` each set's anytime score."""
+    if not results:
+        raise ValueError("mean_over_sets needs at least one evaluation")
+    values = list(results.values())
+    first = values[0]
+    for name, result in results.items():
+        if result.weights != first.weights or result.samples_per_problem != first.samples_per_problem:
+            raise ValueError(f"evaluation set {name!r} has other budgets or samples per problem than the first")
+    count = len(values)
+
+    def mean(get) -> float:
+        return sum(get(r) for r in values) / count
+
+    def combined(get) -> float:
+        return math.sqrt(sum(get(r) ** 2 for r in values)) / count
+
+    budgets = list(first.accuracy)
+    return EvalResult(
+        anytime_score=mean(lambda r: r.anytime_score),
+        stderr=combined(lambda r: r.stderr),
+        num_problems=sum(r.num_problems for r in values),
+        samples_per_problem=first.samples_per_problem,
+        accuracy={b: mean(lambda r, b=b: r.accuracy[b]) for b in budgets},
+        stderr_by_budget={b: combined(lambda r, b=b: r.stderr_by_budget[b]) for b in budgets},
+        weights=dict(first.weights),
+        mean_thinking_tokens=mean(lambda r: r.mean_thinking_tokens),
+        closed_share=mean(lambda r: r.closed_share),
+        temperature=first.temperature,
+        sets={name: r.anytime_score for name, r in results.items()},
+    )
+
+
 def markdown_table(results: dict[str, EvalResult]) -> str:
     """Accuracy per budget and anytime score (+- standard error) of every run, one row each."""
     budgets = sorted({b for result in results.values() for b in result.accuracy})
@@ -237,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from trainer.loop import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.model), args.config, overrides, args.out, args.name)
-    print(markdown_table({args.name: result}))
+    rows = {args.name: result}
+    for set_name in result.sets or {}:  # named evaluation sets: the mean, then each set
+        rows[f"{args.name} {set_name}"] = EvalResult.from_json(args.out / "eval" / args.name / f"{set_name}.json")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from trainer.distributed import (
     share_of,
     shutdown,
 )
-from trainer.evaluate import EvalResult, eval_result, evaluate_samples, markdown_table, plot_curves
+from trainer.evaluate import EvalResult, eval_result, evaluate_samples, markdown_table, mean_over_sets, plot_curves
 from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer
 from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
 from trainer.rollout.base import RolloutStats
@@ -67,6 +67,9 @@ class Trainer:
         self.context = self.parts.context
         # rollout.every_rank: each rank's engine rolls out its share of the prompts (else rank 0's all).
         self.every_rank = config.rollout.every_rank and self.context.enabled
+        # data.eval_source as {set: source}: each evaluation also keeps its sets' results, by name.
+        self.named_eval_sets = isinstance(config.data.eval_source, dict)
+        self.set_results: dict[str, dict[str, EvalResult]] = {}
         if resume is not None:
             state = load_trainer_state(Path(resume), self.parts.learner.optimizer, self.parts.learner.scheduler)
             if (Path(resume) / "dcp").is_dir():  # sharded optimizer (and weights) of a distributed run
@@ -245,33 +248,50 @@ class Trainer:
         """Anytime evaluation of the current policy on the held-out problems -> ``eval/<name>.json``
         (rank 0, which holds the engine; None on the other ranks). With ``rollout.every_rank``,
         rank k samples the k-th share of the problems at seed ``train.seed + 1 + k`` and rank 0
-        takes the statistics over all of them."""
+        takes the statistics over all of them.
+
+        With named sets (``data.eval_source`` a mapping), each set is evaluated on its own
+        (``eval/<name>/<set>.json``, metrics ``eval/<set>/...``) and the result is their mean
+        (``mean_over_sets``); ``self.set_results[name]`` keeps the sets' results.
+        """
         p, c = self.parts, self.config
         if not (self.context.is_main or self.every_rank):
             return None
         schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
-        prompts = p.eval_prompts[: c.eval.num_problems] if c.eval.num_problems else p.eval_prompts
-        if not prompts:
-            raise ValueError("evaluation needs at least one problem")
-        share = share_of(prompts, self.context) if self.every_rank else prompts
-        samples = None
-        if share:
-            samples = evaluate_samples(
-                p.engine, [q.token_ids for q in share], [q.answer for q in share], p.tokenizer, p.reward,
-                schedule=schedule, temperature=c.eval.temperature, samples_per_problem=c.eval.samples_per_problem,
-                summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
-                eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + self.context.rank,  # rank 0 unless every_rank
-            )  # fmt: skip
-        p.engine.reset_stats()
-        parts = gather_to_main(samples, self.context) if self.every_rank else [samples]
-        if parts is None:  # ranks > 0
+        results = {}
+        for set_name, all_prompts in p.eval_sets.items():
+            prompts = all_prompts[: c.eval.num_problems] if c.eval.num_problems else all_prompts
+            if not prompts:
+                raise ValueError(f"evaluation set {set_name!r} has no problem; evaluation needs at least one")
+            share = share_of(prompts, self.context) if self.every_rank else prompts
+            samples = None
+            if share:
+                samples = evaluate_samples(
+                    p.engine, [q.token_ids for q in share], [q.answer for q in share], p.tokenizer, p.reward,
+                    schedule=schedule, temperature=c.eval.temperature,
+                    samples_per_problem=c.eval.samples_per_problem,
+                    summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
+                    eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + self.context.rank,  # rank 0 unless every_rank
+                )  # fmt: skip
+            p.engine.reset_stats()
+            parts = gather_to_main(samples, self.context) if self.every_rank else [samples]
+            if parts is not None:  # ranks > 0 only sample
+                results[set_name] = eval_result([part for part in parts if part is not None], schedule,
+                                                c.eval.samples_per_problem, c.eval.temperature)  # fmt: skip
+        if not self.context.is_main:
             return None
-        result = eval_result([part for part in parts if part is not None], schedule, c.eval.samples_per_problem,
-                             c.eval.temperature)  # fmt: skip
+        if not self.named_eval_sets:
+            result = results["eval"]
+        else:
+            for set_name, set_result in results.items():
+                set_result.to_json(self.run_dir / "eval" / name / f"{set_name}.json")
+                self.metrics.log(step, _eval_metrics(set_result, f"eval/{set_name}/"))
+            self.set_results[name] = results
+            result = mean_over_sets(results)
         result.to_json(self.run_dir / "eval" / f"{name}.json")
-        self.metrics.log(step, {"eval/anytime_score": result.anytime_score, "eval/stderr": result.stderr,
-                                **{f"eval/accuracy@{b}": a for b, a in result.accuracy.items()}})  # fmt: skip
-        logger.info("eval %s: anytime score %.3f +- %.3f", name, result.anytime_score, result.stderr)
+        self.metrics.log(step, _eval_metrics(result, "eval/"))
+        sets = "".join(f", {k} {v.anytime_score:.3f}" for k, v in results.items()) if self.named_eval_sets else ""
+        logger.info("eval %s: anytime score %.3f +- %.3f%s", name, result.anytime_score, result.stderr, sets)
         return result
 
     def save(self, name: str, step: int) -> Path:
@@ -358,7 +378,18 @@ class Trainer:
                 f"({gain:+.3f}, {gain / combined if combined > 0 else float('nan'):.1f} combined standard errors) "
                 f"on {last.num_problems} held-out problems x {last.samples_per_problem} samples."
             )
-        lines += ["", f"Wall time {seconds:.0f} s; per-step metrics in metrics.jsonl; plot: budget_accuracy.png."]
+        plots = "budget_accuracy.png"
+        by_set = {name: self.set_results[name] for name in evaluations if name in self.set_results}
+        if by_set:
+            sets = ", ".join(next(iter(by_set.values())))
+            lines += ["", f"Each evaluation above is the mean over the sets {sets}; by set:", "",
+                      markdown_table({f"{name} {set_name}": result for name, results in by_set.items()
+                                      for set_name, result in results.items()})]  # fmt: skip
+            last = list(by_set)[-1]
+            plot_curves(by_set[last], self.run_dir / "budget_accuracy_by_set.png",
+                        title=f"{self.config.name} ({last}): accuracy vs budget by set")  # fmt: skip
+            plots += ", budget_accuracy_by_set.png"
+        lines += ["", f"Wall time {seconds:.0f} s; per-step metrics in metrics.jsonl; plots: {plots}."]
         (self.run_dir / "report.md").write_text("\n".join(lines) + "\n")
 
     # -- metrics -------------------------------------------------------------------------------
@@ -398,6 +429,11 @@ class Trainer:
         for b, value in zip(p.schedule.budgets, stats.return_variance.tolist(), strict=True):
             metrics[f"advantages/return_variance@{b}"] = value
         return metrics
+
+
+def _eval_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
+    return {f"{prefix}anytime_score": result.anytime_score, f"{prefix}stderr": result.stderr,
+            **{f"{prefix}accuracy@{b}": a for b, a in result.accuracy.items()}}  # fmt: skip
 
 
 def _truncate_lines(path: Path, lines: int | None) -> None:
