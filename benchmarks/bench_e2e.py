@@ -19,8 +19,9 @@ Metrics per mode and provider: `step_time_s` (median over 4 measured steps, quic
 write long, mostly unclosed traces: the worst case for rollout time.
 
 CPU: the tiny demo model (192k parameters), b_max 128, summary cap 12, 32 prompts x G=4. CUDA (ours
-only): a Qwen2.5-0.5B-shaped config (24 layers, hidden 896, 14/2 heads), bf16, flex tree attention,
-b_max 256, 8 prompts x G=4, summaries capped at 32 tokens.
+only): a Qwen2.5-0.5B-shaped config (24 layers, hidden 896, 14/2 heads) in the paper configs'
+precision (fp32 weights, bf16 autocast, a bf16 rollout copy), flex tree attention, b_max 256,
+8 prompts x G=4, summaries capped at 32 tokens.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ CUDA = [
     "model.config={hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24, num_attention_heads: 14, "
     "num_key_value_heads: 2, max_position_embeddings: 4096}",
     "model.attention_backend=auto",
-    "model.dtype=bfloat16",
+    "model.dtype=float32",  # the paper configs' precision: fp32 weights and AdamW, bf16 compute,
+    "model.autocast=bfloat16",  # and the embedded engine samples from a bf16 copy (rollout.dtype auto)
     "model.gradient_checkpointing=true",
     "method.b_max=256",
     "rollout.group_size=4",

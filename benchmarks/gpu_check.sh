@@ -90,7 +90,7 @@ fi
 # 3. the gpu-marked tests, from the files that hold them (so one missing package elsewhere
 #    cannot break collection); tests of ops the build lacks skip themselves with the reason.
 GPU_TEST_FILES=(tests/test_logprobs.py tests/test_advantages.py tests/test_policy_tree.py tests/test_attention_backends.py
-  tests/test_tree_pack.py tests/test_rollout_embedded.py)
+  tests/test_tree_pack.py tests/test_rollout_embedded.py tests/test_trainer.py)
 timeout_flag=()
 has_module pytest_timeout && timeout_flag=(--timeout 120)
 step gpu_tests 180 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider "${timeout_flag[@]}" "${GPU_TEST_FILES[@]}"

@@ -295,16 +295,30 @@ def test_a_dataset_with_its_own_column_names_through_the_run_config(tmp_path):
         load_config(None, [*base, "data.columns={question: q}"])
 
 
-def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_learner(tmp_path, monkeypatch):
+# The paper's precision (fp32 weights, bf16 autocast) on each device; on CUDA head_dim 16, so the
+# tree forward runs flex attention (auto falls back to SDPA below 16) and the Triton log-probs.
+PAPER_PRECISION = {
+    "cpu": ["train.device=cpu"],
+    "cuda": [
+        "train.device=cuda",
+        "model.config={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
+        "num_key_value_heads: 2, max_position_embeddings: 512}",
+    ],
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_learner(tmp_path, monkeypatch, device):
     """rollout.dtype=auto samples in the learner's autocast dtype: the engine holds the learner's
     weights rounded to bf16 (before and after an update), keeps RoPE's fp32 inv_freq, caches K/V
-    in bf16 and reports fp32 log-probs; without autocast (or with float32) it keeps fp32 weights."""
+    in bf16 and reports fp32 log-probs; without autocast (or with float32) it keeps fp32 weights.
+    On CUDA this is also one whole RL step of the paper's precision setup."""
     from trainer.config import ConfigError
 
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)  # a reward with signal: the update moves weights
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = ["sft.steps=0", "model.autocast=bfloat16", "rollout.reward=length_reward:reward"]
-    trainer = Trainer(load_config(None, [*TINY, *overrides]), tmp_path / "bf16")
+    trainer = Trainer(load_config(None, [*TINY, *overrides, *PAPER_PRECISION[device]]), tmp_path / "bf16")
     engine, learner_model = trainer.parts.engine, trainer.parts.policy.model
 
     def assert_engine_holds_learner_weights_in_bf16():
@@ -318,7 +332,9 @@ def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_le
     inv_freq = engine.model.model.rotary_emb.inv_freq
     assert inv_freq.dtype == torch.float32 and torch.equal(inv_freq, learner_model.model.rotary_emb.inv_freq)
     before = [p.detach().clone() for p in learner_model.parameters()]
-    trainer.rl_step(0)
+    metrics = trainer.rl_step(0)
+    assert metrics["train/trained_tokens"] > 0 and math.isfinite(metrics["train/loss"]), metrics
+    assert next(learner_model.parameters()).device.type == device
     assert any(not torch.equal(p, q) for p, q in zip(learner_model.parameters(), before, strict=True))
     assert_engine_holds_learner_weights_in_bf16()
     request = GenerationRequest((5, 6, 7), n=1, max_new_tokens=4, stop_token_ids=(), sampling=SamplingParams(),
@@ -329,8 +345,13 @@ def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_le
     assert all(isinstance(lp, float) and lp <= 0 for lp in output.output_logprobs[0])
     trainer.metrics.close()
 
-    for name, overrides in (("fp32", []), ("forced", ["model.autocast=bfloat16", "rollout.dtype=float32"])):
-        other = Trainer(load_config(None, [*TINY, "sft.steps=0", *overrides]), tmp_path / name)
+    for name, overrides in (
+        ("fp32", ["model.autocast=null"]),
+        ("forced", ["model.autocast=bfloat16", "rollout.dtype=float32"]),
+    ):
+        other = Trainer(
+            load_config(None, [*TINY, "sft.steps=0", *PAPER_PRECISION[device], *overrides]), tmp_path / name
+        )
         assert {p.dtype for p in other.parts.engine.model.parameters()} == {torch.float32}
         other.metrics.close()
     with pytest.raises(ConfigError, match=r"rollout\.dtype: 'float16'"):
@@ -375,7 +396,16 @@ def test_named_evaluation_sets_are_each_evaluated_as_alone_and_averaged(tmp_path
     report = (run_dir / "report.md").read_text()
     assert "| start a |" in report and "| final b |" in report
     assert (run_dir / "budget_accuracy_by_set.png").stat().st_size > 0
-    assert (run_dir / "eval" / "final" / "a.json").exists()
+    final_b = EvalResult.from_json(run_dir / "eval" / "final" / "b.json")
+    # anytime-eval --compare of two such evaluations: the means, then a row and a panel per set.
+    eval_main(["--compare", str(run_dir / "eval" / "start.json"), str(run_dir / "eval" / "final.json"),
+               "--out", str(tmp_path / "cmp")])  # fmt: skip
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"| r/final b | {final_b.accuracy[min(final_b.accuracy)]:.3f} ±" in table and "| start a |" in table
+    assert (tmp_path / "cmp" / "compare_by_set.png").stat().st_size > 0
+    (run_dir / "eval" / "final" / "a.json").unlink()
+    with pytest.raises(FileNotFoundError, match="its set 'a' has no"):
+        eval_main(["--compare", str(run_dir / "eval" / "final.json"), "--out", str(tmp_path / "cmp2")])
 
 
 def test_mean_over_sets_by_hand_and_refusals(tmp_path):

@@ -248,6 +248,57 @@ def plot_curves(results: dict[str, EvalResult], path: str | Path, title: str = "
     return path
 
 
+def compare(paths: Sequence[Path], out: Path) -> None:
+    """``anytime-eval --compare``: one table and one plot of the evaluations in ``paths``; for
+    evaluations over named sets (``eval/<name>.json`` beside ``eval/<name>/<set>.json``), also a
+    table by set and one panel per set (``compare_by_set.png``)."""
+    results, by_set = {}, {}
+    for path in paths:
+        label = path.stem if path.stem not in ("final", "sft") else f"{path.parent.parent.name}/{path.stem}"
+        results[label] = result = EvalResult.from_json(path)
+        for set_name in result.sets or {}:
+            set_path = path.parent / path.stem / f"{set_name}.json"
+            if not set_path.is_file():
+                raise FileNotFoundError(f"{path} is a mean over sets, but its set {set_name!r} has no {set_path}")
+            by_set.setdefault(set_name, {})[label] = EvalResult.from_json(set_path)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    written = [out / "compare.md", out / "compare.png"]
+    if by_set:
+        rows = {f"{label} {set_name}": r for set_name, runs in by_set.items() for label, r in runs.items()}
+        table += "\n\nBy set:\n\n" + markdown_table(rows)
+        _plot_panels(by_set, out / "compare_by_set.png")
+        written.append(out / "compare_by_set.png")
+    written[0].write_text(table + "\n")
+    plot_curves(results, written[1])
+    print(table)
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
+def _plot_panels(by_set: dict[str, dict[str, EvalResult]], path: Path) -> None:
+    """One accuracy-vs-budget panel per set, a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(by_set), figsize=(4 * len(by_set), 3.6), dpi=120, squeeze=False)
+    for axis, (set_name, runs) in zip(axes[0], by_set.items(), strict=True):
+        for label, result in runs.items():
+            budgets = sorted(result.accuracy)
+            axis.plot(budgets, [result.accuracy[b] for b in budgets], marker="o",
+                      label=f"{label} ({result.anytime_score:.3f})")  # fmt: skip
+        axis.set_title(set_name)
+        axis.set_xlabel("thinking budget (tokens)")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    axes[0][0].set_ylabel("accuracy")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``anytime-eval``: evaluate a checkpoint or model folder, or overlay saved evaluations."""
     parser = argparse.ArgumentParser(prog="anytime-eval", description=__doc__.splitlines()[0])
@@ -260,14 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, unknown = parser.parse_known_args(argv)
     overrides = [*args.overrides, *unknown]
     if args.compare:
-        results = {path.stem if path.stem not in ("final", "sft") else f"{path.parent.parent.name}/{path.stem}":
-                   EvalResult.from_json(path) for path in args.compare}  # fmt: skip
-        args.out.mkdir(parents=True, exist_ok=True)
-        table = markdown_table(results)
-        (args.out / "compare.md").write_text(table + "\n")
-        plot_curves(results, args.out / "compare.png")
-        print(table)
-        print(f"wrote {args.out / 'compare.md'} and {args.out / 'compare.png'}")
+        compare(args.compare, args.out)
         return
     if args.model is None:
         parser.error("name a checkpoint/model folder, or --compare eval JSON files")
