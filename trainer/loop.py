@@ -264,6 +264,11 @@ class Trainer:
             if not prompts:
                 raise ValueError(f"evaluation set {set_name!r} has no problem; evaluation needs at least one")
             share = share_of(prompts, self.context) if self.every_rank else prompts
+            if self.context.is_main:
+                what = f"eval {name}" + (f" {set_name}" if self.named_eval_sets else "")
+                logger.info("%s: %d problems x %d samples", what, len(prompts), c.eval.samples_per_problem)
+                if self.display is not None:  # a periodic evaluation inside the RL bar
+                    self.display.phase(what)
             samples = None
             if share:
                 samples = evaluate_samples(
