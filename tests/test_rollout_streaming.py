@@ -194,7 +194,10 @@ def test_streaming_forks_keep_traces_cached_when_the_kv_budget_is_half_the_step(
         else:
             _, batch = engine.rollout(prompts, 2, KV_B_MAX, schedule, A, sampling, 4, window=2)
         shares[mode] = reprefilled(engine.stats.summarize, batch)
-        assert engine.stored_tokens <= step_tokens // 2 and engine.evicted_sequences == 8
+        if mode == "wait_all":
+            assert engine.stored_tokens <= step_tokens // 2 and engine.evicted_sequences == 8
+        else:  # a window's traces are dropped once their forks are served: none evicted, none left
+            assert engine.evicted_sequences == 0 and engine.stored_tokens == 0
     assert shares["wait_all"] > 0.25 and shares["streaming"] < 0.02, shares
     # With room for the whole step nothing is re-prefilled but the last token of a trace cut at its
     # end (a sampled token's keys/values exist only once it is fed: one token per such fork).
@@ -207,6 +210,67 @@ def test_streaming_forks_keep_traces_cached_when_the_kv_budget_is_half_the_step(
         for cut in set(cuts)
     )
     assert 0 < reprefilled(engine.stats.summarize, batch) * engine.stats.summarize.request_prompt_tokens <= at_end
+
+
+def test_streaming_without_a_kv_budget_holds_at_most_two_windows_of_traces(policy, monkeypatch):
+    """Without kv_budget_tokens nothing is evicted, so an engine that kept every trace would hold
+    the whole step (at paper scale, more than a GPU): each window's traces are dropped once the
+    call serving their forks returns, so at most two windows' traces are ever stored, and every
+    fork still finds its trace."""
+    model, tokenizer = policy
+    schedule, prompts = BudgetSchedule(KV_B_MAX, SLOTS), short_prompts(tokenizer, 8)
+    sampling = SamplingParams(temperature=1.0, min_new_tokens=KV_B_MAX)
+    engine = EmbeddedEngine(model, tokenizer, seed=0)
+    peak = []
+    original = EmbeddedEngine._store
+
+    def recording(self, *args):
+        original(self, *args)
+        peak.append(self.stored_tokens)
+
+    monkeypatch.setattr(EmbeddedEngine, "_store", recording)
+    _, batch = engine.rollout(prompts, 2, KV_B_MAX, schedule, A, sampling, 4, window=2)
+    window_tokens = sum(2 * (len(p) + KV_B_MAX - 1) for p in prompts[:2])  # 2 prompts x G=2, as stored
+    assert max(peak) == 2 * window_tokens, (max(peak), window_tokens)
+    assert engine.stored_tokens == 0 and engine.evicted_sequences == 0
+    assert reprefilled(engine.stats.summarize, batch) < 0.02
+
+
+def test_a_seeded_rollout_seeds_its_first_window_only(policy):
+    """Each generate call of the embedded engine restarts a seeded stream: a seeded rollout in
+    windows seeds the first call and continues the stream after it, so its windows do not repeat
+    the same draws (same-length prompts would then sample the same traces), and it is reproducible."""
+    model, tokenizer = policy
+    schedule = BudgetSchedule(16, 2)
+    prompts = [tokenizer.encode("q1", add_special_tokens=False)] * 4  # one prompt four times
+    sampling = SamplingParams(temperature=1.0, seed=5)
+
+    seeds = []
+
+    def run():
+        engine = EmbeddedEngine(model, tokenizer, seed=0)
+        generate = engine.generate
+
+        def recording(requests):
+            seeds.append(sorted({str(r.sampling.seed) for r in requests}))
+            return generate(requests)
+
+        engine.generate = recording
+        return engine.rollout(prompts, 1, 16, schedule, 1, sampling, 4, window=1)
+
+    traces, summaries = run()
+    # 4 windows, then the last forks: the engine reseeds when a call's requests carry a seed.
+    assert seeds == [["5"], ["None"], ["None"], ["None"], ["None"]], seeds
+    assert len({tuple(z) for z in traces.thinking_ids}) > 1, traces.thinking_ids
+    again = run()
+    assert again[0].thinking_ids == traces.thinking_ids and again[1].summary_ids == summaries.summary_ids
+    # One window is think then summarize exactly, seeds included.
+    engine = EmbeddedEngine(model, tokenizer, seed=0)
+    whole = engine.rollout(prompts, 1, 16, schedule, 1, sampling, 4)
+    reference = EmbeddedEngine(model, tokenizer, seed=0)
+    thought = reference.think(prompts, 1, 16, sampling)
+    assert whole[0].thinking_ids == thought.thinking_ids
+    assert whole[1].summary_ids == reference.summarize(thought, schedule, 1, sampling, 4).summary_ids
 
 
 def test_streaming_over_http_against_a_bounded_server_cache(policy):

@@ -434,3 +434,30 @@ def test_mean_over_sets_by_hand_and_refusals(tmp_path):
     for bad in ("{}", "{'a b': x.json}", "{a: 3}"):
         with pytest.raises(ConfigError, match=r"data\.eval_source"):
             load_config(None, [*TINY, f"data.eval_source={bad}"])
+
+
+def test_evaluation_streams_problems_in_windows_without_changing_greedy_results(tmp_path, monkeypatch):
+    """rollout.stream_window also windows the evaluation: greedy results equal the all-at-once
+    evaluation, while the engine holds at most two windows' traces instead of every trace (each
+    window's traces are dropped once their summaries are sampled)."""
+    from trainer.rollout import EmbeddedEngine
+
+    peak = {}
+    original = EmbeddedEngine._store
+
+    def recording(self, *args):
+        original(self, *args)
+        peak[self.window] = max(peak.get(self.window, 0), self.cached_sequences)
+
+    monkeypatch.setattr(EmbeddedEngine, "_store", recording)
+    base = [*TINY, "sft.steps=0", "eval.temperature=0", "eval.samples_per_problem=2", "data.synthetic.num_eval=6"]
+    results = {}
+    for window in (0, 1):
+        trainer = Trainer(load_config(None, [*base, f"rollout.stream_window={window}"]), tmp_path / str(window))
+        trainer.parts.engine.window = window
+        results[window] = trainer.evaluate("start", step=0)
+        assert trainer.parts.engine.cached_sequences == 0
+        trainer.metrics.close()
+    assert results[1] == results[0] and results[0].num_problems == 6
+    # Greedy samples of a problem are one stored sequence: 6 problems at once; two windows of 1 problem.
+    assert peak == {0: 6, 1: 2}

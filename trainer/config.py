@@ -144,8 +144,9 @@ class RolloutConfig:
         "engine embedded under torchrun: every rank rolls out (and evaluates) its share of the prompts on "
         "its own device (a full copy of the weights per rank) instead of rank 0 alone", False)  # fmt: skip
     stream_window: int = _help(
-        "prompts thinking at once while finished prompts' summary forks run (0: all); size it so the "
-        "window's traces fit the engine's KV cache", 0)  # fmt: skip
+        "prompts (and evaluation problems) thinking at once while finished prompts' summary forks run "
+        "(0: all); size it so the window's traces fit the engine's KV cache: the embedded engine holds "
+        "at most two windows of traces", 0)  # fmt: skip
     reward: str = _help("reward by name: synthetic or math (or a registered one / module:function)", "synthetic")
 
 

@@ -96,11 +96,16 @@ def evaluate_samples(
     summary_max_new_tokens: int,
     eos_token_ids: Sequence[int],
     seed: int,
+    window: int = 0,
 ) -> EvalSamples:
-    """Sample and score ``samples_per_problem`` traces per problem and one summary per (trace, budget)."""
+    """Sample and score ``samples_per_problem`` traces per problem and one summary per (trace, budget).
+
+    ``window``: problems thinking at once (0: all), as ``RolloutEngine.rollout`` streams a training
+    step; an engine that keeps traces for their forks then holds about two windows of them.
+    """
     sampling = SamplingParams(temperature=temperature, seed=seed)
-    traces = engine.think(prompt_ids, samples_per_problem, schedule.b_max, sampling)
-    rollouts = engine.summarize(traces, schedule, 1, sampling, max_new_tokens=summary_max_new_tokens)
+    traces, rollouts = engine.rollout(prompt_ids, samples_per_problem, schedule.b_max, schedule, 1, sampling,
+                                      summary_max_new_tokens, window=window)  # fmt: skip
     trace_answers = [answers[n // samples_per_problem] for n in range(traces.num_traces)]
     scored = score_rollouts(
         rollouts,
@@ -153,8 +158,10 @@ def evaluate(
     summary_max_new_tokens: int = 118,
     eos_token_ids: Sequence[int],
     seed: int = 0,
+    window: int = 0,
 ) -> EvalResult:
-    """Evaluate the engine's current policy on ``prompt_ids`` (P problems) with their ``answers``."""
+    """Evaluate the engine's current policy on ``prompt_ids`` (P problems) with their ``answers``
+    (``window``: problems thinking at once, 0 for all; see ``evaluate_samples``)."""
     if len(prompt_ids) != len(answers):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(answers)} answers")
     if not prompt_ids:
@@ -163,7 +170,7 @@ def evaluate(
     samples = evaluate_samples(
         engine, prompt_ids, answers, tokenizer, reward, schedule=schedule, temperature=temperature,
         samples_per_problem=samples_per_problem, summary_max_new_tokens=summary_max_new_tokens,
-        eos_token_ids=eos_token_ids, seed=seed,
+        eos_token_ids=eos_token_ids, seed=seed, window=window,
     )  # fmt: skip
     return eval_result([samples], schedule, samples_per_problem, temperature)
 

@@ -277,6 +277,7 @@ class Trainer:
                     samples_per_problem=c.eval.samples_per_problem,
                     summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
                     eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + self.context.rank,  # rank 0 unless every_rank
+                    window=c.rollout.stream_window,
                 )  # fmt: skip
             p.engine.reset_stats()
             parts = gather_to_main(samples, self.context) if self.every_rank else [samples]

@@ -337,6 +337,12 @@ class RolloutEngine(abc.ABC):
     def flush_cache(self) -> None:
         """Drop every cached prefix."""
 
+    def release_traces(self, traces: ThinkingBatch) -> None:
+        """The forks of ``traces`` are served: an engine that keeps finished traces for their forks
+        may drop them (:meth:`rollout` calls this window by window, so an engine's stored traces
+        stay within about two windows). Nothing to do for a server's own LRU cache."""
+        return None
+
     def release_memory(self) -> None:
         """Free accelerator memory while the learner trains (an engine colocated on the learner's GPU);
         the next :meth:`update_weights` takes it back. Nothing to do for most engines."""
@@ -490,6 +496,11 @@ class RolloutEngine(abc.ABC):
         a trace waits for its forks through one window only. Engines that serve requests
         concurrently override this to send each prompt's forks the moment its traces are back.
 
+        Once a window's forks are served, :meth:`release_traces` lets the engine drop its traces.
+        A ``sampling.seed`` seeds the first window: later windows continue that random stream
+        (each ``generate`` call would otherwise restart it, and every window would sample with
+        the same draws).
+
         Returns the same ``(ThinkingBatch, SummaryBatch)`` as the two calls.
         """
         if window < 0:
@@ -497,6 +508,10 @@ class RolloutEngine(abc.ABC):
         think_requests = self._think_requests(prompts, group_size, max_tokens, sampling)
         size = window or max(len(think_requests), 1)
         windows = [list(range(i, min(i + size, len(think_requests)))) for i in range(0, len(think_requests), size)]
+        if len(windows) > 1 and sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=None)  # what the requests after the first call carry
+            think_requests[size:] = [dataclasses.replace(r, sampling=sampling) for r in think_requests[size:]]
+        served: ThinkingBatch | None = None  # the traces whose forks the current call serves
         think_outputs: list[GenerationOutput | None] = [None] * len(think_requests)
         forks: list[Fork] = []
         fork_outputs: list[GenerationOutput] = []
@@ -511,15 +526,17 @@ class RolloutEngine(abc.ABC):
             self.stats.summarize.add(outputs[len(batch) :], 0.0 if batch else seconds)
             forks += pending[0]
             fork_outputs += outputs[len(batch) :]
+            if served is not None:
+                self.release_traces(served)
             for p, out in zip(windows[step] if batch else [], outputs[: len(batch)], strict=True):
                 think_outputs[p] = out
             if batch:
-                done = self._thinking_batch(batch, outputs[: len(batch)], group_size)
+                served = self._thinking_batch(batch, outputs[: len(batch)], group_size)
                 first = windows[step][0] * group_size
-                pending = self._fork_requests(done, first, schedule, num_summaries, sampling,
+                pending = self._fork_requests(served, first, schedule, num_summaries, sampling,
                                               max_new_tokens)  # fmt: skip
             else:
-                pending = ([], [])
+                pending, served = ([], []), None
         self.stats.rollout.add([], time.perf_counter() - rollout_start)
         self.stats.rollout.add_counters(counters, self.prefill_counters())
         traces = self._thinking_batch(think_requests, think_outputs, group_size)

@@ -183,6 +183,16 @@ class EmbeddedEngine(RolloutEngine):
         self._stored.clear()
         self._stored_tokens = 0
 
+    def release_traces(self, traces) -> None:
+        """Drop the stored keys/values of ``traces`` (a ``ThinkingBatch``) once their forks are
+        served; the stored key of a trace is its prompt and thinking but the last token."""
+        for prompt, thinking in zip(traces.prompt_ids, traces.thinking_ids, strict=True):
+            tokens = tuple(prompt) + tuple(thinking[:-1])
+            stored = self._stored.pop(tokens, None)
+            if stored is not None:
+                self._index.remove(tokens)
+                self._stored_tokens -= len(tokens)
+
     def release_memory(self) -> None:
         """Drop the step's cached traces before the learner trains: on a GPU shared with the learner
         their K/V would hold memory through the update, and the weight sync flushes them anyway."""
