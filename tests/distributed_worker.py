@@ -10,9 +10,16 @@ checkpoint into ``OUT_DIR/run/checkpoints/step1``.
 
 runs only ``Trainer.evaluate("start", 0)`` on every rank instead (rank 0 writes
 ``OUT_DIR/run/eval/start.json``).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR --stop-on-rank K [key=value ...]
+
+runs ``Trainer.run()``; rank K sends itself SIGUSR1 during the first RL step, and every rank writes
+``OUT_DIR/stopped<rank>.json`` with what its ``RunStopped`` says.
 """
 
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,10 +29,33 @@ import torch.distributed as dist
 from trainer.config import load_config
 from trainer.distributed import full_state_dict
 from trainer.loop import Trainer
+from trainer.stopping import RunStopped
+
+
+def run_until_signalled(out: Path, signal_rank: int, overrides: list[str]) -> None:
+    trainer = Trainer(load_config(None, overrides), out / "run")
+    rl_step = trainer.rl_step
+
+    def signalling(step):
+        if step == 0 and trainer.context.rank == signal_rank:
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled at the end of this step
+        return rl_step(step)
+
+    trainer.rl_step = signalling
+    try:
+        trainer.run()
+    except RunStopped as stopped:
+        record = {"signal": stopped.signal_name, "step": stopped.step, "checkpoint": stopped.checkpoint.name}
+        (out / f"stopped{trainer.context.rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main() -> None:
     out = Path(sys.argv[1])
+    if sys.argv[2:3] == ["--stop-on-rank"]:
+        run_until_signalled(out, int(sys.argv[3]), sys.argv[4:])
+        return
     evaluate_only = sys.argv[2:3] == ["--evaluate"]
     trainer = Trainer(load_config(None, sys.argv[3:] if evaluate_only else sys.argv[2:]), out / "run")
     if evaluate_only:

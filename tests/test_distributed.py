@@ -2,6 +2,7 @@
 and a checkpoint written by 2 ranks resumes on 1."""
 
 import copy
+import json
 import os
 import random
 import socket
@@ -54,6 +55,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGUSR1 reaches rank 1 alone during the first RL step: the ranks agree at the step's end,
+    write one sharded checkpoint of step 1 together and stop; rank 0 names no signal of its own."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    run_ranks(2, "distributed_worker.py", [ROOT, tmp_path],
+              [tmp_path, "--stop-on-rank", "1", *STEP, "train.steps=3", "train.save_every=0"])  # fmt: skip
+    records = [json.loads((tmp_path / f"stopped{rank}.json").read_text()) for rank in (0, 1)]
+    assert records == [{"signal": None, "step": 1, "checkpoint": "step1"},
+                       {"signal": "SIGUSR1", "step": 1, "checkpoint": "step1"}]  # fmt: skip
+    checkpoint = tmp_path / "run" / "checkpoints" / "step1"
+    assert (checkpoint / "dcp").is_dir() and json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 1
+    assert not (tmp_path / "run" / "checkpoints" / "final").exists()
 
 
 def test_split_rows_balances_tokens_and_keeps_order():

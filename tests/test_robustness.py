@@ -74,6 +74,49 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     assert kept == ["step3", "step4", "step5", "step9.partial"]  # train.keep_checkpoints=3
 
 
+def test_a_stop_signal_ends_the_step_with_a_checkpoint_that_resumes_like_an_uninterrupted_run(tmp_path):
+    """SIGUSR1 (what a cluster sends before preempting): the run finishes its RL step, saves it as
+    a checkpoint although train.save_every would not, exits 128 + 10 naming it, and --resume auto
+    reaches the uninterrupted run's parameters; a second signal ends a run at once."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).resolve().parent.parent}:{tmp_path}"}
+    no_periodic = ["train.save_every=0", "train.steps=4"]
+    subprocess.run(train_command(tmp_path / "whole", *no_periodic), check=True, env=env, capture_output=True,
+                   timeout=600)  # fmt: skip
+
+    def start_and_signal(run_dir, count):
+        process = subprocess.Popen(train_command(run_dir, *no_periodic), env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").exists() and 1 in train_steps(run_dir)):
+            time.sleep(0.02)
+        for _ in range(count):
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(0.05)
+        out, err = process.communicate(timeout=300)
+        return process.returncode, out, err
+
+    stopped = tmp_path / "stopped"
+    code, out, err = start_and_signal(stopped, 1)
+    assert code == 128 + signal.SIGUSR1, err[-2000:]
+    steps = train_steps(stopped)
+    assert steps == list(range(1, len(steps) + 1)) and 1 <= steps[-1] < 4, steps
+    assert f"stopped on SIGUSR1 after RL step {steps[-1]}" in out and "--resume auto" in out
+    checkpoints = sorted(p.name for p in (stopped / "checkpoints").iterdir())
+    assert checkpoints == ["sft", f"step{steps[-1]}"], checkpoints
+    subprocess.run([*train_command(stopped, *no_periodic), "--resume", "auto"], check=True, env=env,
+                   capture_output=True, timeout=600)  # fmt: skip
+    assert train_steps(stopped) == [1, 2, 3, 4]
+    whole = load_file(tmp_path / "whole" / "checkpoints" / "final" / "model.safetensors")
+    resumed = load_file(stopped / "checkpoints" / "final" / "model.safetensors")
+    for name, tensor in whole.items():
+        assert torch.equal(resumed[name], tensor), name
+
+    code, _, _ = start_and_signal(tmp_path / "twice", 2)
+    assert code == -signal.SIGUSR1  # the default action: no checkpoint of the step
+    assert not (tmp_path / "twice" / "checkpoints" / "final").exists()
+
+
 def test_prompts_are_consumed_once_per_epoch():
     prompts = list(range(10))
     sampler = PromptSampler(prompts, per_step=4, seed=3)

@@ -39,9 +39,15 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer.loop import train
+    from trainer.stopping import RunStopped
 
     run_dir = args.out or Path("runs") / config.name
-    train(config, run_dir, max_steps=args.max_steps, resume=args.resume)
+    try:
+        train(config, run_dir, max_steps=args.max_steps, resume=args.resume)
+    except RunStopped as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run folder: {run_dir}: {stopped}")
+        sys.exit(stopped.exit_code)
     if os.environ.get("RANK", "0") == "0":  # torchrun: once, from rank 0
         print(f"run folder: {run_dir} (report.md, metrics.jsonl, eval/, checkpoints/final, budget_accuracy.png)")
 

@@ -30,6 +30,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import RunConfig, load_config
 from trainer.distributed import (
+    all_reduce_max,
     barrier,
     broadcast,
     full_state_dict,
@@ -45,6 +46,7 @@ from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer
 from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
 from trainer.rollout.base import RolloutStats
 from trainer.sft import sft_examples, sft_warmup
+from trainer.stopping import RunStopped, StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,9 @@ class Trainer:
         """SFT warm-up, evaluation, RL steps (with periodic evaluation), final evaluation and report.
 
         ``evaluate_start=False`` skips the evaluation before RL when there is no SFT to evaluate
-        (e.g. several runs that start from one evaluated SFT checkpoint).
+        (e.g. several runs that start from one evaluated SFT checkpoint). A SIGTERM or SIGUSR1
+        stops the run at the end of the current RL step with a checkpoint and raises
+        ``trainer.stopping.RunStopped`` (see that module).
         """
         c = self.config
         steps = c.train.steps if max_steps is None else min(max_steps, c.train.steps)
@@ -193,7 +197,9 @@ class Trainer:
                 "the SFT warm-up runs in one process: run it with sft.steps and train.steps=0 on one process, "
                 "then start the distributed run with --resume from its checkpoints/sft"
             )
+        stop = StopSignals()
         try:
+            stop.__enter__()
             if sft_steps and not self.sft_done:
                 self._sft(sft_steps)
                 self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
@@ -214,14 +220,21 @@ class Trainer:
                 self.display.advance(
                     f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
                 )
-                if c.train.save_every and (step + 1) % c.train.save_every == 0:
+                saved = bool(c.train.save_every) and (step + 1) % c.train.save_every == 0
+                if saved:
                     self.save(f"step{step + 1}", step + 1)
+                # Every rank takes part (one all-reduce), so the ranks stop after the same step.
+                if all_reduce_max(int(stop.received is not None), self.context) and step + 1 < steps:
+                    name = f"step{step + 1}"
+                    checkpoint = self.run_dir / "checkpoints" / name if saved else self.save(name, step + 1)
+                    raise RunStopped(stop.received, step + 1, checkpoint)
             self.display.close()
             evaluations["final"] = self.evaluate("final", step=steps)
             self.save("final", steps)
             if self.context.is_main:
                 self._report({name: e for name, e in evaluations.items() if e is not None}, time.perf_counter() - start)
         finally:
+            stop.__exit__(None, None, None)
             if self.display is not None:
                 self.display.close()
             self.metrics.close()
@@ -454,7 +467,11 @@ def _truncate_lines(path: Path, lines: int | None) -> None:
 def train(config: RunConfig, run_dir: str | Path, *, max_steps: int | None = None, resume=None):
     """Run a whole training job; returns the evaluations by name."""
     trainer = Trainer(config, run_dir, resume=resume)
-    evaluations = trainer.run(max_steps)
+    try:
+        evaluations = trainer.run(max_steps)
+    except RunStopped:
+        shutdown(trainer.context)  # every rank stopped after the same step
+        raise
     shutdown(trainer.context)
     return evaluations
 
