@@ -16,6 +16,7 @@ from trainer.evaluate import EvalResult
 from trainer.evaluate import main as eval_main
 from trainer.learner import Learner
 from trainer.loop import Trainer
+from trainer.metrics import training_series
 from trainer.models import load_tokenizer
 from trainer.rollout import GenerationRequest, SamplingParams, SummaryBatch
 from trainer.synthetic import synthetic_reward
@@ -135,6 +136,16 @@ def test_two_step_run_trains_and_writes_everything(finished_run):
         assert result.anytime_score == pytest.approx(expected)
     assert (run_dir / "budget_accuracy.png").stat().st_size > 1000
     assert "anytime score" in (run_dir / "report.md").read_text()
+    # training_curves.png draws the RL steps' own records and the evaluations, read back from metrics.jsonl.
+    assert (run_dir / "training_curves.png").stat().st_size > 1000
+    panels = training_series(records)
+    assert panels["loss"]["policy loss"] == ([1, 2], [r["train/loss"] for r in steps])
+    assert panels["anytime score"]["evaluation"] == (
+        [0, 2],
+        [evaluations["sft"].anytime_score, evaluations["final"].anytime_score],
+    )
+    assert list(panels["rollout accuracy by budget"]) == ["accuracy@4", "accuracy@8", "accuracy@12", "accuracy@16"]
+    assert panels["seconds per step"]["update"][1] == [r["time/update_s"] for r in steps]
     assert any((run_dir / "tensorboard").iterdir())
     # The engine's copy was synced with the learner's after the last update.
     engine_state = trainer.parts.engine.model.state_dict()

@@ -49,7 +49,9 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             print(f"run folder: {run_dir}: {stopped}")
         sys.exit(stopped.exit_code)
     if os.environ.get("RANK", "0") == "0":  # torchrun: once, from rank 0
-        print(f"run folder: {run_dir} (report.md, metrics.jsonl, eval/, checkpoints/final, budget_accuracy.png)")
+        print(
+            f"run folder: {run_dir} (report.md, metrics.jsonl, eval/, checkpoints/final, budget_accuracy.png, training_curves.png)"
+        )
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:

@@ -42,7 +42,7 @@ from trainer.distributed import (
     shutdown,
 )
 from trainer.evaluate import EvalResult, eval_result, evaluate_samples, markdown_table, mean_over_sets, plot_curves
-from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer
+from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer, plot_training_curves
 from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
 from trainer.rollout.base import RolloutStats
 from trainer.sft import sft_examples, sft_warmup
@@ -398,6 +398,10 @@ class Trainer:
                 f"on {last.num_problems} held-out problems x {last.samples_per_problem} samples."
             )
         plots = "budget_accuracy.png"
+        curves = plot_training_curves(self.metrics.path, self.run_dir / "training_curves.png",
+                                      title=f"{self.config.name}: RL steps")  # fmt: skip
+        if curves is not None:
+            plots += ", training_curves.png"
         by_set = {name: self.set_results[name] for name in evaluations if name in self.set_results}
         if by_set:
             sets = ", ".join(next(iter(by_set.values())))

@@ -134,3 +134,70 @@ class Display:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` in order (missing values read as None)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_series(records: list[dict]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """What :func:`plot_training_curves` draws: panel -> line -> (steps, values), from the RL
+    steps' records (``train/loss`` present; SFT records have steps <= 0) and the evaluations'."""
+    steps = [r for r in records if "train/loss" in r and r["step"] > 0]
+
+    def series(key: str, rows: list[dict]) -> tuple[list[int], list[float]]:
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        return [s for s, _ in points], [v for _, v in points]
+
+    budgets = sorted({key for r in steps for key in r if key.startswith("rollout/accuracy@")},
+                     key=lambda key: int(key.rsplit("@", 1)[1]))  # fmt: skip
+    phases = sorted(
+        {key for r in steps for key in r if key.startswith("time/") and key.endswith("_s")}
+        - {"time/step_s", "time/tokens_per_s"}
+    )
+    panels = {
+        "anytime score": {"rollouts": series("rollout/anytime_score", steps),
+                          "evaluation": series("eval/anytime_score", [r for r in records if "train/loss" not in r])},
+        "rollout accuracy by budget": {key.removeprefix("rollout/"): series(key, steps) for key in budgets},
+        "thinking tokens": {"mean per trace": series("rollout/thinking_tokens", steps)},
+        "loss": {"policy loss": series("train/loss", steps)},
+        "gradient norm": {"before clipping": series("train/grad_norm", steps)},
+        "seconds per step": {"whole step": series("time/step_s", steps),
+                             **{key.removeprefix("time/").removesuffix("_s"): series(key, steps) for key in phases}},
+    }  # fmt: skip
+    return {name: {label: line for label, line in lines.items() if line[0]} for name, lines in panels.items()}
+
+
+def plot_training_curves(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path | None:
+    """``training_curves.png``: a panel per quantity of the RL steps (see :func:`training_series`);
+    None when there is no RL step to draw."""
+    panels = {name: lines for name, lines in training_series(read_metrics(metrics_path)).items() if lines}
+    if not any(name != "anytime score" for name in panels):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 3
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), dpi=110, squeeze=False)
+    for axis, (name, lines) in zip(axes.flat, panels.items(), strict=False):
+        for label, (x, y) in lines.items():
+            marker = "o" if len(x) < 30 or label == "evaluation" else None
+            axis.plot(x, y, marker=marker, markersize=3, label=label)
+        axis.set_title(name)
+        axis.set_xlabel("RL step")
+        axis.grid(alpha=0.3)
+        if len(lines) > 1:
+            axis.legend(fontsize="small")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out_path = Path(out_path)
+    figure.savefig(out_path)
+    plt.close(figure)
+    return out_path
