@@ -107,6 +107,14 @@ def test_a_stop_signal_ends_the_step_with_a_checkpoint_that_resumes_like_an_unin
     subprocess.run([*train_command(stopped, *no_periodic), "--resume", "auto"], check=True, env=env,
                    capture_output=True, timeout=600)  # fmt: skip
     assert train_steps(stopped) == [1, 2, 3, 4]
+    # The resumed process did not evaluate the SFT model: its report reads that evaluation back.
+    reports = [(run / "report.md").read_text().splitlines() for run in (tmp_path / "whole", stopped)]
+    assert (
+        [line for line in reports[1] if line.startswith("| sft |")]
+        == [line for line in reports[0] if line.startswith("| sft |")]
+        != []
+    )
+    assert any(line.startswith("Anytime score sft -> final") for line in reports[1])
     whole = load_file(tmp_path / "whole" / "checkpoints" / "final" / "model.safetensors")
     resumed = load_file(stopped / "checkpoints" / "final" / "model.safetensors")
     for name, tensor in whole.items():

@@ -232,7 +232,7 @@ class Trainer:
             evaluations["final"] = self.evaluate("final", step=steps)
             self.save("final", steps)
             if self.context.is_main:
-                self._report({name: e for name, e in evaluations.items() if e is not None}, time.perf_counter() - start)
+                self._report(self._with_earlier_evaluations(evaluations), time.perf_counter() - start)
         finally:
             stop.__exit__(None, None, None)
             if self.display is not None:
@@ -383,6 +383,22 @@ class Trainer:
                 torch.cuda.set_rng_state(states["cuda_device"])
             elif "cuda" in states and torch.cuda.current_device() < len(states["cuda"]):  # older checkpoints
                 torch.cuda.set_rng_state(states["cuda"][torch.cuda.current_device()])
+
+    def _with_earlier_evaluations(self, evaluations: dict[str, EvalResult | None]) -> dict[str, EvalResult]:
+        """``evaluations`` with the starting one (``sft`` or ``start``) first: a resumed run reads it
+        (and its sets' results) from the run folder, where the run that made it wrote it."""
+        done = {name: result for name, result in evaluations.items() if result is not None}
+        if "sft" in done or "start" in done:
+            return done
+        for name in ("sft", "start"):
+            path = self.run_dir / "eval" / f"{name}.json"
+            if path.is_file():
+                earlier = EvalResult.from_json(path)
+                if earlier.sets:
+                    self.set_results[name] = {set_name: EvalResult.from_json(path.parent / name / f"{set_name}.json")
+                                              for set_name in earlier.sets}  # fmt: skip
+                return {name: earlier, **done}
+        return done
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:
         plot_curves(evaluations, self.run_dir / "budget_accuracy.png", title=f"{self.config.name}: accuracy vs budget")
