@@ -57,18 +57,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    """SIGUSR1 reaches rank 1 alone during the first RL step: the ranks agree at the step's end,
-    write one sharded checkpoint of step 1 together and stop; rank 0 names no signal of its own."""
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch):
+    """SIGUSR1 reaches rank 1 alone during the first RL step: the ranks agree at the step's end
+    (on the signal too), write one checkpoint of step 1 together and stop. With bf16 autocast
+    every rank's engine holds bf16 weights, yet the checkpoint's export holds the learner's fp32
+    weights: what its sharded state loads into one process."""
+    from safetensors.torch import load_file
+
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
-    run_ranks(2, "distributed_worker.py", [ROOT, tmp_path],
-              [tmp_path, "--stop-on-rank", "1", *STEP, "train.steps=3", "train.save_every=0"])  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = [*STEP, "train.steps=3", "train.save_every=0", "model.autocast=bfloat16", "rollout.every_rank=true"]
+    run_ranks(2, "distributed_worker.py", [ROOT, tmp_path], [tmp_path, "--stop-on-rank", "1", *config])
     records = [json.loads((tmp_path / f"stopped{rank}.json").read_text()) for rank in (0, 1)]
-    assert records == [{"signal": None, "step": 1, "checkpoint": "step1"},
-                       {"signal": "SIGUSR1", "step": 1, "checkpoint": "step1"}]  # fmt: skip
+    assert records == [{"signal": "SIGUSR1", "step": 1, "checkpoint": "step1"}] * 2
     checkpoint = tmp_path / "run" / "checkpoints" / "step1"
     assert (checkpoint / "dcp").is_dir() and json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 1
     assert not (tmp_path / "run" / "checkpoints" / "final").exists()
+    exported = load_file(checkpoint / "model.safetensors")
+    resumed = Trainer(load_config(None, config), tmp_path / "resumed", resume=checkpoint)
+    for name, tensor in resumed.parts.policy.model.state_dict().items():
+        if name in exported:
+            assert exported[name].dtype == torch.float32 and torch.equal(exported[name], tensor), name
+    resumed.metrics.close()
 
 
 def test_split_rows_balances_tokens_and_keeps_order():

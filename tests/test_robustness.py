@@ -120,9 +120,91 @@ def test_a_stop_signal_ends_the_step_with_a_checkpoint_that_resumes_like_an_unin
     for name, tensor in whole.items():
         assert torch.equal(resumed[name], tensor), name
 
-    code, _, _ = start_and_signal(tmp_path / "twice", 2)
-    assert code == -signal.SIGUSR1  # the default action: no checkpoint of the step
-    assert not (tmp_path / "twice" / "checkpoints" / "final").exists()
+    code, out, _ = start_and_signal(tmp_path / "twice", 2)
+    assert code == 128 + signal.SIGUSR1 and "stopped on" not in out  # at once: no checkpoint of the step
+    assert sorted(p.name for p in (tmp_path / "twice" / "checkpoints").iterdir()) == ["sft"]
+
+
+def signal_self_during(monkeypatch, cls, method: str) -> None:
+    """Send this process SIGUSR1 while ``cls.method`` runs (once), as a cluster would."""
+    original = getattr(cls, method)
+
+    def signalled(self, *args, **kwargs):
+        monkeypatch.setattr(cls, method, original)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)  # the watcher thread sees the signal while the method still runs
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, signalled)
+
+
+def test_a_stop_signal_during_sft_stops_after_its_checkpoint_and_one_on_the_last_step_before_the_final_eval(
+    tmp_path, monkeypatch
+):
+    """A signal during the SFT warm-up stops the run once the SFT checkpoint is written, before
+    the SFT evaluation; one during the last RL step saves that step before the (long) final
+    evaluation, which runs when the run resumes."""
+    from trainer.stopping import RunStopped
+
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(None, [*RUN, "train.steps=2", "train.save_every=0"])
+    signal_self_during(monkeypatch, Trainer, "_sft")
+    with pytest.raises(RunStopped, match="stopped on SIGUSR1 after RL step 0") as stopped:
+        Trainer(config, tmp_path / "run").run()
+    assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "sft"
+    assert not (tmp_path / "run" / "eval").exists()
+
+    resumed = Trainer(config, tmp_path / "run", resume="auto")
+    real_step = resumed.rl_step
+
+    def last_step_signalled(step):
+        if step == 1:  # the last of train.steps=2
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)
+        return real_step(step)
+
+    resumed.rl_step = last_step_signalled
+    with pytest.raises(RunStopped, match="after RL step 2"):
+        resumed.run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["sft", "step2"]
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["start.json"]
+    final = Trainer(config, tmp_path / "run", resume="auto")
+    assert final.start_step == 2
+    evaluations = final.run()
+    assert set(evaluations) == {"final"} and (checkpoints / "final").is_dir()
+    assert train_steps(tmp_path / "run") == [1, 2]
+
+
+SECOND_SIGNAL_CHILD = """
+import time, torch
+from trainer.stopping import StopSignals
+torch.set_num_threads(1)
+left, right = torch.randn(6000, 6000), torch.randn(6000, 6000)
+with StopSignals():
+    print("ready", flush=True)
+    torch.mm(left, right)  # seconds inside one native call: Python runs no handler meanwhile
+    print("native call done", flush=True)
+"""
+
+
+def test_a_second_signal_ends_a_process_blocked_in_a_native_call(tmp_path):
+    """Python runs signal handlers between bytecodes only, where two signals can arrive as one:
+    the watcher thread sees each signal as it arrives, so the second one ends the process while
+    its main thread is still inside a long native call."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL_CHILD], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "native call done" not in out
+    assert "SIGTERM again: stopping now" in err
 
 
 def test_prompts_are_consumed_once_per_epoch():

@@ -236,7 +236,21 @@ def test_streaming_without_a_kv_budget_holds_at_most_two_windows_of_traces(polic
     assert reprefilled(engine.stats.summarize, batch) < 0.02
 
 
-def test_a_seeded_rollout_seeds_its_first_window_only(policy):
+def test_releasing_a_window_keeps_the_same_trace_sampled_again_by_the_next(policy):
+    """Greedy traces of a repeated prompt are one stored sequence: releasing the previous window's
+    copy must not drop the one the current call stored for its own forks."""
+    model, tokenizer = policy
+    schedule = BudgetSchedule(KV_B_MAX, SLOTS)
+    prompts = [tokenizer.encode("q1", add_special_tokens=False)] * 3
+    engine = EmbeddedEngine(model, tokenizer, seed=0)
+    sampling = SamplingParams(temperature=0, min_new_tokens=KV_B_MAX)
+    traces, batch = engine.rollout(prompts, 1, KV_B_MAX, schedule, A, sampling, 4, window=1)
+    assert len({tuple(z) for z in traces.thinking_ids}) == 1
+    assert reprefilled(engine.stats.summarize, batch) < 0.02
+    assert engine.stored_tokens == 0
+
+
+def test_a_seeded_rollout_seeds_its_first_window_only(policy, monkeypatch):
     """Each generate call of the embedded engine restarts a seeded stream: a seeded rollout in
     windows seeds the first call and continues the stream after it, so its windows do not repeat
     the same draws (same-length prompts would then sample the same traces), and it is reproducible."""
@@ -261,6 +275,12 @@ def test_a_seeded_rollout_seeds_its_first_window_only(policy):
     traces, summaries = run()
     # 4 windows, then the last forks: the engine reseeds when a call's requests carry a seed.
     assert seeds == [["5"], ["None"], ["None"], ["None"], ["None"]], seeds
+    # An engine that seeds each request (SGLang's sampling_seed) keeps the seed on every request.
+    seeds.clear()
+    monkeypatch.setattr(EmbeddedEngine, "reseeds_per_call", False)
+    run()
+    assert seeds == [["5"]] * 5, seeds
+    monkeypatch.undo()
     assert len({tuple(z) for z in traces.thinking_ids}) > 1, traces.thinking_ids
     again = run()
     assert again[0].thinking_ids == traces.thinking_ids and again[1].summary_ids == summaries.summary_ids

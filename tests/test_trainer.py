@@ -321,8 +321,8 @@ PAPER_PRECISION = {
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_learner(tmp_path, monkeypatch, device):
     """rollout.dtype=auto samples in the learner's autocast dtype: the engine holds the learner's
-    weights rounded to bf16 (before and after an update), keeps RoPE's fp32 inv_freq, caches K/V
-    in bf16 and reports fp32 log-probs; without autocast (or with float32) it keeps fp32 weights.
+    weights rounded to bf16 (before and after an update), keeps RoPE's fp32 inv_freq and caches K/V
+    in bf16; without autocast (or with float32) it keeps fp32 weights.
     On CUDA this is also one whole RL step of the paper's precision setup."""
     from trainer.config import ConfigError
 
@@ -350,10 +350,9 @@ def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_le
     assert_engine_holds_learner_weights_in_bf16()
     request = GenerationRequest((5, 6, 7), n=1, max_new_tokens=4, stop_token_ids=(), sampling=SamplingParams(),
                                 cache_output=True)  # fmt: skip
-    output = engine.generate([request])[0]
+    engine.generate([request])
     stored = next(iter(engine._stored.values()))
     assert stored.keys[0].dtype == torch.bfloat16 and stored.values[0].dtype == torch.bfloat16
-    assert all(isinstance(lp, float) and lp <= 0 for lp in output.output_logprobs[0])
     trainer.metrics.close()
 
     for name, overrides in (

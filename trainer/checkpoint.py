@@ -32,10 +32,12 @@ def save_checkpoint(
     rng_state: dict | None = None,
     metrics_lines: int | None = None,
     reuse_partial: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint atomically (temporary folder, then rename) and return its path.
 
     ``reuse_partial``: the ``.partial`` folder already holds parts written by every rank (``dcp/``).
+    ``state_dict``: the weights to export instead of ``model``'s own (``model`` gives the config).
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
@@ -43,12 +45,17 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
     # The learner's copy runs the tree attention; the saved config names an ordinary one.
-    implementation = model.config._attn_implementation
+    implementation, dtype = model.config._attn_implementation, model.config.dtype
+    # The config names the dtype of the weights it is saved with (from_pretrained loads in it).
+    exported = {t.dtype for t in (state_dict or {}).values() if t.is_floating_point()}
     model.config._attn_implementation = "sdpa"
     try:
-        model.save_pretrained(partial, safe_serialization=True)
+        model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
+        if len(exported) == 1 and exported != {model.dtype}:
+            model.config.dtype = exported.pop()
+            model.config.save_pretrained(partial)
     finally:
-        model.config._attn_implementation = implementation
+        model.config._attn_implementation, model.config.dtype = implementation, dtype
     tokenizer.save_pretrained(partial)
     (partial / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if rng_state is not None:

@@ -250,6 +250,9 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
     model_context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
     limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
     train_prompts, eval_sets, data_counts = _prompts(config, tokenizer, run_dir, limit)
+    for name, prompts in eval_sets.items():  # every rank stops here, none waits in a collective
+        if not prompts:
+            raise DataError(f"evaluation set {name!r} has no problem left to evaluate (see the data/eval_* counts)")
     autocast = model_config.autocast
     if autocast == "auto":
         autocast = "bfloat16" if device.type == "cuda" else None

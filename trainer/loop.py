@@ -202,17 +202,21 @@ class Trainer:
             stop.__enter__()
             if sft_steps and not self.sft_done:
                 self._sft(sft_steps)
-                self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
+                sft = self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
+                self._stop_if_signalled(stop, 0, sft)  # before the evaluation of the SFT model
                 evaluations["sft"] = self.evaluate("sft", step=0)
+                self._stop_if_signalled(stop, 0, sft)
             elif self.start_step == 0 and evaluate_start:
                 evaluations["start"] = self.evaluate("start", step=0)
+                self._stop_if_signalled(stop, 0, latest_checkpoint(self.run_dir / "checkpoints"))
             self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main)
             for step in range(self.start_step, steps):
                 step_start = time.perf_counter()
                 metrics = self.rl_step(step)
                 metrics["time/step_s"] = time.perf_counter() - step_start
                 metrics["time/tokens_per_s"] = metrics["train/trained_tokens"] / metrics["time/step_s"]
-                if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps:
+                stopping = self._stop_requested(stop)  # before a periodic evaluation, which can be long
+                if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps and not stopping:
                     result = self.evaluate(f"step{step + 1}", step=step + 1)
                     if result is not None:
                         metrics["eval/anytime_score"] = result.anytime_score
@@ -220,14 +224,10 @@ class Trainer:
                 self.display.advance(
                     f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
                 )
-                saved = bool(c.train.save_every) and (step + 1) % c.train.save_every == 0
-                if saved:
-                    self.save(f"step{step + 1}", step + 1)
-                # Every rank takes part (one all-reduce), so the ranks stop after the same step.
-                if all_reduce_max(int(stop.received is not None), self.context) and step + 1 < steps:
-                    name = f"step{step + 1}"
-                    checkpoint = self.run_dir / "checkpoints" / name if saved else self.save(name, step + 1)
-                    raise RunStopped(stop.received, step + 1, checkpoint)
+                if (c.train.save_every and (step + 1) % c.train.save_every == 0) or stopping:
+                    checkpoint = self.save(f"step{step + 1}", step + 1)
+                if stopping:  # also after the last step: the final evaluation runs on resume
+                    raise RunStopped(stopping, step + 1, checkpoint)
             self.display.close()
             evaluations["final"] = self.evaluate("final", step=steps)
             self.save("final", steps)
@@ -239,6 +239,16 @@ class Trainer:
                 self.display.close()
             self.metrics.close()
         return evaluations
+
+    def _stop_requested(self, stop: StopSignals) -> int:
+        """The stop signal's number when any rank received one, else 0; every rank takes part (one
+        all-reduce), so the ranks stop at the same point."""
+        return all_reduce_max(stop.received or 0, self.context)
+
+    def _stop_if_signalled(self, stop: StopSignals, step: int, checkpoint: Path | None) -> None:
+        number = self._stop_requested(stop)
+        if number:
+            raise RunStopped(number, step, checkpoint)
 
     def _sft(self, steps: int) -> None:
         p = self.parts
@@ -332,9 +342,13 @@ class Trainer:
                 partial.mkdir(parents=True)
             barrier(self.context)
             save_sharded(partial / "dcp", p.policy.module, p.learner.optimizer)
+            # The export holds the learner's weights: the engine's copy may be in rollout.dtype.
+            weights = full_state_dict(p.policy.module, self.context)  # a collective; rank 0 gets them
             barrier(self.context)
             if self.context.is_main:
-                save_checkpoint(path, p.host_model, p.tokenizer, self.config, reuse_partial=True, **common)
+                weights = {key.removeprefix("model."): value for key, value in weights.items()}
+                save_checkpoint(path, p.host_model, p.tokenizer, self.config, reuse_partial=True,
+                                state_dict=weights, **common)  # fmt: skip
             barrier(self.context)
         if self.context.is_main:
             prune_checkpoints(self.run_dir / "checkpoints", self.config.train.keep_checkpoints)

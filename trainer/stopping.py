@@ -1,11 +1,14 @@
 """Stopping a run on a signal with a checkpoint, as a cluster asks before it preempts a job.
 
-The first SIGTERM or SIGUSR1 (Slurm: ``#SBATCH --signal=USR1@600`` sends it ten minutes before
-the time limit) asks the run to stop at the end of the current RL step: ``Trainer.run`` saves a
-resumable checkpoint there and raises :class:`RunStopped`; ``--resume auto`` continues from it. A
-second signal of either kind ends the process at once, as without a handler. Under ``torchrun``
-the ranks agree at every step boundary (one all-reduce), so they stop at the same step even when
-the signal reached only some of them.
+The first SIGTERM or SIGUSR1 (Slurm: ``#SBATCH --signal=USR1@600`` for a trainer started by
+``srun``) asks the run to stop at its next boundary: after the RL step in progress (before a
+periodic evaluation), after the SFT warm-up, or after the starting evaluation. ``Trainer.run``
+saves a resumable checkpoint there and raises :class:`RunStopped`; ``--resume auto`` continues
+from it. A second signal ends the process at once, even while it waits inside a collective or a
+long native call (a thread watches the signals as they arrive; Python runs its own handlers only
+between bytecodes of the main thread). Under ``torchrun`` the ranks agree at every boundary (one
+all-reduce of the signal number), so they stop at the same point even when the signal reached
+only some of them.
 """
 
 from __future__ import annotations
@@ -22,53 +25,120 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class RunStopped(Exception):
-    """The run stopped on a signal after step ``step``, with its checkpoint at ``checkpoint``."""
+    """The run stopped on signal ``signal_number`` after RL step ``step``; ``checkpoint`` is where
+    it continues from (None: nothing was trained yet, a new run starts over)."""
 
-    def __init__(self, signal_name: str | None, step: int, checkpoint: Path) -> None:
-        self.signal_name = signal_name
+    def __init__(self, signal_number: int, step: int, checkpoint: Path | None) -> None:
+        self.signal_number = signal_number
         self.step = step
         self.checkpoint = checkpoint
-        cause = signal_name or "a signal another rank received"
-        super().__init__(
-            f"stopped on {cause} after RL step {step}; checkpoint {checkpoint} (resume with --resume auto)"
-        )
+        where = f"checkpoint {checkpoint} (resume with --resume auto)" if checkpoint else "nothing trained to save"
+        super().__init__(f"stopped on {self.signal_name} after RL step {step}; {where}")
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal_number).name
 
     @property
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process a signal ended."""
-        number = getattr(signal, self.signal_name or "SIGTERM", signal.SIGTERM)
-        return 128 + int(number)
+        return 128 + self.signal_number
 
 
 class StopSignals:
-    """While entered (in the main thread), the first stop signal sets :attr:`received` (its name)
-    instead of ending the process; a second one ends it. Restores the previous handlers on exit."""
+    """While entered (in the main thread), the first stop signal sets :attr:`received` (its
+    number) instead of ending the process; a second one ends it at once with the signal's default
+    action. Restores the previous handlers on exit."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._previous_wakeup = -1
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             logger.debug("not the main thread: stop signals keep their handlers")
             return self
-        for name in STOP_SIGNALS:
-            number = getattr(signal, name, None)
-            if number is not None:
-                self._previous[number] = signal.signal(number, self._handle)
+        numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        self._pipe = (read_end, write_end)
+        # The C-level handler writes one byte per delivered signal to this pipe at once, whatever
+        # the main thread is doing; the Python-level handler itself does nothing.
+        self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for number in numbers:
+            self._previous[number] = signal.signal(number, _ignore)
+        self._watcher = threading.Thread(target=self._watch, args=(read_end, set(numbers)), daemon=True)
+        self._watcher.start()
+        _active.append(self)
         return self
 
-    def _handle(self, number: int, frame) -> None:
+    def _watch(self, read_end: int, numbers: set[int]) -> None:
+        while True:
+            try:
+                data = os.read(read_end, 64)
+            except OSError:
+                return
+            if not data:  # the write end closed: __exit__
+                return
+            for number in data:
+                if number in numbers:
+                    self._handle(number)
+
+    def _handle(self, number: int) -> None:
         name = signal.Signals(number).name
         if self.received is not None:  # the second signal: end now, as the default action does
             logger.warning("%s again: stopping now, without a checkpoint of this step", name)
-            signal.signal(number, signal.SIG_DFL)
-            os.kill(os.getpid(), number)
+            _die(number)
             return
-        self.received = name
-        logger.warning("%s: the run stops after this RL step with a checkpoint (send it again to stop now)", name)
+        self.received = number
+        logger.warning("%s: the run stops at the end of this step with a checkpoint (send it again to stop now)", name)
 
-    def __exit__(self, *exc_info) -> None:
+    def _restore(self) -> None:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()
+        signal.set_wakeup_fd(self._previous_wakeup)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pipe is None:
+            return
+        _active.remove(self)
+        self._restore()
+        read_end, write_end = self._pipe
+        os.close(write_end)  # the watcher reads end-of-file and returns
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        os.close(read_end)
+        self._pipe = None
+
+
+_active: list[StopSignals] = []
+
+
+def _reset_in_child() -> None:
+    """A process forked (without exec) while signals are watched gets the previous handlers back:
+    it has no watcher thread, would ignore SIGTERM (``multiprocessing.Pool.terminate`` sends it)
+    and would report its signals through the parent's pipe."""
+    for watched in reversed(_active):
+        watched._restore()
+        if watched._pipe is not None:
+            for end in watched._pipe:
+                os.close(end)
+        watched._pipe = None
+    _active.clear()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
+
+
+def _ignore(number: int, frame) -> None:
+    """The Python-level handler: the watcher thread acts on the wakeup byte instead."""
+
+
+def _die(number: int) -> None:
+    """End the process as signal ``number``'s default action would, from any thread."""
+    logging.shutdown()
+    os._exit(128 + number)

@@ -337,6 +337,10 @@ class RolloutEngine(abc.ABC):
     def flush_cache(self) -> None:
         """Drop every cached prefix."""
 
+    # Whether generate() restarts one random stream from a request's seed on every call (the
+    # embedded engine) rather than seeding each request on its own (SGLang's sampling_seed).
+    reseeds_per_call = False
+
     def release_traces(self, traces: ThinkingBatch) -> None:
         """The forks of ``traces`` are served: an engine that keeps finished traces for their forks
         may drop them (:meth:`rollout` calls this window by window, so an engine's stored traces
@@ -497,9 +501,10 @@ class RolloutEngine(abc.ABC):
         concurrently override this to send each prompt's forks the moment its traces are back.
 
         Once a window's forks are served, :meth:`release_traces` lets the engine drop its traces.
-        A ``sampling.seed`` seeds the first window: later windows continue that random stream
-        (each ``generate`` call would otherwise restart it, and every window would sample with
-        the same draws).
+        On an engine that reseeds its one random stream per ``generate`` call
+        (``reseeds_per_call``), a ``sampling.seed`` seeds the first window and later windows
+        continue that stream (else every window would sample with the same draws); engines that
+        seed each request keep the seed on every request.
 
         Returns the same ``(ThinkingBatch, SummaryBatch)`` as the two calls.
         """
@@ -508,7 +513,7 @@ class RolloutEngine(abc.ABC):
         think_requests = self._think_requests(prompts, group_size, max_tokens, sampling)
         size = window or max(len(think_requests), 1)
         windows = [list(range(i, min(i + size, len(think_requests)))) for i in range(0, len(think_requests), size)]
-        if len(windows) > 1 and sampling.seed is not None:
+        if len(windows) > 1 and sampling.seed is not None and self.reseeds_per_call:
             sampling = dataclasses.replace(sampling, seed=None)  # what the requests after the first call carry
             think_requests[size:] = [dataclasses.replace(r, sampling=sampling) for r in think_requests[size:]]
         served: ThinkingBatch | None = None  # the traces whose forks the current call serves

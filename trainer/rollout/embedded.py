@@ -48,6 +48,7 @@ class _StoredSequence:
     tokens: tuple[int, ...] = ()
     priority: int = 0
     last_access: int = 0
+    stored_at: int = 0
 
 
 @dataclass
@@ -155,6 +156,7 @@ class EmbeddedEngine(RolloutEngine):
         self._stored: dict[tuple[int, ...], _StoredSequence] = {}
         self._stored_tokens = 0
         self._clock = 0
+        self._call_started = 0
         self.evicted_sequences = 0
         self.model = model.eval()
         self.prefix_sharing = prefix_sharing
@@ -183,13 +185,18 @@ class EmbeddedEngine(RolloutEngine):
         self._stored.clear()
         self._stored_tokens = 0
 
+    reseeds_per_call = True  # generate() reseeds its generator from the first request's seed
+
     def release_traces(self, traces) -> None:
         """Drop the stored keys/values of ``traces`` (a ``ThinkingBatch``) once their forks are
-        served; the stored key of a trace is its prompt and thinking but the last token."""
+        served; the stored key of a trace is its prompt and thinking but the last token. A
+        sequence stored again by the latest ``generate`` call (the same tokens sampled by the next
+        window) stays for its own forks."""
         for prompt, thinking in zip(traces.prompt_ids, traces.thinking_ids, strict=True):
             tokens = tuple(prompt) + tuple(thinking[:-1])
-            stored = self._stored.pop(tokens, None)
-            if stored is not None:
+            stored = self._stored.get(tokens)
+            if stored is not None and stored.stored_at < self._call_started:
+                del self._stored[tokens]
                 self._index.remove(tokens)
                 self._stored_tokens -= len(tokens)
 
@@ -225,6 +232,8 @@ class EmbeddedEngine(RolloutEngine):
         # same prompt's samples would repeat across chunks.
         if requests and requests[0].sampling.seed is not None:
             self._generator.manual_seed(requests[0].sampling.seed)
+        self._clock += 1
+        self._call_started = self._clock  # what this call stores is newer (release_traces)
         with torch.inference_mode():
             for i, request in enumerate(requests):
                 if chunk and rows + request.n > self.max_batch_rows:
@@ -385,6 +394,7 @@ class EmbeddedEngine(RolloutEngine):
             tokens=tokens,
             priority=request.priority,
             last_access=self._clock,
+            stored_at=self._clock,
         )
         previous = self._stored.pop(tokens, None)
         if previous is not None:
