@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from fixtures.rewards import LENGTH_REWARD
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -136,6 +137,9 @@ def test_two_step_run_trains_and_writes_everything(finished_run):
         assert result.anytime_score == pytest.approx(expected)
     assert (run_dir / "budget_accuracy.png").stat().st_size > 1000
     assert "anytime score" in (run_dir / "report.md").read_text()
+    assert yaml.safe_load((run_dir / "run_config.yaml").read_text()) == trainer.config.to_dict()
+    (start,) = json.loads((run_dir / "environment.json").read_text())
+    assert start["torch"] == torch.__version__ and start["start_step"] == 0 and start["devices"] == ["cpu"]
     # training_curves.png draws the RL steps' own records and the evaluations, read back from metrics.jsonl.
     assert (run_dir / "training_curves.png").stat().st_size > 1000
     panels = training_series(records)
@@ -471,3 +475,15 @@ def test_evaluation_streams_problems_in_windows_without_changing_greedy_results(
     assert results[1] == results[0] and results[0].num_problems == 6
     # Greedy samples of a problem are one stored sequence: 6 problems at once; two windows of 1 problem.
     assert peak == {0: 6, 1: 2}
+
+
+def test_a_restart_in_the_same_folder_names_the_config_keys_it_changed(tmp_path, caplog):
+    base = [*TINY, "sft.steps=0"]
+    Trainer(load_config(None, base), tmp_path).metrics.close()
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(None, base), tmp_path).metrics.close()
+    assert "config differs" not in caplog.text
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(None, [*base, "optim.lr=2e-3", "rollout.group_size=3"]), tmp_path).metrics.close()
+    assert "optim.lr (0.001 -> 0.002), rollout.group_size (2 -> 3)" in caplog.text
+    assert len(json.loads((tmp_path / "environment.json").read_text())) == 3

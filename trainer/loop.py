@@ -9,6 +9,7 @@ evaluation, checkpoints and the report. Setup (models, data, engine) is in ``tra
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from anytime_kernels import advantage_stats
 from trainer import components
@@ -42,7 +44,7 @@ from trainer.distributed import (
     shutdown,
 )
 from trainer.evaluate import EvalResult, eval_result, evaluate_samples, markdown_table, mean_over_sets, plot_curves
-from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer, plot_training_curves
+from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer, environment, plot_training_curves
 from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
 from trainer.rollout.base import RolloutStats
 from trainer.sft import sft_examples, sft_warmup
@@ -95,8 +97,26 @@ class Trainer:
             else NullMetrics()
         )
         self.display: Display | None = None
+        if self.context.is_main:
+            self._record_start()
         if self.start_step == 0:
             self.metrics.log(0, self.parts.data_counts)
+
+    def _record_start(self) -> None:
+        """``run_config.yaml`` (the resolved config) and one more entry of ``environment.json``
+        (versions, commit, devices, command line) in the run folder, before any work; a resume
+        whose config differs from the folder's says which keys changed."""
+        path = self.run_dir / "run_config.yaml"
+        current = self.config.to_dict()
+        if path.is_file():
+            changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, current)
+            if changed:
+                logger.warning("the config differs from %s's in %s", path, ", ".join(changed))
+        path.write_text(yaml.safe_dump(current, sort_keys=False))
+        starts_path = self.run_dir / "environment.json"
+        starts = json.loads(starts_path.read_text()) if starts_path.is_file() else []
+        starts.append({**environment(), "start_step": self.start_step})
+        starts_path.write_text(json.dumps(starts, indent=2) + "\n")
 
     # -- one RL step ---------------------------------------------------------------------------
 
@@ -482,6 +502,18 @@ class Trainer:
         for b, value in zip(p.schedule.budgets, stats.return_variance.tolist(), strict=True):
             metrics[f"advantages/return_variance@{b}"] = value
         return metrics
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config mappings."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return changed
 
 
 def _eval_metrics(result: EvalResult, prefix: str) -> dict[str, float]:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -134,6 +135,43 @@ class Display:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def environment() -> dict:
+    """What a run ran on: versions, the code's git commit (when it is a checkout), devices, the
+    command line and the start time (``environment.json`` in the run folder)."""
+    import platform
+    import subprocess
+    import sys
+
+    import transformers
+    import triton
+
+    import anytime_kernels
+
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        root = Path(anytime_kernels.__file__).resolve().parent.parent
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if done.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+            commit = done.stdout.strip() + ("+uncommitted changes" if dirty else "")
+    cuda = torch.cuda.is_available()
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "anytime_kernels": anytime_kernels.__version__,
+        "git_commit": commit,
+        "cuda": torch.version.cuda if cuda else None,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
 
 
 def read_metrics(path: str | Path) -> list[dict]:
