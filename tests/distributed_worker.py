@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ def run_until_signalled(out: Path, signal_rank: int, overrides: list[str]) -> No
     def signalling(step):
         if step == 0 and trainer.context.rank == signal_rank:
             os.kill(os.getpid(), signal.SIGUSR1)  # handled at the end of this step
+            time.sleep(0.2)  # the watcher thread takes it in while the step has not ended
         return rl_step(step)
 
     trainer.rl_step = signalling
