@@ -66,7 +66,9 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path
 
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = [*STEP, "train.steps=3", "train.save_every=0", "model.autocast=bfloat16", "rollout.every_rank=true"]
+    tied = ("model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+            "num_key_value_heads: 2, max_position_embeddings: 512, tie_word_embeddings: true}")  # fmt: skip
+    config = [*STEP, tied, "train.steps=3", "train.save_every=0", "model.autocast=bfloat16", "rollout.every_rank=true"]
     run_ranks(2, "distributed_worker.py", [ROOT, tmp_path], [tmp_path, "--stop-on-rank", "1", *config])
     records = [json.loads((tmp_path / f"stopped{rank}.json").read_text()) for rank in (0, 1)]
     assert records == [{"signal": "SIGUSR1", "step": 1, "checkpoint": "step1"}] * 2
@@ -74,10 +76,12 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path
     assert (checkpoint / "dcp").is_dir() and json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 1
     assert not (tmp_path / "run" / "checkpoints" / "final").exists()
     exported = load_file(checkpoint / "model.safetensors")
+    assert "lm_head.weight" not in exported  # tied to the embeddings: saved once, as one process saves it
     resumed = Trainer(load_config(None, config), tmp_path / "resumed", resume=checkpoint)
-    for name, tensor in resumed.parts.policy.model.state_dict().items():
-        if name in exported:
-            assert exported[name].dtype == torch.float32 and torch.equal(exported[name], tensor), name
+    state = resumed.parts.policy.model.state_dict()
+    assert set(state) - set(exported) == {"lm_head.weight"}
+    for name, tensor in exported.items():
+        assert tensor.dtype == torch.float32 and torch.equal(state[name], tensor), name
     resumed.metrics.close()
 
 

@@ -163,7 +163,7 @@ def test_a_stop_signal_during_sft_stops_after_its_checkpoint_and_one_on_the_last
         resumed.run()
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["sft", "step2"]
-    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["start.json"]
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["sft.json"]  # evaluated on resume
     final = Trainer(config, tmp_path / "run", resume="auto")
     assert final.start_step == 2
     evaluations = final.run()
@@ -299,3 +299,79 @@ def test_bad_rows_and_long_prompts_are_skipped_or_rejected_by_config(tmp_path):
     with pytest.raises(DataError, match=r"row 1 has a prompt longer than \d+ tokens"):
         Trainer(load_config(None, [*common, "data.skip_bad_rows=true", "data.skip_long_prompts=false"]),
                 tmp_path / "long")  # fmt: skip
+
+
+def test_a_resume_after_a_stop_neither_repeats_nor_skips_an_evaluation(tmp_path, monkeypatch):
+    """Stopped during the SFT evaluation: the resumed run reuses eval/sft.json (its report keeps
+    the "sft" row); stopped after a step whose periodic evaluation was due: the resumed run runs
+    that evaluation first."""
+    from trainer.stopping import RunStopped
+
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(None, [*RUN, "train.steps=3", "train.save_every=0", "eval.every=1"])
+    evaluated = []
+    original = Trainer.evaluate
+
+    def recording(self, name, step):
+        evaluated.append(name)
+        return original(self, name, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    signal_self_during(monkeypatch, Trainer, "evaluate")  # the first evaluation: the SFT model's
+    with pytest.raises(RunStopped, match="after RL step 0"):
+        Trainer(config, tmp_path / "run").run()
+    assert evaluated == ["sft"] and (tmp_path / "run" / "eval" / "sft.json").is_file()
+
+    resumed = Trainer(config, tmp_path / "run", resume="auto")
+    real_step = resumed.rl_step
+
+    def first_step_signalled(step):
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)
+        return real_step(step)
+
+    resumed.rl_step = first_step_signalled
+    with pytest.raises(RunStopped, match="after RL step 1"):  # before step 1's periodic evaluation
+        resumed.run()
+    assert evaluated == ["sft"], "the SFT evaluation ran again"
+    Trainer(config, tmp_path / "run", resume="auto").run()
+    assert evaluated == ["sft", "step1", "step2", "final"]
+    assert train_steps(tmp_path / "run") == [1, 2, 3]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| sft |" in report and "Anytime score sft -> final" in report
+
+
+def test_stop_signals_pass_other_watchers_their_signals_and_undo_a_failed_start(monkeypatch):
+    """A wakeup fd set before (asyncio's) still receives the signals that arrive while the run
+    watches its own; a start that fails half-way leaves the handlers and the wakeup fd as they were."""
+    import threading
+
+    from trainer.stopping import StopSignals
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    outer = signal.set_wakeup_fd(write_end)
+    try:
+        with StopSignals() as stop:
+            other = signal.signal(signal.SIGUSR2, lambda *args: None)
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)
+            signal.signal(signal.SIGUSR2, other)
+        assert stop.received is None and os.read(read_end, 16) == bytes([signal.SIGUSR2])
+        assert signal.set_wakeup_fd(write_end) == write_end  # restored on exit
+
+        def no_thread(self):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            StopSignals().__enter__()
+        assert signal.getsignal(signal.SIGTERM) == handler_before
+        assert signal.set_wakeup_fd(write_end) == write_end
+    finally:
+        signal.set_wakeup_fd(outer)
+        os.close(read_end)
+        os.close(write_end)

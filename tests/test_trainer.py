@@ -487,3 +487,13 @@ def test_a_restart_in_the_same_folder_names_the_config_keys_it_changed(tmp_path,
         Trainer(load_config(None, [*base, "optim.lr=2e-3", "rollout.group_size=3"]), tmp_path).metrics.close()
     assert "optim.lr (0.001 -> 0.002), rollout.group_size (2 -> 3)" in caplog.text
     assert len(json.loads((tmp_path / "environment.json").read_text())) == 3
+    # A file torn by a kill mid-write is read as absent (with a warning), not a crash.
+    (tmp_path / "environment.json").write_text('[{"started": ')
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(None, base), tmp_path).metrics.close()
+    assert "environment.json cannot be read" in caplog.text
+    assert len(json.loads((tmp_path / "environment.json").read_text())) == 1
+    # --resume auto without a checkpoint starts over: the records of the attempt that left none go.
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # one data record per start
+    Trainer(load_config(None, base), tmp_path, resume="auto").metrics.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1

@@ -10,6 +10,7 @@ place, so a crash mid-save leaves only a ``.partial`` folder, which ``latest_che
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,17 @@ import torch
 import yaml
 
 from trainer.config import RunConfig
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill mid-write leaves
+    the old file (or none), never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
 
 
 def save_checkpoint(

@@ -51,8 +51,9 @@ class EvalResult:
         data = asdict(self)
         for key in ("accuracy", "stderr_by_budget", "weights"):
             data[key] = {str(budget): value for budget, value in data[key].items()}
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        return path
+        from trainer.checkpoint import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # read back by a resumed run
 
     @classmethod
     def from_json(cls, path: str | Path) -> EvalResult:

@@ -29,6 +29,7 @@ from trainer.checkpoint import (
     load_trainer_state,
     prune_checkpoints,
     save_checkpoint,
+    write_text_atomic,
 )
 from trainer.config import RunConfig, load_config
 from trainer.distributed import (
@@ -62,9 +63,11 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume == "auto":
+        auto = resume == "auto"
+        if auto:
             resume = latest_checkpoint(self.run_dir / "checkpoints")
             logger.info("resume auto: %s", resume or "no complete checkpoint, starting fresh")
+        self.resumed_from = Path(resume) if resume is not None else None
         self.parts = components.build(config, self.run_dir, resume=resume)
         self.start_step = 0
         self.sft_done = False
@@ -84,6 +87,9 @@ class Trainer:
                 _truncate_lines(self.run_dir / "metrics.jsonl", state.get("metrics_lines"))
             # Servers restarted after a crash hold the base model: sample from the checkpoint's weights.
             self._sync_weights()
+        elif auto and self.context.is_main and (self.run_dir / "metrics.jsonl").is_file():
+            # An earlier attempt stopped before its first checkpoint: its records describe nothing kept.
+            _truncate_lines(self.run_dir / "metrics.jsonl", 0)
         self.sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
         self.metrics = (
             MetricsLogger(
@@ -108,15 +114,17 @@ class Trainer:
         whose config differs from the folder's says which keys changed."""
         path = self.run_dir / "run_config.yaml"
         current = self.config.to_dict()
-        if path.is_file():
-            changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, current)
+        earlier = _read_or_none(path, yaml.safe_load)
+        if isinstance(earlier, dict):
+            changed = _changed_keys(earlier, current)
             if changed:
                 logger.warning("the config differs from %s's in %s", path, ", ".join(changed))
-        path.write_text(yaml.safe_dump(current, sort_keys=False))
+        write_text_atomic(path, yaml.safe_dump(current, sort_keys=False))
         starts_path = self.run_dir / "environment.json"
-        starts = json.loads(starts_path.read_text()) if starts_path.is_file() else []
+        starts = _read_or_none(starts_path, json.loads)
+        starts = starts if isinstance(starts, list) else []
         starts.append({**environment(), "start_step": self.start_step})
-        starts_path.write_text(json.dumps(starts, indent=2) + "\n")
+        write_text_atomic(starts_path, json.dumps(starts, indent=2) + "\n")
 
     # -- one RL step ---------------------------------------------------------------------------
 
@@ -227,8 +235,23 @@ class Trainer:
                 evaluations["sft"] = self.evaluate("sft", step=0)
                 self._stop_if_signalled(stop, 0, sft)
             elif self.start_step == 0 and evaluate_start:
-                evaluations["start"] = self.evaluate("start", step=0)
-                self._stop_if_signalled(stop, 0, latest_checkpoint(self.run_dir / "checkpoints"))
+                # Resumed from this folder's SFT checkpoint (a stop after the warm-up): its evaluation
+                # is "sft", and is not run again when the stopped run wrote it.
+                own_sft = self.resumed_from == self.run_dir / "checkpoints" / "sft"
+                name = "sft" if own_sft else "start"
+                earlier = self._load_evaluation(name) if own_sft else None
+                if earlier is not None:
+                    evaluations[name] = earlier
+                    self.metrics.log(0, _eval_metrics(earlier, "eval/"))  # its record went with the truncation
+                else:
+                    evaluations[name] = self.evaluate(name, step=0)
+                self._stop_if_signalled(stop, 0, self.resumed_from)
+            elif (
+                c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps
+                and not (self.run_dir / "eval" / f"step{self.start_step}.json").is_file()
+            ):  # fmt: skip
+                # The run stopped after this step, before its periodic evaluation.
+                self.evaluate(f"step{self.start_step}", step=self.start_step)
             self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main)
             for step in range(self.start_step, steps):
                 step_start = time.perf_counter()
@@ -268,7 +291,9 @@ class Trainer:
     def _stop_if_signalled(self, stop: StopSignals, step: int, checkpoint: Path | None) -> None:
         number = self._stop_requested(stop)
         if number:
-            raise RunStopped(number, step, checkpoint)
+            raise RunStopped(
+                number, step, checkpoint, auto=checkpoint is None or checkpoint.parent == self.run_dir / "checkpoints"
+            )
 
     def _sft(self, steps: int) -> None:
         p = self.parts
@@ -367,6 +392,8 @@ class Trainer:
             barrier(self.context)
             if self.context.is_main:
                 weights = {key.removeprefix("model."): value for key, value in weights.items()}
+                if getattr(p.host_model.config, "tie_word_embeddings", False):
+                    weights.pop("lm_head.weight", None)  # the embedding matrix, saved once as in one process
                 save_checkpoint(path, p.host_model, p.tokenizer, self.config, reuse_partial=True,
                                 state_dict=weights, **common)  # fmt: skip
             barrier(self.context)
@@ -425,14 +452,21 @@ class Trainer:
         if "sft" in done or "start" in done:
             return done
         for name in ("sft", "start"):
-            path = self.run_dir / "eval" / f"{name}.json"
-            if path.is_file():
-                earlier = EvalResult.from_json(path)
-                if earlier.sets:
-                    self.set_results[name] = {set_name: EvalResult.from_json(path.parent / name / f"{set_name}.json")
-                                              for set_name in earlier.sets}  # fmt: skip
+            earlier = self._load_evaluation(name)
+            if earlier is not None:
                 return {name: earlier, **done}
         return done
+
+    def _load_evaluation(self, name: str) -> EvalResult | None:
+        """``eval/<name>.json`` of this run folder (and its sets' results), or None when absent."""
+        path = self.run_dir / "eval" / f"{name}.json"
+        if not path.is_file():
+            return None
+        result = EvalResult.from_json(path)
+        if result.sets:
+            self.set_results[name] = {set_name: EvalResult.from_json(path.parent / name / f"{set_name}.json")
+                                      for set_name in result.sets}  # fmt: skip
+        return result
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:
         plot_curves(evaluations, self.run_dir / "budget_accuracy.png", title=f"{self.config.name}: accuracy vs budget")
@@ -502,6 +536,17 @@ class Trainer:
         for b, value in zip(p.schedule.budgets, stats.return_variance.tolist(), strict=True):
             metrics[f"advantages/return_variance@{b}"] = value
         return metrics
+
+
+def _read_or_none(path: Path, parse):
+    """``parse`` of the file's text; None when it is missing or unreadable (with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as error:
+        logger.warning("%s cannot be read (%s); it is written anew", path, error)
+        return None
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

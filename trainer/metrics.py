@@ -152,9 +152,10 @@ def environment() -> dict:
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         root = Path(anytime_kernels.__file__).resolve().parent.parent
-        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        git = ["git", "--no-optional-locks", "-C", str(root)]
+        done = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if done.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
             commit = done.stdout.strip() + ("+uncommitted changes" if dirty else "")
     cuda = torch.cuda.is_available()
@@ -164,9 +165,9 @@ def environment() -> dict:
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "anytime_kernels": anytime_kernels.__version__,
+        "triton": getattr(triton, "__version__", None),
+        "transformers": getattr(transformers, "__version__", None),
+        "anytime_kernels": getattr(anytime_kernels, "__version__", None),
         "git_commit": commit,
         "cuda": torch.version.cuda if cuda else None,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],

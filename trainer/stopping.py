@@ -13,6 +13,7 @@ only some of them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,11 +29,15 @@ class RunStopped(Exception):
     """The run stopped on signal ``signal_number`` after RL step ``step``; ``checkpoint`` is where
     it continues from (None: nothing was trained yet, a new run starts over)."""
 
-    def __init__(self, signal_number: int, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, signal_number: int, step: int, checkpoint: Path | None, auto: bool = True) -> None:
+        """``auto``: ``checkpoint`` is in the run folder, where ``--resume auto`` finds it."""
         self.signal_number = signal_number
         self.step = step
         self.checkpoint = checkpoint
-        where = f"checkpoint {checkpoint} (resume with --resume auto)" if checkpoint else "nothing trained to save"
+        if checkpoint is None:
+            where = "nothing trained to save: run the same command again"
+        else:
+            where = f"checkpoint {checkpoint} (continue with --resume {'auto' if auto else checkpoint})"
         super().__init__(f"stopped on {self.signal_name} after RL step {step}; {where}")
 
     @property
@@ -54,6 +59,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
         self._previous_wakeup = -1
+        self._wakeup_set = False
         self._pipe: tuple[int, int] | None = None
         self._watcher: threading.Thread | None = None
 
@@ -63,15 +69,21 @@ class StopSignals:
             return self
         numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
         read_end, write_end = os.pipe()
-        os.set_blocking(write_end, False)
         self._pipe = (read_end, write_end)
-        # The C-level handler writes one byte per delivered signal to this pipe at once, whatever
-        # the main thread is doing; the Python-level handler itself does nothing.
-        self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        for number in numbers:
-            self._previous[number] = signal.signal(number, _ignore)
-        self._watcher = threading.Thread(target=self._watch, args=(read_end, set(numbers)), daemon=True)
-        self._watcher.start()
+        try:
+            os.set_blocking(write_end, False)
+            # The C-level handler writes one byte per delivered signal to this pipe at once,
+            # whatever the main thread is doing; the Python-level handler itself does nothing.
+            self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            self._wakeup_set = True
+            for number in numbers:
+                self._previous[number] = signal.signal(number, _ignore)
+            self._watcher = threading.Thread(target=self._watch, args=(read_end, set(numbers)), daemon=True)
+            self._watcher.start()
+        except BaseException:
+            self._restore()  # nothing half-installed: the signals act as before
+            self._close()
+            raise
         _active.append(self)
         return self
 
@@ -83,6 +95,9 @@ class StopSignals:
                 return
             if not data:  # the write end closed: __exit__
                 return
+            if self._previous_wakeup >= 0:  # whoever watched before (e.g. asyncio) still hears its signals
+                with contextlib.suppress(OSError):
+                    os.write(self._previous_wakeup, data)
             for number in data:
                 if number in numbers:
                     self._handle(number)
@@ -90,8 +105,7 @@ class StopSignals:
     def _handle(self, number: int) -> None:
         name = signal.Signals(number).name
         if self.received is not None:  # the second signal: end now, as the default action does
-            logger.warning("%s again: stopping now, without a checkpoint of this step", name)
-            _die(number)
+            _die(number, f"{name} again: stopping now, without a checkpoint of this step")
             return
         self.received = number
         logger.warning("%s: the run stops at the end of this step with a checkpoint (send it again to stop now)", name)
@@ -100,19 +114,28 @@ class StopSignals:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()
-        signal.set_wakeup_fd(self._previous_wakeup)
+        if self._wakeup_set:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            self._wakeup_set = False
+
+    def _close(self) -> None:
+        if self._pipe is None:
+            return
+        read_end, write_end = self._pipe
+        os.close(write_end)  # the watcher reads end-of-file and returns
+        if self._watcher is not None and self._watcher.is_alive():
+            self._watcher.join(timeout=5)
+        if self._watcher is None or not self._watcher.is_alive():  # else it may still read: leave it open
+            os.close(read_end)
+        self._pipe = None
 
     def __exit__(self, *exc_info) -> None:
         if self._pipe is None:
             return
-        _active.remove(self)
+        if self in _active:
+            _active.remove(self)
         self._restore()
-        read_end, write_end = self._pipe
-        os.close(write_end)  # the watcher reads end-of-file and returns
-        if self._watcher is not None:
-            self._watcher.join(timeout=5)
-        os.close(read_end)
-        self._pipe = None
+        self._close()
 
 
 _active: list[StopSignals] = []
@@ -138,7 +161,9 @@ def _ignore(number: int, frame) -> None:
     """The Python-level handler: the watcher thread acts on the wakeup byte instead."""
 
 
-def _die(number: int) -> None:
-    """End the process as signal ``number``'s default action would, from any thread."""
-    logging.shutdown()
+def _die(number: int, message: str) -> None:
+    """End the process at once with exit status 128 + ``number``, from any thread: no logging (a
+    handler's lock may be held by the stuck main thread), only a line on stderr."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{message}\n".encode())
     os._exit(128 + number)
