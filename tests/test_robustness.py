@@ -18,7 +18,7 @@ from test_trainer import TINY
 from anytime_kernels import brpo_advantages
 from trainer.checkpoint import latest_checkpoint, prune_checkpoints
 from trainer.components import PromptSampler
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.data import DataError
 from trainer.loop import Trainer
 from trainer.models import load_model
@@ -176,7 +176,7 @@ import time, torch
 from trainer.stopping import StopSignals
 torch.set_num_threads(1)
 left, right = torch.randn(6000, 6000), torch.randn(6000, 6000)
-with StopSignals():
+with StopSignals(["SIGTERM", "SIGUSR1"]):
     print("ready", flush=True)
     torch.mm(left, right)  # seconds inside one native call: Python runs no handler meanwhile
     print("native call done", flush=True)
@@ -345,17 +345,23 @@ def test_a_resume_after_a_stop_neither_repeats_nor_skips_an_evaluation(tmp_path,
 
 def test_stop_signals_pass_other_watchers_their_signals_and_undo_a_failed_start(monkeypatch):
     """A wakeup fd set before (asyncio's) still receives the signals that arrive while the run
-    watches its own; a start that fails half-way leaves the handlers and the wakeup fd as they were."""
+    watches its own; a start that fails half-way leaves the handlers and the wakeup fd as they were;
+    by default (train.stop_signals) SIGTERM keeps its handler, so torchrun can end ranks at once."""
     import threading
 
     from trainer.stopping import StopSignals
 
     handler_before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(load_config(None, RUN).train.stop_signals):
+        assert signal.getsignal(signal.SIGTERM) == handler_before
+        assert signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL
+    with pytest.raises(ConfigError, match=r"train\.stop_signals: \['SIGKILL'\]"):
+        load_config(None, [*RUN, "train.stop_signals=[SIGKILL]"])
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     outer = signal.set_wakeup_fd(write_end)
     try:
-        with StopSignals() as stop:
+        with StopSignals(["SIGTERM", "SIGUSR1"]) as stop:
             other = signal.signal(signal.SIGUSR2, lambda *args: None)
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.2)
@@ -368,7 +374,7 @@ def test_stop_signals_pass_other_watchers_their_signals_and_undo_a_failed_start(
 
         monkeypatch.setattr(threading.Thread, "start", no_thread)
         with pytest.raises(RuntimeError, match="can't start new thread"):
-            StopSignals().__enter__()
+            StopSignals(["SIGTERM", "SIGUSR1"]).__enter__()
         assert signal.getsignal(signal.SIGTERM) == handler_before
         assert signal.set_wakeup_fd(write_end) == write_end
     finally:

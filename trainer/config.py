@@ -198,6 +198,10 @@ class TrainConfig:
         "shards: auto (bfloat16 under bf16 autocast, else the weights' own), float32, bfloat16",
         "auto",
     )
+    stop_signals: list[str] = _help(
+        "signals that stop the run at its next step boundary with a checkpoint (SIGUSR1, SIGUSR2, SIGTERM); "
+        "SIGTERM keeps its default (end at once) unless listed, as torchrun ends the ranks left after a "
+        "crash with it", factory=lambda: ["SIGUSR1"])  # fmt: skip
 
 
 @dataclass
@@ -472,6 +476,8 @@ def validate(config: RunConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.max_skipped_updates >= 1, "train.max_skipped_updates", t.max_skipped_updates, ">= 1")
     _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "> 0 minutes")
+    _check(set(t.stop_signals) <= {"SIGUSR1", "SIGUSR2", "SIGTERM"}, "train.stop_signals", t.stop_signals,
+           "a list of SIGUSR1, SIGUSR2, SIGTERM")  # fmt: skip
     _check(t.fsdp_param_dtype in ("auto", "float32", "bfloat16"), "train.fsdp_param_dtype", t.fsdp_param_dtype,
            "auto, float32 or bfloat16")  # fmt: skip
     sets = config.data.eval_source

@@ -209,9 +209,9 @@ class Trainer:
         """SFT warm-up, evaluation, RL steps (with periodic evaluation), final evaluation and report.
 
         ``evaluate_start=False`` skips the evaluation before RL when there is no SFT to evaluate
-        (e.g. several runs that start from one evaluated SFT checkpoint). A SIGTERM or SIGUSR1
-        stops the run at the end of the current RL step with a checkpoint and raises
-        ``trainer.stopping.RunStopped`` (see that module).
+        (e.g. several runs that start from one evaluated SFT checkpoint). A stop signal
+        (``train.stop_signals``, default SIGUSR1) stops the run at its next boundary with a
+        checkpoint and raises ``trainer.stopping.RunStopped`` (see that module).
         """
         c = self.config
         steps = c.train.steps if max_steps is None else min(max_steps, c.train.steps)
@@ -225,7 +225,7 @@ class Trainer:
                 "the SFT warm-up runs in one process: run it with sft.steps and train.steps=0 on one process, "
                 "then start the distributed run with --resume from its checkpoints/sft"
             )
-        stop = StopSignals()
+        stop = StopSignals(c.train.stop_signals)
         try:
             stop.__enter__()
             if sft_steps and not self.sft_done:

@@ -1,14 +1,15 @@
 """Stopping a run on a signal with a checkpoint, as a cluster asks before it preempts a job.
 
-The first SIGTERM or SIGUSR1 (Slurm: ``#SBATCH --signal=USR1@600`` for a trainer started by
-``srun``) asks the run to stop at its next boundary: after the RL step in progress (before a
-periodic evaluation), after the SFT warm-up, or after the starting evaluation. ``Trainer.run``
-saves a resumable checkpoint there and raises :class:`RunStopped`; ``--resume auto`` continues
-from it. A second signal ends the process at once, even while it waits inside a collective or a
-long native call (a thread watches the signals as they arrive; Python runs its own handlers only
-between bytecodes of the main thread). Under ``torchrun`` the ranks agree at every boundary (one
-all-reduce of the signal number), so they stop at the same point even when the signal reached
-only some of them.
+The first stop signal (``train.stop_signals``, default SIGUSR1; Slurm: ``#SBATCH
+--signal=USR1@600`` for a trainer started by ``srun``) asks the run to stop at its next boundary:
+after the RL step in progress (before a periodic evaluation), after the SFT warm-up, or after the
+starting evaluation. ``Trainer.run`` saves a resumable checkpoint there and raises
+:class:`RunStopped`; ``--resume auto`` continues from it. A second signal ends the process at
+once, even while it waits inside a collective or a long native call (a thread watches the
+signals as they arrive; Python runs its own handlers only between bytecodes of the main thread).
+Under ``torchrun`` the ranks agree at every boundary (one all-reduce of the signal number), so
+they stop at the same point even when the signal reached only some of them. SIGTERM keeps its
+default action unless listed: torchrun sends it to end the ranks left after one crashed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGUSR1",)
 
 
 class RunStopped(Exception):
@@ -55,7 +57,8 @@ class StopSignals:
     number) instead of ending the process; a second one ends it at once with the signal's default
     action. Restores the previous handlers on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str] = STOP_SIGNALS) -> None:
+        self.names = tuple(names)
         self.received: int | None = None
         self._previous: dict[int, object] = {}
         self._previous_wakeup = -1
@@ -67,7 +70,9 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             logger.debug("not the main thread: stop signals keep their handlers")
             return self
-        numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+        numbers = [getattr(signal, name) for name in self.names if hasattr(signal, name)]
+        if not numbers:
+            return self
         read_end, write_end = os.pipe()
         self._pipe = (read_end, write_end)
         try:
