@@ -53,9 +53,9 @@ class RunStopped(Exception):
 
 
 class StopSignals:
-    """While entered (in the main thread), the first stop signal sets :attr:`received` (its
-    number) instead of ending the process; a second one ends it at once with the signal's default
-    action. Restores the previous handlers on exit."""
+    """While entered (in the main thread), the first of the signals ``names`` sets
+    :attr:`received` (its number) instead of ending the process; a second one ends it at once
+    (exit status 128 + its number). Restores the previous handlers and wakeup fd on exit."""
 
     def __init__(self, names: Sequence[str] = STOP_SIGNALS) -> None:
         self.names = tuple(names)
