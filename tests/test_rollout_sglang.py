@@ -1,5 +1,6 @@
 """The SGLang client against the protocol server (SGLang's endpoints over the embedded engine)."""
 
+import dataclasses
 import socket
 import time
 
@@ -243,7 +244,7 @@ def test_requests_name_their_replica_and_forks_follow_their_trace(policy, server
 
 def test_sampling_payload_seeds_and_explicit_defaults():
     from trainer.rollout import GenerationRequest
-    from trainer.rollout.sglang_protocol import generate_payload, split_for_seeds
+    from trainer.rollout.sglang_protocol import generate_payload, request_seed, split_for_seeds
 
     seeded = SamplingParams(temperature=0.7, seed=5)
     many = GenerationRequest((1, 2), n=3, max_new_tokens=4, stop_token_ids=(0,), sampling=seeded, routing_key=7)
@@ -253,7 +254,14 @@ def test_sampling_payload_seeds_and_explicit_defaults():
     assert "routed_dp_rank" not in generate_payload(many) and generate_payload(many, dp_size=4)["routed_dp_rank"] == 3
     parts = split_for_seeds(many)
     assert [p.n for p in parts] == [1, 1, 1] and [p.sampling.seed for p in parts] == [5, 6, 7]
-    assert [generate_payload(p)["sampling_params"]["sampling_seed"] for p in parts] == [5, 6, 7]
+    seeds = [generate_payload(p)["sampling_params"]["sampling_seed"] for p in parts]
+    assert seeds == [request_seed(5 + i, (1, 2)) for i in range(3)] and len(set(seeds)) == 3
+    # SGLang draws a seeded sample from (seed, position) alone: one seed shared by requests for
+    # different prompts (an evaluation's) must not give them the same draws.
+    other = dataclasses.replace(parts[0], input_ids=(1, 3))
+    assert generate_payload(other)["sampling_params"]["sampling_seed"] != seeds[0]
+    assert generate_payload(dataclasses.replace(parts[0]))["sampling_params"]["sampling_seed"] == seeds[0]
+    assert all(0 <= seed < 2**31 for seed in seeds)
 
 
 def test_deterministic_servers_get_one_request_per_seeded_sample(policy, server):

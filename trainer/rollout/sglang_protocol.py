@@ -11,6 +11,9 @@ Shared by the HTTP client, the in-process ``sglang.Engine`` variant and the prot
 from __future__ import annotations
 
 import dataclasses
+import struct
+import zlib
+from collections.abc import Sequence
 from typing import Any
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest
@@ -33,7 +36,10 @@ def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
     parameters (from the model's generation config) fill the keys a request leaves unset, and the
     learner scores the plain ``softmax(logits / T)`` (top-p aside). ``sampling_seed`` is sent only
     for ``n == 1``: under deterministic inference one seed makes all ``n`` samples identical (the
-    client splits such requests, see ``split_for_seeds``), and elsewhere SGLang ignores it.
+    client splits such requests, see ``split_for_seeds``), and elsewhere SGLang ignores it. It is
+    the request's seed mixed with its input ids (``request_seed``): SGLang draws a seeded sample's
+    random numbers from the seed and the position alone, so requests for different prompts sharing
+    one seed (an evaluation's) would make the same draws, correlated across problems.
     """
     params: dict[str, Any] = {
         "n": request.n,
@@ -50,8 +56,14 @@ def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
         # --skip-tokenizer-init, as launch_server_cmd starts it.
         params["min_new_tokens"] = request.sampling.min_new_tokens
     if request.sampling.seed is not None and request.n == 1:
-        params["sampling_seed"] = request.sampling.seed
+        params["sampling_seed"] = request_seed(request.sampling.seed, request.input_ids)
     return params
+
+
+def request_seed(seed: int, input_ids: Sequence[int]) -> int:
+    """``seed`` mixed with the request's input ids, deterministically (a CRC of the ids), in [0, 2^31)."""
+    digest = zlib.crc32(struct.pack(f"<{len(input_ids)}q", *input_ids))
+    return (seed * 2_654_435_761 + digest) % 2**31
 
 
 def generate_payload(request: GenerationRequest, dp_size: int = 1) -> dict[str, Any]:
