@@ -411,6 +411,12 @@ def test_named_evaluation_sets_are_each_evaluated_as_alone_and_averaged(tmp_path
     assert "| start a |" in report and "| final b |" in report
     assert (run_dir / "budget_accuracy_by_set.png").stat().st_size > 0
     final_b = EvalResult.from_json(run_dir / "eval" / "final" / "b.json")
+    # anytime-eval of the final checkpoint (its saved config names the sets) reproduces every set's
+    # final evaluation: the same weights, problems and seeds.
+    eval_main([str(run_dir / "checkpoints" / "final"), "--out", str(tmp_path / "again"), "--name", "again"])
+    for name in files:
+        again = EvalResult.from_json(tmp_path / "again" / "eval" / "again" / f"{name}.json")
+        assert again == EvalResult.from_json(run_dir / "eval" / "final" / f"{name}.json"), name
     # anytime-eval --compare of two such evaluations: the means, then a row and a panel per set.
     eval_main(["--compare", str(run_dir / "eval" / "start.json"), str(run_dir / "eval" / "final.json"),
                "--out", str(tmp_path / "cmp")])  # fmt: skip
