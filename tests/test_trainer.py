@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from anytime_kernels import pack_response_trees, token_advantages
 from trainer.batches import score_rollouts
 from trainer.config import load_config
+from trainer.data import DataError
 from trainer.evaluate import EvalResult
 from trainer.evaluate import main as eval_main
 from trainer.learner import Learner
@@ -454,6 +455,12 @@ def test_mean_over_sets_by_hand_and_refusals(tmp_path):
     for bad in ("{}", "{'a b': x.json}", "{a: 3}"):
         with pytest.raises(ConfigError, match=r"data\.eval_source"):
             load_config(None, [*TINY, f"data.eval_source={bad}"])
+    with pytest.raises(ConfigError, match=r"eval\.num_problems: 0 is not allowed"):
+        load_config(None, [*TINY, "eval.num_problems=0"])
+    # A set with no problem left stops every rank at build, before any rank waits in a collective.
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="evaluation set 'b' has no problem left"):
+        Trainer(load_config(None, [*TINY, f"data.eval_source={{b: {tmp_path / 'empty.jsonl'}}}"]), tmp_path / "run")
 
 
 def test_evaluation_streams_problems_in_windows_without_changing_greedy_results(tmp_path, monkeypatch):

@@ -25,8 +25,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     the old file (or none), never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: ranks may write at once
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
     return path
 

@@ -114,8 +114,9 @@ def _prompts(
     (``data/...`` counts; ``data/eval_<set>_...`` for named sets)."""
     d = config.data
     eval_sets = eval_set_sources(d.eval_source)
-    named = isinstance(d.eval_source, dict)
-    sources = {"train": d.source, **{f"eval_{name}" if named else name: source for name, source in eval_sets.items()}}
+    # The key of each set among the sources (and its data/<key>_* counts).
+    keys = {name: f"eval_{name}" if isinstance(d.eval_source, dict) else name for name in eval_sets}
+    sources = {"train": d.source, **{keys[name]: source for name, source in eval_sets.items()}}
     synthetic_eval = [name for name, source in sources.items() if name != "train" and source in (None, "synthetic")]
     if d.source == "synthetic" or synthetic_eval:
         from trainer.synthetic import generate_rows, save_rows
@@ -153,8 +154,7 @@ def _prompts(
         skipped[f"data/{name}_too_long"] = float(loaded.num_too_long)
         skipped[f"data/{name}_bad_rows"] = float(loaded.num_bad_rows)
         skipped[f"data/{name}_prompts"] = float(len(loaded.prompts))
-    evaluation = {name: sets[f"eval_{name}" if named else name] for name in eval_sets}
-    return sets["train"], evaluation, skipped
+    return sets["train"], {name: sets[key] for name, key in keys.items()}, skipped
 
 
 def make_engine(

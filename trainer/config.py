@@ -493,6 +493,7 @@ def validate(config: RunConfig) -> None:
     _check(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft", dataclasses.asdict(s),
            "steps >= 0, batch_size >= 1, lr > 0")  # fmt: skip
     _check(e.samples_per_problem >= 1, "eval.samples_per_problem", e.samples_per_problem, ">= 1")
+    _check(e.num_problems is None or e.num_problems >= 1, "eval.num_problems", e.num_problems, ">= 1 or null")
     _check(e.temperature >= 0, "eval.temperature", e.temperature, ">= 0")
     if e.budgets is not None:
         _check(len(e.budgets) >= 1 and all(0 < b <= m.b_max for b in e.budgets) and e.budgets == sorted(set(e.budgets)),

@@ -25,6 +25,7 @@ import torch
 
 from trainer.batches import score_rollouts
 from trainer.budgets import BudgetSchedule
+from trainer.checkpoint import write_text_atomic
 from trainer.rollout import RolloutEngine, SamplingParams
 
 
@@ -46,13 +47,9 @@ class EvalResult:
     sets: dict[str, float] | None = None
 
     def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = asdict(self)
         for key in ("accuracy", "stderr_by_budget", "weights"):
             data[key] = {str(budget): value for budget, value in data[key].items()}
-        from trainer.checkpoint import write_text_atomic
-
         return write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # read back by a resumed run
 
     @classmethod
@@ -227,6 +224,20 @@ def markdown_table(results: dict[str, EvalResult]) -> str:
     return "\n".join(lines)
 
 
+def _draw_curves(axis, results: dict[str, EvalResult]) -> None:
+    """Accuracy vs budget on ``axis``, one line per run with a band of +- one standard error."""
+    for name, result in results.items():
+        budgets = sorted(result.accuracy)
+        accuracy = [result.accuracy[b] for b in budgets]
+        errors = [result.stderr_by_budget[b] if math.isfinite(result.stderr_by_budget[b]) else 0.0 for b in budgets]
+        axis.plot(budgets, accuracy, marker="o", label=f"{name} (anytime {result.anytime_score:.3f})")
+        axis.fill_between(budgets, [a - e for a, e in zip(accuracy, errors, strict=True)],
+                          [a + e for a, e in zip(accuracy, errors, strict=True)], alpha=0.2)  # fmt: skip
+    axis.set_xlabel("thinking budget (tokens)")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+
+
 def plot_curves(results: dict[str, EvalResult], path: str | Path, title: str = "accuracy vs thinking budget") -> Path:
     """PNG of accuracy vs budget, one line per run with a band of +- one standard error."""
     import matplotlib
@@ -235,18 +246,9 @@ def plot_curves(results: dict[str, EvalResult], path: str | Path, title: str = "
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, result in results.items():
-        budgets = sorted(result.accuracy)
-        accuracy = [result.accuracy[b] for b in budgets]
-        errors = [result.stderr_by_budget[b] if math.isfinite(result.stderr_by_budget[b]) else 0.0 for b in budgets]
-        axes.plot(budgets, accuracy, marker="o", label=f"{name} (anytime {result.anytime_score:.3f})")
-        axes.fill_between(budgets, [a - e for a, e in zip(accuracy, errors, strict=True)],
-                          [a + e for a, e in zip(accuracy, errors, strict=True)], alpha=0.2)  # fmt: skip
-    axes.set_xlabel("thinking budget (tokens)")
+    _draw_curves(axes, results)
     axes.set_ylabel("accuracy")
-    axes.set_ylim(0, 1)
     axes.set_title(title)
-    axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     path = Path(path)
@@ -254,6 +256,24 @@ def plot_curves(results: dict[str, EvalResult], path: str | Path, title: str = "
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def set_result_path(path: str | Path, set_name: str) -> Path:
+    """Where the result of set ``set_name`` lies beside a mean over sets at ``path``
+    (``eval/<name>.json`` -> ``eval/<name>/<set>.json``)."""
+    path = Path(path)
+    return path.parent / path.stem / f"{set_name}.json"
+
+
+def load_set_results(path: str | Path, result: EvalResult) -> dict[str, EvalResult]:
+    """The sets' results of ``result`` (a mean over sets read from ``path``; empty for one set)."""
+    loaded = {}
+    for set_name in result.sets or {}:
+        set_path = set_result_path(path, set_name)
+        if not set_path.is_file():
+            raise FileNotFoundError(f"{path} is a mean over sets, but its set {set_name!r} has no {set_path}")
+        loaded[set_name] = EvalResult.from_json(set_path)
+    return loaded
 
 
 def compare(paths: Sequence[Path], out: Path) -> None:
@@ -264,11 +284,8 @@ def compare(paths: Sequence[Path], out: Path) -> None:
     for path in paths:
         label = path.stem if path.stem not in ("final", "sft") else f"{path.parent.parent.name}/{path.stem}"
         results[label] = result = EvalResult.from_json(path)
-        for set_name in result.sets or {}:
-            set_path = path.parent / path.stem / f"{set_name}.json"
-            if not set_path.is_file():
-                raise FileNotFoundError(f"{path} is a mean over sets, but its set {set_name!r} has no {set_path}")
-            by_set.setdefault(set_name, {})[label] = EvalResult.from_json(set_path)
+        for set_name, set_result in load_set_results(path, result).items():
+            by_set.setdefault(set_name, {})[label] = set_result
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     written = [out / "compare.md", out / "compare.png"]
@@ -292,14 +309,8 @@ def _plot_panels(by_set: dict[str, dict[str, EvalResult]], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(by_set), figsize=(4 * len(by_set), 3.6), dpi=120, squeeze=False)
     for axis, (set_name, runs) in zip(axes[0], by_set.items(), strict=True):
-        for label, result in runs.items():
-            budgets = sorted(result.accuracy)
-            axis.plot(budgets, [result.accuracy[b] for b in budgets], marker="o",
-                      label=f"{label} ({result.anytime_score:.3f})")  # fmt: skip
+        _draw_curves(axis, runs)
         axis.set_title(set_name)
-        axis.set_xlabel("thinking budget (tokens)")
-        axis.set_ylim(0, 1)
-        axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     axes[0][0].set_ylabel("accuracy")
     figure.tight_layout()
@@ -326,10 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from trainer.loop import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.model), args.config, overrides, args.out, args.name)
-    rows = {args.name: result}
-    for set_name in result.sets or {}:  # named evaluation sets: the mean, then each set
-        rows[f"{args.name} {set_name}"] = EvalResult.from_json(args.out / "eval" / args.name / f"{set_name}.json")
-    print(markdown_table(rows))
+    sets = load_set_results(args.out / "eval" / f"{args.name}.json", result)  # named sets: the mean, then each
+    print(markdown_table({args.name: result, **{f"{args.name} {name}": r for name, r in sets.items()}}))
 
 
 if __name__ == "__main__":

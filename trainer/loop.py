@@ -44,7 +44,16 @@ from trainer.distributed import (
     share_of,
     shutdown,
 )
-from trainer.evaluate import EvalResult, eval_result, evaluate_samples, markdown_table, mean_over_sets, plot_curves
+from trainer.evaluate import (
+    EvalResult,
+    eval_result,
+    evaluate_samples,
+    load_set_results,
+    markdown_table,
+    mean_over_sets,
+    plot_curves,
+    set_result_path,
+)
 from trainer.metrics import Display, MetricsLogger, NullMetrics, PhaseTimer, environment, plot_training_curves
 from trainer.rollout import SamplingParams, SummaryBatch, ThinkingBatch
 from trainer.rollout.base import RolloutStats
@@ -225,62 +234,62 @@ class Trainer:
                 "the SFT warm-up runs in one process: run it with sft.steps and train.steps=0 on one process, "
                 "then start the distributed run with --resume from its checkpoints/sft"
             )
-        stop = StopSignals(c.train.stop_signals)
-        try:
-            stop.__enter__()
-            if sft_steps and not self.sft_done:
-                self._sft(sft_steps)
-                sft = self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
-                self._stop_if_signalled(stop, 0, sft)  # before the evaluation of the SFT model
-                evaluations["sft"] = self.evaluate("sft", step=0)
-                self._stop_if_signalled(stop, 0, sft)
-            elif self.start_step == 0 and evaluate_start:
-                # Resumed from this folder's SFT checkpoint (a stop after the warm-up): its evaluation
-                # is "sft", and is not run again when the stopped run wrote it.
-                own_sft = self.resumed_from == self.run_dir / "checkpoints" / "sft"
-                name = "sft" if own_sft else "start"
-                earlier = self._load_evaluation(name) if own_sft else None
-                if earlier is not None:
-                    evaluations[name] = earlier
-                    self.metrics.log(0, _eval_metrics(earlier, "eval/"))  # its record went with the truncation
-                else:
-                    evaluations[name] = self.evaluate(name, step=0)
-                self._stop_if_signalled(stop, 0, self.resumed_from)
-            elif (
-                c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps
-                and not (self.run_dir / "eval" / f"step{self.start_step}.json").is_file()
-            ):  # fmt: skip
-                # The run stopped after this step, before its periodic evaluation.
-                self.evaluate(f"step{self.start_step}", step=self.start_step)
-            self.display = Display(steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main)
-            for step in range(self.start_step, steps):
-                step_start = time.perf_counter()
-                metrics = self.rl_step(step)
-                metrics["time/step_s"] = time.perf_counter() - step_start
-                metrics["time/tokens_per_s"] = metrics["train/trained_tokens"] / metrics["time/step_s"]
-                stopping = self._stop_requested(stop)  # before a periodic evaluation, which can be long
-                if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps and not stopping:
-                    result = self.evaluate(f"step{step + 1}", step=step + 1)
-                    if result is not None:
-                        metrics["eval/anytime_score"] = result.anytime_score
-                self.metrics.log(step + 1, metrics)
-                self.display.advance(
-                    f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
+        with StopSignals(c.train.stop_signals) as stop:
+            try:
+                if sft_steps and not self.sft_done:
+                    self._sft(sft_steps)
+                    sft = self.save("sft", 0)  # the start of RL, e.g. for comparing methods from one SFT model
+                    self._stop_if_signalled(stop, 0, sft)  # before the evaluation of the SFT model
+                    evaluations["sft"] = self.evaluate("sft", step=0)
+                    self._stop_if_signalled(stop, 0, sft)
+                elif self.start_step == 0 and evaluate_start:
+                    # Resumed from this folder's SFT checkpoint (a stop after the warm-up): its evaluation
+                    # is "sft", and is not run again when the stopped run wrote it.
+                    own_sft = self.resumed_from == self.run_dir / "checkpoints" / "sft"
+                    name = "sft" if own_sft else "start"
+                    earlier = self._load_evaluation(name) if own_sft else None
+                    if earlier is not None:
+                        evaluations[name] = earlier
+                        self.metrics.log(0, _eval_metrics(earlier, "eval/"))  # its record went with the truncation
+                    else:
+                        evaluations[name] = self.evaluate(name, step=0)
+                    self._stop_if_signalled(stop, 0, self.resumed_from)
+                elif (
+                    c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps
+                    and not (self.run_dir / "eval" / f"step{self.start_step}.json").is_file()
+                ):  # fmt: skip
+                    # The run stopped after this step, before its periodic evaluation.
+                    self.evaluate(f"step{self.start_step}", step=self.start_step)
+                self.display = Display(
+                    steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main
                 )
-                if (c.train.save_every and (step + 1) % c.train.save_every == 0) or stopping:
-                    checkpoint = self.save(f"step{step + 1}", step + 1)
-                if stopping:  # also after the last step: the final evaluation runs on resume
-                    raise RunStopped(stopping, step + 1, checkpoint)
-            self.display.close()
-            evaluations["final"] = self.evaluate("final", step=steps)
-            self.save("final", steps)
-            if self.context.is_main:
-                self._report(self._with_earlier_evaluations(evaluations), time.perf_counter() - start)
-        finally:
-            stop.__exit__(None, None, None)
-            if self.display is not None:
+                for step in range(self.start_step, steps):
+                    step_start = time.perf_counter()
+                    metrics = self.rl_step(step)
+                    metrics["time/step_s"] = time.perf_counter() - step_start
+                    metrics["time/tokens_per_s"] = metrics["train/trained_tokens"] / metrics["time/step_s"]
+                    stopping = self._stop_requested(stop)  # before a periodic evaluation, which can be long
+                    if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps and not stopping:
+                        result = self.evaluate(f"step{step + 1}", step=step + 1)
+                        if result is not None:
+                            metrics["eval/anytime_score"] = result.anytime_score
+                    self.metrics.log(step + 1, metrics)
+                    self.display.advance(
+                        f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
+                    )
+                    if (c.train.save_every and (step + 1) % c.train.save_every == 0) or stopping:
+                        checkpoint = self.save(f"step{step + 1}", step + 1)
+                    if stopping:  # also after the last step: the final evaluation runs on resume
+                        raise RunStopped(stopping, step + 1, checkpoint)
                 self.display.close()
-            self.metrics.close()
+                evaluations["final"] = self.evaluate("final", step=steps)
+                self.save("final", steps)
+                if self.context.is_main:
+                    self._report(self._with_earlier_evaluations(evaluations), time.perf_counter() - start)
+            finally:
+                if self.display is not None:
+                    self.display.close()
+                self.metrics.close()
         return evaluations
 
     def _stop_requested(self, stop: StopSignals) -> int:
@@ -328,9 +337,8 @@ class Trainer:
         schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
         results = {}
         for set_name, all_prompts in p.eval_sets.items():
+            # Not empty: build() refuses an empty set, the config an eval.num_problems below 1.
             prompts = all_prompts[: c.eval.num_problems] if c.eval.num_problems else all_prompts
-            if not prompts:
-                raise ValueError(f"evaluation set {set_name!r} has no problem; evaluation needs at least one")
             share = share_of(prompts, self.context) if self.every_rank else prompts
             if self.context.is_main:
                 what = f"eval {name}" + (f" {set_name}" if self.named_eval_sets else "")
@@ -358,7 +366,7 @@ class Trainer:
             result = results["eval"]
         else:
             for set_name, set_result in results.items():
-                set_result.to_json(self.run_dir / "eval" / name / f"{set_name}.json")
+                set_result.to_json(set_result_path(self.run_dir / "eval" / f"{name}.json", set_name))
                 self.metrics.log(step, _eval_metrics(set_result, f"eval/{set_name}/"))
             self.set_results[name] = results
             result = mean_over_sets(results)
@@ -464,8 +472,7 @@ class Trainer:
             return None
         result = EvalResult.from_json(path)
         if result.sets:
-            self.set_results[name] = {set_name: EvalResult.from_json(path.parent / name / f"{set_name}.json")
-                                      for set_name in result.sets}  # fmt: skip
+            self.set_results[name] = load_set_results(path, result)
         return result
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:

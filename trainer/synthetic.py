@@ -12,12 +12,12 @@ warm-up traces of many lengths for the same problem. The verifier applies the ma
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.checkpoint import write_text_atomic
 from trainer.rewards.answer import grade_completions
 
 MODULUS = 100
@@ -135,12 +135,7 @@ def save_rows(rows: Sequence[dict], path: str | Path) -> Path:
     Atomically (a file of this process, then renamed): every rank of a distributed run writes the
     same rows into the shared run folder, and none may read another's half-written file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _as_int(text: str | None) -> int | None:

@@ -196,9 +196,7 @@ class EmbeddedEngine(RolloutEngine):
             tokens = tuple(prompt) + tuple(thinking[:-1])
             stored = self._stored.get(tokens)
             if stored is not None and stored.stored_at < self._call_started:
-                del self._stored[tokens]
-                self._index.remove(tokens)
-                self._stored_tokens -= len(tokens)
+                self._drop(tokens)
 
     def release_memory(self) -> None:
         """Drop the step's cached traces before the learner trains: on a GPU shared with the learner
@@ -412,10 +410,14 @@ class EmbeddedEngine(RolloutEngine):
         for victim in order:
             if self._stored_tokens <= self.kv_budget_tokens:
                 break
-            self._index.remove(victim.tokens)
-            del self._stored[victim.tokens]
-            self._stored_tokens -= len(victim.tokens)
+            self._drop(victim.tokens)
             self.evicted_sequences += 1
+
+    def _drop(self, tokens: tuple[int, ...]) -> None:
+        """Forget the stored sequence of ``tokens``: its keys/values, index entry and token count."""
+        self._index.remove(tokens)
+        del self._stored[tokens]
+        self._stored_tokens -= len(tokens)
 
     @staticmethod
     def _select_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
