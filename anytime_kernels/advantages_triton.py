@@ -18,11 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from anytime_kernels._interpreter import patch_interpreter
 from anytime_kernels.constants import TokenKind
 
 VARIANCE_REDUCTION_CODES = {"brpo": 0, "v1only": 1, "v2only": 2, "none": 3}
 SUMMARY_METHOD_CODES = {"brpo": 0, "grpo": 1}
 TOKEN_BLOCK = 1024
+patch_interpreter()
 
 
 @triton.jit

@@ -31,9 +31,8 @@ import triton
 import triton.language as tl
 
 from anytime_kernels import logprobs_triton
+from anytime_kernels._interpreter import INTERPRET as _INTERPRET
 from anytime_kernels.logprobs_triton import _row_blocks
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def enabled() -> bool:

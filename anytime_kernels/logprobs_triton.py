@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from anytime_kernels._interpreter import INTERPRET as _INTERPRET
+from anytime_kernels._interpreter import patch_interpreter
 from anytime_kernels.constants import IGNORE_INDEX
 
 # Bytes of one (row block x vocabulary chunk) tile: fp32 logits plus their gradient in the input dtype.
@@ -49,7 +51,7 @@ CHUNK_BYTES = 768 * 2**20
 ROW_BLOCK = 16384
 # Narrowest vocabulary chunk (a wide GEMM N and few masked lanes), unless the vocabulary is smaller.
 MIN_CHUNK = 4096
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+patch_interpreter()
 
 
 def _configs() -> list[triton.Config]:
