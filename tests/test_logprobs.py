@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+import anytime_kernels.advantages_triton as advantages_triton
 import anytime_kernels.logprobs as logprobs_module
 import anytime_kernels.logprobs_epilogue as logprobs_epilogue
 import anytime_kernels.logprobs_triton as logprobs_triton
@@ -195,10 +196,17 @@ def test_epilogue_grouped_order_visits_every_tile_once(rows, cols, group):
     assert [tuple(pair) for pair in out.tolist()] == expected
 
 
-def test_epilogue_kernels_compile_for_hopper_with_pipelined_wgmma():
-    """Every autotune config of both epilogue kernels compiles for sm_90 (no GPU needed) into wgmma
-    tensor-core instructions fed by cp.async loads in at least two shared-memory stages: a K loop
-    that Triton could not pipeline would run far below cuBLAS, and only a GPU run would tell."""
+# Shared memory one H100 block may use (227 KiB); a config above it compiles but fails at launch.
+H100_SHARED_PER_BLOCK = 232448
+
+
+def test_every_kernel_compiles_for_hopper_and_the_epilogue_gemms_use_pipelined_wgmma():
+    """Every Triton kernel the package launches, with the argument types its wrapper passes and every
+    autotune config the GPU would try, compiles for sm_90 (no GPU needed) within an H100 block's
+    shared memory; the interpreter that runs the CPU tests accepts code the compiler refuses. The
+    epilogue kernels' bf16 GEMMs become wgmma tensor-core instructions fed by cp.async loads in at
+    least two shared-memory stages: a K loop that Triton could not pipeline would run far below
+    cuBLAS, and only a GPU run would tell."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "fixtures" / "compile_sm90.py"
     done = subprocess.run(
@@ -206,11 +214,22 @@ def test_epilogue_kernels_compile_for_hopper_with_pipelined_wgmma():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines()]
+    launched = {name for module in (logprobs_triton, logprobs_epilogue, advantages_triton) for name in dir(module)}
+    assert {record["kernel"] for record in records} == {name for name in launched if name.endswith("_kernel")}
+    for kernel, flag in (("_chunk_stats_kernel", "HAS_ENTROPY"), ("_lse_tile_kernel", "HAS_ENTROPY"),
+                         ("_chunk_grad_kernel", "HAS_ENTROPY_GRAD"), ("_grad_tile_kernel", "HAS_ENTROPY_GRAD")):  # fmt: skip
+        assert {record["constexprs"][flag] for record in records if record["kernel"] == kernel} == {False, True}
     # (This process runs the interpreter's single config; the script sees the GPU configs.)
-    kernels = [record["kernel"] for record in records]
-    assert kernels.count("_lse_tile_kernel") == kernels.count("_grad_tile_kernel") == len(records) // 2 > 0
+    assert (
+        len({(r["constexprs"]["BLOCK_V"], r["num_warps"]) for r in records if r["kernel"] == "_chunk_grad_kernel"}) > 1
+    )
+    epilogue_bf16 = [r for r in records if r["kernel"] in ("_lse_tile_kernel", "_grad_tile_kernel") and "*bf16" in r["pointer_types"]]  # fmt: skip
+    assert len(epilogue_bf16) >= 4
     for record in records:
-        stage_bytes = (record["BLOCK_M"] + record["BLOCK_N"]) * record["BLOCK_K"] * 2
+        assert record["shared"] <= H100_SHARED_PER_BLOCK, record
+    for record in epilogue_bf16:
+        constexprs = record["constexprs"]
+        stage_bytes = (constexprs["BLOCK_M"] + constexprs["BLOCK_N"]) * constexprs["BLOCK_K"] * 2
         assert record["wgmma"] > 0 and record["cp_async"] > 0, record
         assert record["shared"] >= 2 * stage_bytes, record
 
