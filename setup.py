@@ -39,7 +39,9 @@ def _build_cuda(cuda_sources: list[str]) -> bool:
 def _extension():
     cpp_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     headers = _relative(glob.glob(os.path.join(ROOT, "csrc", "*.h")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.11,
+    # C++20 for 2.13 on; torch 2.15's headers refuse anything older) unless one is given here.
+    cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     cuda_sources = _relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     if _build_cuda(cuda_sources):
@@ -47,7 +49,7 @@ def _extension():
             "anytime_kernels._C",
             sources=cpp_sources + cuda_sources,
             depends=headers,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(
