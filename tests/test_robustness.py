@@ -343,6 +343,70 @@ def test_a_resume_after_a_stop_neither_repeats_nor_skips_an_evaluation(tmp_path,
     assert "| sft |" in report and "Anytime score sft -> final" in report
 
 
+def test_a_crash_in_the_final_evaluation_keeps_the_trained_weights_and_a_resume_runs_only_that_evaluation(
+    tmp_path, monkeypatch
+):
+    """The final checkpoint is written before the final evaluation (the longest one): a run without
+    periodic checkpoints that crashes there keeps every RL step. ``--resume auto`` then trains
+    nothing and evaluates once, exactly as the uninterrupted run did; resuming the finished run
+    reuses its evaluation and logs it once more only in place of the truncated records."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(None, [*RUN, "train.steps=2", "train.save_every=0"])
+    Trainer(config, tmp_path / "whole").run()
+
+    run = tmp_path / "run"
+    original = Trainer.evaluate
+    evaluated, stepped = [], []
+
+    def crash_in_final(self, name, step):
+        evaluated.append(name)
+        if name == "final":
+            raise RuntimeError("out of memory at the longest budget")
+        return original(self, name, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash_in_final)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Trainer(config, run).run()
+    assert evaluated == ["sft", "final"] and not (run / "eval" / "final.json").exists()
+    final = run / "checkpoints" / "final"
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 2
+    whole = load_file(tmp_path / "whole" / "checkpoints" / "final" / "model.safetensors")
+    kept = load_file(final / "model.safetensors")
+    assert all(torch.equal(kept[name], tensor) for name, tensor in whole.items())
+
+    def recording(self, name, step):
+        evaluated.append(name)
+        return original(self, name, step)
+
+    real_step = Trainer.rl_step
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    monkeypatch.setattr(Trainer, "rl_step", lambda self, step: stepped.append(step) or real_step(self, step))
+    resumed = Trainer(config, run, resume="auto")
+    assert resumed.resumed_from == final and resumed.start_step == 2
+    resumed.run()
+    assert stepped == [] and evaluated == ["sft", "final", "final"]
+    assert json.loads((run / "eval" / "final.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "eval" / "final.json").read_text()
+    )
+    assert train_steps(run) == [1, 2]
+
+    def final_records():
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if json.loads(line)["step"] == 2 and "eval/anytime_score" in line]
+
+    records = final_records()
+    assert len(records) == 1
+    (run / "report.md").unlink()
+    Trainer(config, run, resume="auto").run()  # the finished run again: its evaluation is reused
+    assert stepped == [] and evaluated == ["sft", "final", "final"]
+    assert final_records() == records and "| final |" in (run / "report.md").read_text()
+    longer = load_config(None, [*RUN, "train.steps=3", "train.save_every=0"])
+    Trainer(longer, run, resume="auto").run()  # from "final" with more steps: train, save and evaluate anew
+    assert stepped == [2] and evaluated[-1] == "final" and len(evaluated) == 4
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 3 and train_steps(run) == [1, 2, 3]
+
+
 def test_stop_signals_pass_other_watchers_their_signals_and_undo_a_failed_start(monkeypatch):
     """A wakeup fd set before (asyncio's) still receives the signals that arrive while the run
     watches its own; a start that fails half-way leaves the handlers and the wakeup fd as they were;

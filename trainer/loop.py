@@ -245,12 +245,12 @@ class Trainer:
                 elif self.start_step == 0 and evaluate_start:
                     # Resumed from this folder's SFT checkpoint (a stop after the warm-up): its evaluation
                     # is "sft", and is not run again when the stopped run wrote it.
-                    own_sft = self.resumed_from == self.run_dir / "checkpoints" / "sft"
+                    own_sft = self._resumed_from_own("sft")
                     name = "sft" if own_sft else "start"
                     earlier = self._load_evaluation(name) if own_sft else None
                     if earlier is not None:
                         evaluations[name] = earlier
-                        self.metrics.log(0, _eval_metrics(earlier, "eval/"))  # its record went with the truncation
+                        self._log_evaluation(0, name, earlier)  # its records went with the truncation
                     else:
                         evaluations[name] = self.evaluate(name, step=0)
                     self._stop_if_signalled(stop, 0, self.resumed_from)
@@ -282,8 +282,18 @@ class Trainer:
                     if stopping:  # also after the last step: the final evaluation runs on resume
                         raise RunStopped(stopping, step + 1, checkpoint)
                 self.display.close()
-                evaluations["final"] = self.evaluate("final", step=steps)
-                self.save("final", steps)
+                # The trained weights are saved before the final evaluation (the longest one): a crash or
+                # a kill during it loses only the evaluation, which a resume from "final" runs again.
+                earlier = None
+                if self._resumed_from_own("final") and self.start_step == steps:  # nothing trained since
+                    earlier = self._load_evaluation("final")  # None when the evaluation did not finish
+                else:
+                    self._stop_if_signalled(stop, steps, self.save("final", steps))
+                if earlier is not None:
+                    evaluations["final"] = earlier
+                    self._log_evaluation(steps, "final", earlier)  # its records went with the truncation
+                else:
+                    evaluations["final"] = self.evaluate("final", step=steps)
                 if self.context.is_main:
                     self._report(self._with_earlier_evaluations(evaluations), time.perf_counter() - start)
             finally:
@@ -367,11 +377,10 @@ class Trainer:
         else:
             for set_name, set_result in results.items():
                 set_result.to_json(set_result_path(self.run_dir / "eval" / f"{name}.json", set_name))
-                self.metrics.log(step, _eval_metrics(set_result, f"eval/{set_name}/"))
             self.set_results[name] = results
             result = mean_over_sets(results)
         result.to_json(self.run_dir / "eval" / f"{name}.json")
-        self.metrics.log(step, _eval_metrics(result, "eval/"))
+        self._log_evaluation(step, name, result)
         sets = "".join(f", {k} {v.anytime_score:.3f}" for k, v in results.items()) if self.named_eval_sets else ""
         logger.info("eval %s: anytime score %.3f +- %.3f%s", name, result.anytime_score, result.stderr, sets)
         return result
@@ -464,6 +473,17 @@ class Trainer:
             if earlier is not None:
                 return {name: earlier, **done}
         return done
+
+    def _resumed_from_own(self, name: str) -> bool:
+        """Whether this run resumed from its own folder's checkpoint ``name``."""
+        own = self.run_dir / "checkpoints" / name
+        return self.resumed_from is not None and self.resumed_from.resolve() == own.resolve()
+
+    def _log_evaluation(self, step: int, name: str, result: EvalResult) -> None:
+        """The metrics of evaluation ``name``: each named set's (``eval/<set>/...``), then the result's."""
+        for set_name, set_result in self.set_results.get(name, {}).items():
+            self.metrics.log(step, _eval_metrics(set_result, f"eval/{set_name}/"))
+        self.metrics.log(step, _eval_metrics(result, "eval/"))
 
     def _load_evaluation(self, name: str) -> EvalResult | None:
         """``eval/<name>.json`` of this run folder (and its sets' results), or None when absent."""
