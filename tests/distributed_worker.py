@@ -15,6 +15,11 @@ runs only ``Trainer.evaluate("start", 0)`` on every rank instead (rank 0 writes
 
 runs ``Trainer.run()``; rank K sends itself SIGUSR1 during the first RL step, and every rank writes
 ``OUT_DIR/stopped<rank>.json`` with what its ``RunStopped`` says.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR --run-hiding-evals-on-rank K [key=value ...]
+
+runs ``Trainer(resume="auto").run()``, on rank K as if no evaluation file could be read, and every
+rank writes the evaluations it ran into ``OUT_DIR/evaluated<rank>.json``.
 """
 
 import json
@@ -53,10 +58,31 @@ def run_until_signalled(out: Path, signal_rank: int, overrides: list[str]) -> No
     dist.destroy_process_group()
 
 
+def run_hiding_evaluations(out: Path, hiding_rank: int, overrides: list[str]) -> None:
+    trainer = Trainer(load_config(None, overrides), out / "run", resume="auto")
+    evaluated = []
+    evaluate = trainer.evaluate
+
+    def recording(name, step):
+        evaluated.append(name)
+        return evaluate(name, step)
+
+    trainer.evaluate = recording
+    if trainer.context.rank == hiding_rank:
+        trainer._load_evaluation = lambda name: None  # e.g. a node whose folder lags behind
+    trainer.run()
+    (out / f"evaluated{trainer.context.rank}.json").write_text(json.dumps(evaluated))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     if sys.argv[2:3] == ["--stop-on-rank"]:
         run_until_signalled(out, int(sys.argv[3]), sys.argv[4:])
+        return
+    if sys.argv[2:3] == ["--run-hiding-evals-on-rank"]:
+        run_hiding_evaluations(out, int(sys.argv[3]), sys.argv[4:])
         return
     evaluate_only = sys.argv[2:3] == ["--evaluate"]
     trainer = Trainer(load_config(None, sys.argv[3:] if evaluate_only else sys.argv[2:]), out / "run")

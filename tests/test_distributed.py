@@ -57,6 +57,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_a_resumed_finished_run_reuses_its_final_evaluation_only_when_every_rank_reads_it(tmp_path):
+    """``--resume auto`` of a finished 2-rank run (every rank samples its share of the evaluation):
+    with eval/final.json readable on every rank, no rank evaluates; when one rank cannot read it
+    (a lagging node's folder), every rank evaluates again, to the same result. Had only that rank
+    evaluated, it would wait in the evaluation's collectives until the timeout."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    config = [
+        *STEP,
+        "train.steps=1",
+        "train.save_every=0",
+        "rollout.every_rank=true",
+        "data.synthetic.num_eval=16",
+        "train.dist_timeout_minutes=1",
+    ]  # a rank left waiting fails the job in a minute
+
+    def run(hiding_rank: int) -> list[list[str]]:
+        run_ranks(2, "distributed_worker.py", [ROOT, tmp_path], [tmp_path, "--run-hiding-evals-on-rank", hiding_rank, *config])  # fmt: skip
+        return [json.loads((tmp_path / f"evaluated{rank}.json").read_text()) for rank in (0, 1)]
+
+    assert run(hiding_rank=-1) == [["start", "final"]] * 2
+    final = (tmp_path / "run" / "eval" / "final.json").read_text()
+    assert run(hiding_rank=-1) == [[], []]
+    assert run(hiding_rank=1) == [["final"], ["final"]]
+    assert json.loads((tmp_path / "run" / "eval" / "final.json").read_text()) == json.loads(final)
+
+
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch):
     """SIGUSR1 reaches rank 1 alone during the first RL step: the ranks agree at the step's end
     (on the signal too), write one checkpoint of step 1 together and stop. With bf16 autocast

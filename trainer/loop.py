@@ -247,7 +247,7 @@ class Trainer:
                     # is "sft", and is not run again when the stopped run wrote it.
                     own_sft = self._resumed_from_own("sft")
                     name = "sft" if own_sft else "start"
-                    earlier = self._load_evaluation(name) if own_sft else None
+                    earlier = self._reusable_evaluation(name) if own_sft else None
                     if earlier is not None:
                         evaluations[name] = earlier
                         self._log_evaluation(0, name, earlier)  # its records went with the truncation
@@ -286,7 +286,7 @@ class Trainer:
                 # a kill during it loses only the evaluation, which a resume from "final" runs again.
                 earlier = None
                 if self._resumed_from_own("final") and self.start_step == steps:  # nothing trained since
-                    earlier = self._load_evaluation("final")  # None when the evaluation did not finish
+                    earlier = self._reusable_evaluation("final")  # None when the evaluation did not finish
                 else:
                     self._stop_if_signalled(stop, steps, self.save("final", steps))
                 if earlier is not None:
@@ -478,6 +478,12 @@ class Trainer:
         """Whether this run resumed from its own folder's checkpoint ``name``."""
         own = self.run_dir / "checkpoints" / name
         return self.resumed_from is not None and self.resumed_from.resolve() == own.resolve()
+
+    def _reusable_evaluation(self, name: str) -> EvalResult | None:
+        """``eval/<name>.json`` when every rank reads it, else None on every rank (one all-reduce): a
+        rank that evaluated while another reused the result would wait in the evaluation's collectives."""
+        earlier = self._load_evaluation(name)
+        return None if all_reduce_max(int(earlier is None), self.context) else earlier
 
     def _log_evaluation(self, step: int, name: str, result: EvalResult) -> None:
         """The metrics of evaluation ``name``: each named set's (``eval/<set>/...``), then the result's."""
