@@ -407,6 +407,75 @@ def test_a_crash_in_the_final_evaluation_keeps_the_trained_weights_and_a_resume_
     assert json.loads((final / "trainer_state.json").read_text())["step"] == 3 and train_steps(run) == [1, 2, 3]
 
 
+def test_a_crash_in_a_periodic_evaluation_loses_only_that_evaluation(tmp_path, monkeypatch):
+    """A step's periodic evaluation follows its checkpoint: a crash there resumes from that step
+    (nothing trained twice) and runs the evaluation again; a crash in the next step resumes from the
+    same checkpoint, keeps the finished evaluation and logs its records once. Both end with the
+    weights and evaluations of an uninterrupted run."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(None, [*RUN, "train.steps=3", "train.save_every=2", "eval.every=2"])
+    Trainer(config, tmp_path / "whole").run()
+    whole = tmp_path / "whole"
+    original_evaluate, original_step = Trainer.evaluate, Trainer.rl_step
+    evaluated, stepped = [], []
+
+    def evaluate(self, name, step):
+        evaluated.append(name)
+        if name == crash_in:
+            raise RuntimeError(f"crash in {name}")
+        return original_evaluate(self, name, step)
+
+    def rl_step(self, step):
+        stepped.append(step)
+        if f"rl_step{step}" == crash_in:
+            raise RuntimeError(f"crash in step {step}")
+        return original_step(self, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "rl_step", rl_step)
+
+    def eval_records(run: Path, step: int) -> list[dict]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if r["step"] == step and "eval/anytime_score" in r and "train/loss" not in r]
+
+    for crash_in, resumed_evaluations in (("step2", ["step2", "final"]), ("rl_step2", ["final"])):
+        run = tmp_path / crash_in
+        evaluated.clear(), stepped.clear()
+        with pytest.raises(RuntimeError, match="crash in"):
+            Trainer(config, run).run()
+        assert latest_checkpoint(run / "checkpoints").name == "step2"
+        crash_in = None
+        evaluated.clear(), stepped.clear()
+        Trainer(config, run, resume="auto").run()
+        assert stepped == [2] and evaluated == resumed_evaluations, crash_in
+        assert train_steps(run) == [1, 2, 3]
+        assert len(eval_records(run, 2)) == 1 and eval_records(run, 2) == eval_records(whole, 2)
+        for name in ("step2", "final"):
+            assert (run / "eval" / f"{name}.json").read_text() == (whole / "eval" / f"{name}.json").read_text()
+        expected = load_file(whole / "checkpoints" / "final" / "model.safetensors")
+        resumed = load_file(run / "checkpoints" / "final" / "model.safetensors")
+        assert all(torch.equal(resumed[name], tensor) for name, tensor in expected.items())
+
+
+def test_evaluating_does_not_change_the_training_run(tmp_path, monkeypatch):
+    """A seeded evaluation reseeds the engine's sampling generator; training continues from the
+    streams as the evaluation found them, so a run evaluated after every step trains exactly like
+    one never evaluated between steps (the same losses and final weights)."""
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = {}
+    for every in (0, 1):
+        run = tmp_path / f"every{every}"
+        Trainer(load_config(None, [*RUN, "train.steps=3", "train.save_every=0", f"eval.every={every}"]), run).run()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["train/loss"] for r in records if "train/loss" in r]
+        runs[every] = losses, load_file(run / "checkpoints" / "final" / "model.safetensors")
+    assert sorted(p.name for p in (tmp_path / "every1" / "eval").glob("step*.json")) == ["step1.json", "step2.json"]
+    assert runs[1][0] == runs[0][0] and len(runs[0][0]) == 3
+    assert all(torch.equal(runs[1][1][name], tensor) for name, tensor in runs[0][1].items())
+
+
 def test_stop_signals_pass_other_watchers_their_signals_and_undo_a_failed_start(monkeypatch):
     """A wakeup fd set before (asyncio's) still receives the signals that arrive while the run
     watches its own; a start that fails half-way leaves the handlers and the wakeup fd as they were;

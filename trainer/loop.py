@@ -9,6 +9,7 @@ evaluation, checkpoints and the report. Setup (models, data, engine) is in ``tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -254,12 +255,16 @@ class Trainer:
                     else:
                         evaluations[name] = self.evaluate(name, step=0)
                     self._stop_if_signalled(stop, 0, self.resumed_from)
-                elif (
-                    c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps
-                    and not (self.run_dir / "eval" / f"step{self.start_step}.json").is_file()
-                ):  # fmt: skip
-                    # The run stopped after this step, before its periodic evaluation.
-                    self.evaluate(f"step{self.start_step}", step=self.start_step)
+                elif c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps:
+                    # The step's periodic evaluation follows its checkpoint: the run stopped (or crashed)
+                    # before it finished, and it runs now, or it finished and its records (written after
+                    # the checkpoint, so truncated) are logged again.
+                    name = f"step{self.start_step}"
+                    earlier = self._reusable_evaluation(name) if self._resumed_from_own(name) else None
+                    if earlier is not None:
+                        self._log_evaluation(self.start_step, name, earlier)
+                    else:
+                        self.evaluate(name, step=self.start_step)
                 self.display = Display(
                     steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main
                 )
@@ -269,10 +274,6 @@ class Trainer:
                     metrics["time/step_s"] = time.perf_counter() - step_start
                     metrics["time/tokens_per_s"] = metrics["train/trained_tokens"] / metrics["time/step_s"]
                     stopping = self._stop_requested(stop)  # before a periodic evaluation, which can be long
-                    if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps and not stopping:
-                        result = self.evaluate(f"step{step + 1}", step=step + 1)
-                        if result is not None:
-                            metrics["eval/anytime_score"] = result.anytime_score
                     self.metrics.log(step + 1, metrics)
                     self.display.advance(
                         f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
@@ -281,6 +282,10 @@ class Trainer:
                         checkpoint = self.save(f"step{step + 1}", step + 1)
                     if stopping:  # also after the last step: the final evaluation runs on resume
                         raise RunStopped(stopping, step + 1, checkpoint)
+                    # After the step's checkpoint: a crash during the evaluation loses only the evaluation,
+                    # which a resume from that checkpoint runs again.
+                    if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps:
+                        self.evaluate(f"step{step + 1}", step=step + 1)
                 self.display.close()
                 # The trained weights are saved before the final evaluation (the longest one): a crash or
                 # a kill during it loses only the evaluation, which a resume from "final" runs again.
@@ -340,7 +345,31 @@ class Trainer:
         With named sets (``data.eval_source`` a mapping), each set is evaluated on its own
         (``eval/<name>/<set>.json``, metrics ``eval/<set>/...``) and the result is their mean
         (``mean_over_sets``); ``self.set_results[name]`` keeps the sets' results.
+
+        The random streams training draws from (torch's, Python's, the engine's sampling generator,
+        which a seeded evaluation reseeds) are as the evaluation found them when it returns: the
+        training run does not depend on when, or whether, it evaluated.
         """
+        with self._random_streams_kept():
+            return self._evaluate(name, step)
+
+    @contextlib.contextmanager
+    def _random_streams_kept(self):
+        generator = getattr(self.parts.engine, "_generator", None)  # none on ranks > 0 without every_rank
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        saved = (torch.get_rng_state(), random.getstate(), generator.get_state() if generator is not None else None,
+                 torch.cuda.get_rng_state() if cuda else None)  # fmt: skip
+        try:
+            yield
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            if generator is not None:
+                generator.set_state(saved[2])
+            if saved[3] is not None:
+                torch.cuda.set_rng_state(saved[3])
+
+    def _evaluate(self, name: str, step: int) -> EvalResult | None:
         p, c = self.parts, self.config
         if not (self.context.is_main or self.every_rank):
             return None
