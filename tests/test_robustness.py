@@ -401,10 +401,23 @@ def test_a_crash_in_the_final_evaluation_keeps_the_trained_weights_and_a_resume_
     Trainer(config, run, resume="auto").run()  # the finished run again: its evaluation is reused
     assert stepped == [] and evaluated == ["sft", "final", "final"]
     assert final_records() == records and "| final |" in (run / "report.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the same, with the folder and the checkpoint spelled differently
+    Trainer(config, Path("run"), resume=str(final.resolve())).run()
+    assert evaluated == ["sft", "final", "final"] and final_records() == records
+    with pytest.raises(ValueError, match="resumed at RL step 2, past its last step 1"):
+        Trainer(config, run, resume="auto").run(max_steps=1)
+
     longer = load_config(None, [*RUN, "train.steps=3", "train.save_every=0"])
-    Trainer(longer, run, resume="auto").run()  # from "final" with more steps: train, save and evaluate anew
-    assert stepped == [2] and evaluated[-1] == "final" and len(evaluated) == 4
-    assert json.loads((final / "trainer_state.json").read_text())["step"] == 3 and train_steps(run) == [1, 2, 3]
+    monkeypatch.setattr(Trainer, "evaluate", crash_in_final)  # a longer run that crashes in its final evaluation
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Trainer(longer, run, resume="auto").run()
+    assert stepped == [2] and json.loads((final / "trainer_state.json").read_text())["step"] == 3
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    before = len(evaluated)
+    Trainer(longer, run, resume="auto").run()  # evaluates step 3's weights: eval/final.json scored step 2's
+    assert stepped == [2] and evaluated[before:] == ["final"] and train_steps(run) == [1, 2, 3]
+    assert len([r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["step"] == 3 and "eval/anytime_score" in r]) == 1  # fmt: skip
 
 
 def test_a_crash_in_a_periodic_evaluation_loses_only_that_evaluation(tmp_path, monkeypatch):
@@ -474,6 +487,50 @@ def test_evaluating_does_not_change_the_training_run(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "every1" / "eval").glob("step*.json")) == ["step1.json", "step2.json"]
     assert runs[1][0] == runs[0][0] and len(runs[0][0]) == 3
     assert all(torch.equal(runs[1][1][name], tensor) for name, tensor in runs[0][1].items())
+
+
+def test_a_signal_during_a_periodic_evaluation_stops_after_it_and_a_finished_run_evaluates_nothing_again(
+    tmp_path, monkeypatch
+):
+    """A signal during a periodic evaluation that follows its step's checkpoint stops the run once
+    the evaluation is done; the resume reuses it (records once) and goes on. An SFT-only run
+    (train.steps=0) resumed when finished evaluates nothing again and reports sft -> final."""
+    from trainer.stopping import RunStopped
+
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    evaluated = []
+    original = Trainer.evaluate
+
+    def recording(self, name, step):
+        evaluated.append(name)
+        return original(self, name, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    signal_self_during(monkeypatch, Trainer, "evaluate")
+    evaluated_signalled = Trainer.evaluate
+
+    def signal_in_step1(self, name, step):  # the SFT evaluation runs unsignalled
+        return (evaluated_signalled if name == "step1" else recording)(self, name, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", signal_in_step1)
+    run = tmp_path / "run"
+    config = load_config(None, [*RUN, "train.steps=3", "train.save_every=1", "eval.every=1"])
+    with pytest.raises(RunStopped, match="after RL step 1") as stopped:
+        Trainer(config, run).run()
+    assert stopped.value.checkpoint == run / "checkpoints" / "step1" and evaluated == ["sft", "step1"]
+    Trainer(config, run, resume="auto").run()
+    assert evaluated == ["sft", "step1", "step2", "final"] and train_steps(run) == [1, 2, 3]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/anytime_score" in r and "train/loss" not in r] == [0, 1, 2, 3]
+
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    sft_only = load_config(None, [*RUN, "train.steps=0"])
+    Trainer(sft_only, tmp_path / "sft_only").run()
+    assert evaluated[-2:] == ["sft", "final"]
+    Trainer(sft_only, tmp_path / "sft_only", resume="auto").run()
+    assert evaluated[-2:] == ["sft", "final"] and len(evaluated) == 6
+    assert "Anytime score sft -> final" in (tmp_path / "sft_only" / "report.md").read_text()
 
 
 def test_stop_signals_pass_other_watchers_their_signals_and_undo_a_failed_start(monkeypatch):

@@ -93,7 +93,7 @@ class Trainer:
                 load_sharded(Path(resume) / "dcp", self.parts.policy.module, self.parts.learner.optimizer)
             self.start_step, self.sft_done = state["step"], state.get("sft_done", True)
             self._restore_random_states(load_rng_state(Path(resume)))
-            if self.context.is_main and Path(resume).parent == self.run_dir / "checkpoints":
+            if self.context.is_main and self._own_checkpoint(Path(resume)):
                 _truncate_lines(self.run_dir / "metrics.jsonl", state.get("metrics_lines"))
             # Servers restarted after a crash hold the base model: sample from the checkpoint's weights.
             self._sync_weights()
@@ -230,6 +230,13 @@ class Trainer:
             sft_steps = max(1, round(c.sft.steps * steps / c.train.steps)) if c.sft.steps else 0
         evaluations: dict[str, EvalResult] = {}
         start = time.perf_counter()
+        if self.start_step > steps:
+            raise ValueError(
+                f"the run resumed at RL step {self.start_step}, past its last step {steps} (train.steps="
+                f"{c.train.steps}"
+                + (f", --max-steps {max_steps}" if max_steps is not None else "")
+                + "): nothing to do"
+            )
         if sft_steps and not self.sft_done and self.context.enabled:
             raise ValueError(
                 "the SFT warm-up runs in one process: run it with sft.steps and train.steps=0 on one process, "
@@ -246,7 +253,8 @@ class Trainer:
                 elif self.start_step == 0 and evaluate_start:
                     # Resumed from this folder's SFT checkpoint (a stop after the warm-up): its evaluation
                     # is "sft", and is not run again when the stopped run wrote it.
-                    own_sft = self._resumed_from_own("sft")
+                    # (A finished SFT-only run resumes from "final" at step 0: the same SFT weights.)
+                    own_sft = self._resumed_from_own("sft") or (self._resumed_from_own("final") and self.sft_done)
                     name = "sft" if own_sft else "start"
                     earlier = self._reusable_evaluation(name) if own_sft else None
                     if earlier is not None:
@@ -278,14 +286,17 @@ class Trainer:
                     self.display.advance(
                         f"reward {metrics['rollout/reward_mean']:.3f} anytime {metrics['rollout/anytime_score']:.3f}"
                     )
+                    saved = None
                     if (c.train.save_every and (step + 1) % c.train.save_every == 0) or stopping:
-                        checkpoint = self.save(f"step{step + 1}", step + 1)
+                        saved = self.save(f"step{step + 1}", step + 1)
                     if stopping:  # also after the last step: the final evaluation runs on resume
-                        raise RunStopped(stopping, step + 1, checkpoint)
+                        raise RunStopped(stopping, step + 1, saved)
                     # After the step's checkpoint: a crash during the evaluation loses only the evaluation,
                     # which a resume from that checkpoint runs again.
                     if c.eval.every and (step + 1) % c.eval.every == 0 and step + 1 < steps:
                         self.evaluate(f"step{step + 1}", step=step + 1)
+                        if saved is not None:  # a signal during the evaluation: the resume reuses it
+                            self._stop_if_signalled(stop, step + 1, saved)
                 self.display.close()
                 # The trained weights are saved before the final evaluation (the longest one): a crash or
                 # a kill during it loses only the evaluation, which a resume from "final" runs again.
@@ -315,9 +326,7 @@ class Trainer:
     def _stop_if_signalled(self, stop: StopSignals, step: int, checkpoint: Path | None) -> None:
         number = self._stop_requested(stop)
         if number:
-            raise RunStopped(
-                number, step, checkpoint, auto=checkpoint is None or checkpoint.parent == self.run_dir / "checkpoints"
-            )
+            raise RunStopped(number, step, checkpoint, auto=checkpoint is None or self._own_checkpoint(checkpoint))
 
     def _sft(self, steps: int) -> None:
         p = self.parts
@@ -422,6 +431,11 @@ class Trainer:
         """
         p = self.parts
         path = self.run_dir / "checkpoints" / name
+        if self.context.is_main:
+            # An evaluation of this name from an earlier attempt scored other weights: a resume from
+            # this checkpoint must not reuse it (its own evaluation follows the checkpoint).
+            (self.run_dir / "eval" / f"{name}.json").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "eval" / name, ignore_errors=True)
         common = dict(step=step, sft_done=self.sft_done, scheduler=p.learner.scheduler,
                       rng_state=self._random_states(), metrics_lines=self.metrics.lines)  # fmt: skip
         if not self.context.enabled:
@@ -502,6 +516,10 @@ class Trainer:
             if earlier is not None:
                 return {name: earlier, **done}
         return done
+
+    def _own_checkpoint(self, path: Path) -> bool:
+        """Whether ``path`` is a checkpoint of this run's folder (however either path is written)."""
+        return Path(path).resolve().parent == (self.run_dir / "checkpoints").resolve()
 
     def _resumed_from_own(self, name: str) -> bool:
         """Whether this run resumed from its own folder's checkpoint ``name``."""
