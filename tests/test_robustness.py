@@ -119,6 +119,19 @@ def test_a_stop_signal_ends_the_step_with_a_checkpoint_that_resumes_like_an_unin
         assert torch.equal(resumed[name], tensor), name
 
 
+def record_evaluations(monkeypatch) -> list[str]:
+    """From now on ``Trainer.evaluate`` appends the name of each evaluation it runs to the list returned."""
+    evaluated = []
+    original = Trainer.evaluate
+
+    def recording(self, name, step):
+        evaluated.append(name)
+        return original(self, name, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    return evaluated
+
+
 def signal_self_during(monkeypatch, cls, method: str) -> None:
     """Send this process SIGUSR1 while ``cls.method`` runs (once), as a cluster would."""
     original = getattr(cls, method)
@@ -310,14 +323,7 @@ def test_a_resume_after_a_stop_neither_repeats_nor_skips_an_evaluation(tmp_path,
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = load_config(None, [*RUN, "train.steps=3", "train.save_every=0", "eval.every=1"])
-    evaluated = []
-    original = Trainer.evaluate
-
-    def recording(self, name, step):
-        evaluated.append(name)
-        return original(self, name, step)
-
-    monkeypatch.setattr(Trainer, "evaluate", recording)
+    evaluated = record_evaluations(monkeypatch)
     signal_self_during(monkeypatch, Trainer, "evaluate")  # the first evaluation: the SFT model's
     with pytest.raises(RunStopped, match="after RL step 0"):
         Trainer(config, tmp_path / "run").run()
@@ -499,14 +505,8 @@ def test_a_signal_during_a_periodic_evaluation_stops_after_it_and_a_finished_run
 
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    evaluated = []
-    original = Trainer.evaluate
-
-    def recording(self, name, step):
-        evaluated.append(name)
-        return original(self, name, step)
-
-    monkeypatch.setattr(Trainer, "evaluate", recording)
+    evaluated = record_evaluations(monkeypatch)
+    recording = Trainer.evaluate
     signal_self_during(monkeypatch, Trainer, "evaluate")
     evaluated_signalled = Trainer.evaluate
 
