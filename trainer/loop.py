@@ -256,23 +256,13 @@ class Trainer:
                     # (A finished SFT-only run resumes from "final" at step 0: the same SFT weights.)
                     own_sft = self._resumed_from_own("sft") or (self._resumed_from_own("final") and self.sft_done)
                     name = "sft" if own_sft else "start"
-                    earlier = self._reusable_evaluation(name) if own_sft else None
-                    if earlier is not None:
-                        evaluations[name] = earlier
-                        self._log_evaluation(0, name, earlier)  # its records went with the truncation
-                    else:
-                        evaluations[name] = self.evaluate(name, step=0)
+                    evaluations[name] = self._evaluate_or_reuse(name, 0, reuse=own_sft)
                     self._stop_if_signalled(stop, 0, self.resumed_from)
                 elif c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps:
                     # The step's periodic evaluation follows its checkpoint: the run stopped (or crashed)
-                    # before it finished, and it runs now, or it finished and its records (written after
-                    # the checkpoint, so truncated) are logged again.
+                    # before it finished, and it runs now, or it finished and is reused.
                     name = f"step{self.start_step}"
-                    earlier = self._reusable_evaluation(name) if self._resumed_from_own(name) else None
-                    if earlier is not None:
-                        self._log_evaluation(self.start_step, name, earlier)
-                    else:
-                        self.evaluate(name, step=self.start_step)
+                    self._evaluate_or_reuse(name, self.start_step, reuse=self._resumed_from_own(name))
                 self.display = Display(
                     steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main
                 )
@@ -300,16 +290,10 @@ class Trainer:
                 self.display.close()
                 # The trained weights are saved before the final evaluation (the longest one): a crash or
                 # a kill during it loses only the evaluation, which a resume from "final" runs again.
-                earlier = None
-                if self._resumed_from_own("final") and self.start_step == steps:  # nothing trained since
-                    earlier = self._reusable_evaluation("final")  # None when the evaluation did not finish
-                else:
+                finished = self._resumed_from_own("final") and self.start_step == steps  # nothing trained since
+                if not finished:
                     self._stop_if_signalled(stop, steps, self.save("final", steps))
-                if earlier is not None:
-                    evaluations["final"] = earlier
-                    self._log_evaluation(steps, "final", earlier)  # its records went with the truncation
-                else:
-                    evaluations["final"] = self.evaluate("final", step=steps)
+                evaluations["final"] = self._evaluate_or_reuse("final", steps, reuse=finished)
                 if self.context.is_main:
                     self._report(self._with_earlier_evaluations(evaluations), time.perf_counter() - start)
             finally:
@@ -523,14 +507,19 @@ class Trainer:
 
     def _resumed_from_own(self, name: str) -> bool:
         """Whether this run resumed from its own folder's checkpoint ``name``."""
-        own = self.run_dir / "checkpoints" / name
-        return self.resumed_from is not None and self.resumed_from.resolve() == own.resolve()
+        resumed = self.resumed_from
+        return resumed is not None and self._own_checkpoint(resumed) and resumed.resolve().name == name
 
-    def _reusable_evaluation(self, name: str) -> EvalResult | None:
-        """``eval/<name>.json`` when every rank reads it, else None on every rank (one all-reduce): a
-        rank that evaluated while another reused the result would wait in the evaluation's collectives."""
-        earlier = self._load_evaluation(name)
-        return None if all_reduce_max(int(earlier is None), self.context) else earlier
+    def _evaluate_or_reuse(self, name: str, step: int, *, reuse: bool) -> EvalResult | None:
+        """Evaluation ``name`` at ``step``. With ``reuse`` (the same on every rank), the folder's
+        finished ``eval/<name>.json`` when every rank reads it (one all-reduce: a rank that evaluated
+        while another reused would wait in the evaluation's collectives), its records logged again
+        (they went with the checkpoint's truncation of metrics.jsonl)."""
+        earlier = self._load_evaluation(name) if reuse else None
+        if not reuse or all_reduce_max(int(earlier is None), self.context):
+            return self.evaluate(name, step=step)
+        self._log_evaluation(step, name, earlier)
+        return earlier
 
     def _log_evaluation(self, step: int, name: str, result: EvalResult) -> None:
         """The metrics of evaluation ``name``: each named set's (``eval/<set>/...``), then the result's."""
