@@ -13,9 +13,11 @@ With ``z = hidden[rows] @ weight.T / T``, ``p = softmax(z)`` and upstream gradie
 Backends (``backend=``, ``anytime_kernels.backends``): ``triton`` (CUDA; CPU under
 ``TRITON_INTERPRET=1``), ``cpp`` (the compiled C++/OpenMP op), ``reference`` (plain torch with
 full logits), ``auto`` (triton on CUDA, cpp on CPU). Accumulation is fp32 whatever the input dtype.
-Two environment variables tune ``triton``, read once per forward (its backward follows it):
-``ANYTIME_LOGPROBS_EPILOGUE=1`` (logits tiles reduced in a Triton GEMM epilogue,
-``logprobs_epilogue``) and ``ANYTIME_LOGPROBS_TILE_MB`` (the tile budget, ``logprobs_triton``).
+``triton`` has two paths: logits tiles reduced in a Triton GEMM epilogue (``logprobs_epilogue``,
+the default for bf16/fp16 on CUDA) and cuBLAS GEMMs + Triton reductions (``logprobs_triton``, the
+default otherwise). Two environment variables tune it, read once per forward (its backward follows
+it): ``ANYTIME_LOGPROBS_EPILOGUE`` (``1``: the epilogue path, ``0``: the cuBLAS path) and
+``ANYTIME_LOGPROBS_TILE_MB`` (the tile budget, ``logprobs_triton``).
 """
 
 from __future__ import annotations
@@ -167,15 +169,15 @@ def _cpp_backward(
     return (grad_hidden if need_hidden else None), (grad_weight if need_weight else None)
 
 
-def _backend_module(backend: str):
-    """(forward, backward) of ``backend``; for ``triton`` the path (``ANYTIME_LOGPROBS_EPILOGUE``)
-    and the tile budget (``ANYTIME_LOGPROBS_TILE_MB``) are read here, once per forward, and bound
+def _backend_module(backend: str, hidden: torch.Tensor):
+    """(forward, backward) of ``backend`` for ``hidden``'s device and dtype; for ``triton`` the path
+    (``ANYTIME_LOGPROBS_EPILOGUE``, or automatic) and the tile budget (``ANYTIME_LOGPROBS_TILE_MB``) are read here, once per forward, and bound
     into both functions, so a backward runs as its forward chose whatever the environment says by then."""
     if backend == "triton":
         from anytime_kernels import logprobs_epilogue, logprobs_triton
 
         budget = logprobs_triton.tile_bytes()
-        module = logprobs_epilogue if logprobs_epilogue.enabled() else logprobs_triton
+        module = logprobs_epilogue if logprobs_epilogue.enabled(hidden.device, hidden.dtype) else logprobs_triton
         return functools.partial(module.forward, budget=budget), functools.partial(module.backward, budget=budget)
     return _cpp_forward, _cpp_backward
 
@@ -185,7 +187,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, temperature, return_entropy, backend):
-        forward_impl, backward_impl = _backend_module(backend)
+        forward_impl, backward_impl = _backend_module(backend, hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             selected = hidden if rows is None else hidden.index_select(0, rows)
             # Both backends return (logprobs, entropy, lse); entropy is empty without return_entropy.

@@ -2,8 +2,9 @@
 Liger-Kernel's chunked selective log-prob (`liger`) and Apple's Cut Cross-Entropy (`cce`, CUDA
 only, exact gradients: `filter_eps=None`), both from the `bench` extra, plus on CUDA the three
 bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight), and on
-CUDA `triton_epilogue`: ours with the softmax statistics in a Triton GEMM epilogue
-(``ANYTIME_LOGPROBS_EPILOGUE=1``, ``anytime_kernels/logprobs_epilogue.py``).
+CUDA `triton_cublas`: ours by the path that is not the default for bf16 (cuBLAS GEMMs writing fp32
+logits tiles + Triton reductions, ``ANYTIME_LOGPROBS_EPILOGUE=0``, ``anytime_kernels/logprobs_triton.py``);
+`triton` runs the default, the softmax statistics in a Triton GEMM epilogue (``logprobs_epilogue.py``).
 
 Cases `fwd` (no grad, as for old-policy log-probs) and `fwd_bwd` (log-probs, then the backward
 of sum(g * logprobs) into hidden and the LM head). Sizes: CPU N=4096, H=512, V=32000 fp32 (quick:
@@ -13,7 +14,9 @@ also a tile sweep (case ``tiles_fwd_bwd_*``: both Triton paths at ``TILE_BUDGETS
 ``ANYTIME_LOGPROBS_TILE_MB``), and on both devices a ``precision_*`` case: every provider's
 log-prob and gradient error against fp64 math (CCE accumulates its gradients in bf16).
 Targets: CPU fwd_bwd peak memory <= 25% of reference and time <= reference; CUDA faster than
-liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms.
+liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms. (CCE adds its
+gradients into bf16 in place and holds almost nothing; ours accumulate in fp32, which costs one fp32
+``[M, H]`` buffer besides the tile, and the precision case shows the difference.)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import torch
 from common import Results, environment_line, parse_args, peak_memory_mb, synchronize, time_ms
 
-from anytime_kernels import fused_logprobs
+from anytime_kernels import fused_logprobs, logprobs_epilogue
 from anytime_kernels.logprobs_reference import fused_logprobs_reference
 
 try:
@@ -61,8 +64,8 @@ def with_environment(**variables: str):
     return provider
 
 
-# Ours with the GEMM-epilogue kernels (ANYTIME_LOGPROBS_EPILOGUE=1).
-epilogue_logprobs = with_environment(ANYTIME_LOGPROBS_EPILOGUE="1")
+# Ours by the cuBLAS + reduction path (ANYTIME_LOGPROBS_EPILOGUE=0; bf16's default is the epilogue path).
+cublas_logprobs = with_environment(ANYTIME_LOGPROBS_EPILOGUE="0")
 # The tile budgets of the CUDA sweep (MiB): memory against GEMM width, for both paths.
 TILE_BUDGETS_MB = (128, 256, 768)
 
@@ -73,7 +76,7 @@ def cce_logprobs(hidden, weight, targets):
 
 PROVIDERS = {
     "ours": lambda hidden, weight, targets: fused_logprobs(hidden, weight, targets),
-    "triton_epilogue": epilogue_logprobs,
+    "triton_cublas": cublas_logprobs,
     "reference": fused_logprobs_reference,
     "liger": liger_logprobs,
     "cce": cce_logprobs,
@@ -159,7 +162,7 @@ def main() -> None:
         del providers["liger"]
         print("liger: not available (pip install liger-kernel, the `bench` extra); no liger rows")
     if device != "cuda":
-        del providers["triton_epilogue"]  # on CPU the Triton kernels run only in the interpreter
+        del providers["triton_cublas"]  # on CPU the Triton kernels run only in the interpreter
     if linear_cross_entropy is None or device != "cuda":
         del providers["cce"]
         print("cce: needs CUDA and cut-cross-entropy (the `bench` extra); no cce rows")
@@ -192,7 +195,7 @@ def main() -> None:
         size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
         inputs = make_inputs(num_rows, width, vocab, dtype, device)
         for megabytes in TILE_BUDGETS_MB:
-            for name, epilogue in ((ours, "0"), ("triton_epilogue", "1")):
+            for name, epilogue in (("triton_cublas", "0"), ("triton_epilogue", "1")):
                 provider = with_environment(ANYTIME_LOGPROBS_TILE_MB=str(megabytes), ANYTIME_LOGPROBS_EPILOGUE=epilogue)
                 measure(f"tiles_fwd_bwd_{size}", f"{name}@{megabytes}MiB", step(provider, "fwd_bwd", *inputs))
         checks.append(
@@ -216,7 +219,20 @@ def main() -> None:
         measure(f"fwd_bwd_{size}", ours, step(providers[ours], "fwd_bwd", *inputs))
         del inputs
         checks.append(sweep_line(results, ours, base, (num_rows, width, vocab), dtype))
+    if device == "cuda":
+        checks.extend(autotune_lines((logprobs_epilogue._lse_tile_kernel, logprobs_epilogue._grad_tile_kernel)))
     results.finish(args.out, notes=checks)
+
+
+def autotune_lines(kernels) -> list[str]:
+    """The config each autotuned kernel chose per key (hidden size, flags, dtypes), so that a
+    timing that moves between GPU runs can be traced to a different choice."""
+    lines = []
+    for kernel in kernels:
+        name = getattr(getattr(kernel, "fn", None), "__name__", type(kernel).__name__)
+        for key, config in getattr(kernel, "cache", {}).items():
+            lines.append(f"autotune {name} {key}: {config}")
+    return lines
 
 
 def tile_line(results: Results, case: str, bare_gemms_ms: float | None) -> str:
@@ -268,14 +284,9 @@ def target_lines(results: Results, ours: str, case: str, device: str) -> list[st
             lines.append(line(f"{ours}/{baseline} time", fused_time / value(baseline, "time_ms"), 1.0))
             lines.append(line(f"{ours}/{baseline} peak memory", fused_mem / value(baseline, "peak_mem_mb"), 1.0))
     lines.append(line(f"{ours}/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
-    if value("triton_epilogue", "time_ms") is not None:
-        lines.append(
-            line(
-                "triton_epilogue/bare_gemms time",
-                value("triton_epilogue", "time_ms") / value("bare_gemms", "time_ms"),
-                1.6,
-            )
-        )
+    if value("triton_cublas", "time_ms") is not None:
+        cublas_ratio = value("triton_cublas", "time_ms") / value("bare_gemms", "time_ms")
+        lines.append(line("triton_cublas/bare_gemms time", cublas_ratio, 1.6))
     return lines
 
 

@@ -4,6 +4,7 @@ of a change yields numbers, not a traceback)."""
 
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,49 @@ def test_precision_errors_by_hand():
 
 def test_tile_line_names_the_fastest_budget():
     results = Results("logprobs")
-    for provider, time_ms, memory in (("triton@128MiB", 58.0, 300), ("triton_epilogue@256MiB", 49.0, 420)):
+    for provider, time_ms, memory in (("triton_cublas@128MiB", 58.0, 300), ("triton_epilogue@256MiB", 49.0, 420)):
         results.add("tiles", provider, "time_ms", time_ms, "ms")
         results.add("tiles", provider, "peak_mem_mb", memory, "MiB")
     line = bench_logprobs.tile_line(results, "tiles", 32.4)
     assert line == "tiles: fastest triton_epilogue@256MiB at 49.0 ms, 1.512x the bare GEMMs, peak memory 420 MiB"
+
+
+def test_target_lines_on_cuda_rate_the_default_and_the_cublas_path():
+    """The verdict lines of a CUDA run, by hand: ours (the default) against liger, cce and the bare
+    GEMMs, then the cuBLAS path against the bare GEMMs."""
+    results = Results("logprobs")
+    for provider, time_ms, memory in (
+        ("triton", 51.0, 560.0), ("triton_cublas", 54.0, 816.0), ("liger", 490.0, 980.0), ("cce", 130.0, 0.8),
+    ):  # fmt: skip
+        results.add("case", provider, "time_ms", time_ms, "ms")
+        results.add("case", provider, "peak_mem_mb", memory, "MiB")
+    results.add("case", "bare_gemms", "time_ms", 32.0, "ms")
+    assert bench_logprobs.target_lines(results, "triton", "case", "cuda") == [
+        "case: triton/liger time = 0.104 (target <= 1.0) met",
+        "case: triton/liger peak memory = 0.571 (target <= 1.0) met",
+        "case: triton/cce time = 0.392 (target <= 1.0) met",
+        "case: triton/cce peak memory = 700.000 (target <= 1.0) NOT met",
+        "case: triton/bare_gemms time = 1.594 (target <= 1.6) met",
+        "case: triton_cublas/bare_gemms time = 1.688 (target <= 1.6) NOT met",
+    ]
+
+
+def test_autotune_lines_name_each_kernels_choice_per_key():
+    """A CUDA run reports the config every autotuned kernel chose for each key (the interpreter's
+    single config is never tuned, so a stand-in autotuner holds the choices here)."""
+    import triton
+
+    class Tuned:
+        def __init__(self, name, cache):
+            self.fn = types.SimpleNamespace(__name__=name)
+            self.cache = cache
+
+    wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3)
+    narrow = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
+    kernels = (Tuned("_lse_tile_kernel", {(1536, False, "tf32"): wide}), Tuned("_grad_tile_kernel", {}))
+    kernels[1].cache[(2048, False, "tf32")] = narrow
+    assert bench_logprobs.autotune_lines(kernels) == [
+        f"autotune _lse_tile_kernel (1536, False, 'tf32'): {wide}",
+        f"autotune _grad_tile_kernel (2048, False, 'tf32'): {narrow}",
+    ]
+    assert "BLOCK_N: 256" in str(wide) and "num_warps: 8" in str(wide)

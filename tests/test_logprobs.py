@@ -167,7 +167,7 @@ def test_triton_several_row_blocks_and_chunks(monkeypatch, dtype):
 def test_epilogue_kernels_match_reference(monkeypatch, case_name, dtype):
     """The GEMM-epilogue path (logits tiles reduced in registers, never stored) against fp64."""
     monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "1")
-    assert logprobs_module._backend_module("triton")[0].func is logprobs_epilogue.forward
+    assert logprobs_module._backend_module("triton", torch.zeros(1, dtype=dtype))[0].func is logprobs_epilogue.forward
     check_against_reference("triton", make_case(**CASES[case_name]), temperature=0.8, dtype=dtype)
 
 
@@ -249,12 +249,32 @@ def test_tile_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("ANYTIME_LOGPROBS_TILE_MB", bad)
         with pytest.raises(ValueError, match=f"ANYTIME_LOGPROBS_TILE_MB.*{bad!r}"):
             logprobs_triton.tile_bytes()
-    for value, expected in (("1", True), ("0", False), ("", False)):
+
+
+def test_the_epilogue_path_is_the_default_for_16_bit_operands_on_cuda(monkeypatch):
+    """Unset (or empty): the epilogue path for bf16/fp16 on CUDA, where an H100 measured it ahead,
+    and the cuBLAS path for fp32 and off CUDA; 1 and 0 force either; anything else is refused."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cases = {
+        (cuda, torch.bfloat16): True, (cuda, torch.float16): True, (cuda, torch.float32): False,
+        (cpu, torch.bfloat16): False, (cpu, torch.float32): False,
+    }  # fmt: skip
+    for value in (None, "", " "):
+        if value is None:
+            monkeypatch.delenv("ANYTIME_LOGPROBS_EPILOGUE", raising=False)
+        else:
+            monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", value)
+        for (device, dtype), expected in cases.items():
+            assert logprobs_epilogue.enabled(device, dtype) is expected, (value, device, dtype)
+    for value, expected in (("1", True), ("0", False)):
         monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", value)
-        assert logprobs_epilogue.enabled() is expected
+        assert {logprobs_epilogue.enabled(device, dtype) for device, dtype in cases} == {expected}
     monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "yes")
-    with pytest.raises(ValueError, match="ANYTIME_LOGPROBS_EPILOGUE must be 0 or 1, got 'yes'"):
-        logprobs_epilogue.enabled()
+    with pytest.raises(ValueError, match=r"ANYTIME_LOGPROBS_EPILOGUE must be 0 or 1 .*got 'yes'"):
+        logprobs_epilogue.enabled(cuda, torch.bfloat16)
+    # fused_logprobs reads it through _backend_module, once per forward, with the operands' dtype.
+    monkeypatch.delenv("ANYTIME_LOGPROBS_EPILOGUE")
+    assert logprobs_module._backend_module("triton", torch.zeros(1))[0].func is logprobs_triton.forward
 
 
 def test_backward_keeps_the_forwards_tile_budget_and_path(monkeypatch):
@@ -299,6 +319,32 @@ def test_epilogue_kernels_several_row_blocks_and_chunks_equal_the_default_path(m
     fused = run(fused_logprobs, *case, temperature=0.7, backend="triton")
     for name, got, expected in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), fused, default, strict=True):
         assert_close(got, expected, 1e-5, 1e-5, name)
+
+
+@pytest.mark.parametrize("epilogue", ("0", "1"))
+def test_backward_holds_one_gradient_tile(monkeypatch, epilogue):
+    """Every (chunk, row block) of the backward writes dL/dlogits into one buffer, and the row blocks
+    of every chunk add into one fp32 grad_weight buffer. A tile allocated per iteration is allocated
+    while the last one is still referenced: two tiles at the peak (the H100 run measured 1072 MiB
+    for a 512 MiB tile). Seven row blocks x five (cuBLAS path) or three (epilogue) chunks."""
+    case = make_case(num_hidden=23, width=40, vocab=301, num_targets=45, repeated_rows=True, ignore=(0, 30))
+    monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 7)
+    monkeypatch.setattr(logprobs_triton, "MIN_CHUNK", 64)
+    monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 7 * 8 * 64)
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", epilogue)
+    tiles, outs = [], []
+    real_accumulate = logprobs_triton._accumulate
+
+    def spy(out, left, right):
+        tiles.append(left.untyped_storage().data_ptr())
+        outs.append(out.untyped_storage().data_ptr())
+        real_accumulate(out, left, right)
+
+    monkeypatch.setattr(logprobs_triton, "_accumulate", spy)
+    check_against_reference("triton", case, temperature=0.7)
+    assert len(tiles) == 2 * 7 * (5 if epilogue == "0" else 3)  # grad_weight and grad_hidden per tile
+    assert len(set(tiles)) == 1  # every dL/dlogits tile (and its transpose) in one buffer
+    assert len(set(outs)) == 2  # grad_hidden, and one fp32 grad_weight chunk buffer for every chunk
 
 
 @pytest.mark.parametrize("backend", (*BACKENDS, "reference"))
@@ -398,7 +444,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_raises_before_any_kernel(name, monkeypatch):
-    def no_kernel(backend):
+    def no_kernel(backend, hidden):
         raise AssertionError(f"a {backend} kernel was reached with bad input")
 
     monkeypatch.setattr(logprobs_module, "_backend_module", no_kernel)
@@ -419,8 +465,11 @@ def test_backend_errors_follow_the_one_policy():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ("", "0"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_cuda_triton_matches_reference(dtype):
+def test_cuda_triton_matches_reference(monkeypatch, dtype, epilogue):
+    """``auto`` on CUDA, by each dtype's default path (unset) and by the cuBLAS path (0)."""
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", epilogue)
     case = make_case(num_hidden=300, width=256, vocab=5003, num_targets=400, repeated_rows=True, ignore=(3, 77))
     case = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in case)
     check_against_reference("auto", case, temperature=0.9, dtype=dtype)
@@ -451,6 +500,7 @@ def test_cuda_epilogue_kernels_over_several_tile_groups(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_triton_several_vocab_chunks(monkeypatch):
+    monkeypatch.setenv("ANYTIME_LOGPROBS_EPILOGUE", "0")  # bf16's default is the epilogue path
     monkeypatch.setattr(logprobs_triton, "CHUNK_BYTES", 2**20)
     monkeypatch.setattr(logprobs_triton, "ROW_BLOCK", 200)  # 3 row blocks x 3 vocabulary chunks
     case = make_case(num_hidden=512, width=128, vocab=9000, ignore=(5,))
