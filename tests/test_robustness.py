@@ -3,6 +3,7 @@ failures, non-finite updates, equal rewards, bad data."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -424,6 +425,48 @@ def test_a_crash_in_the_final_evaluation_keeps_the_trained_weights_and_a_resume_
     assert stepped == [2] and evaluated[before:] == ["final"] and train_steps(run) == [1, 2, 3]
     assert len([r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                 if r["step"] == 3 and "eval/anytime_score" in r]) == 1  # fmt: skip
+
+
+def test_a_finished_run_resumed_for_more_steps_reuses_its_final_evaluation_as_that_steps(tmp_path, monkeypatch):
+    """Resumed from ``final`` with more ``train.steps``, where ``eval.every`` divides the finished
+    run's last step: that step's periodic evaluation would score the weights ``eval/final.json``
+    already scored, so it is that file (and its named sets'), written as ``eval/step2.json`` and
+    logged at step 2 as a fresh evaluation would be (seeded: a re-evaluation gives the same numbers)."""
+    from trainer.synthetic import generate_rows, save_rows
+
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = {name: save_rows(generate_rows(3, seed=seed, min_steps=1, max_steps=2, max_operand=9), tmp_path / f"{name}.jsonl")
+             for name, seed in (("a", 11), ("b", 12))}  # fmt: skip
+    base = [*RUN, "train.save_every=0", "eval.every=2", f"data.eval_source={{a: {files['a']}, b: {files['b']}}}"]
+    run = tmp_path / "run"
+    Trainer(load_config(None, [*base, "train.steps=2"]), run).run()
+    final = {name: json.loads((run / "eval" / f"{name}.json").read_text()) for name in ("final", "final/a", "final/b")}
+
+    def step2_records(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["step"] == 2 and any(k.startswith("eval/") for k in r)]
+
+    records = step2_records(run)
+    assert len(records) == 3  # sets a and b, then their mean
+    again = tmp_path / "again"  # the reference: the same resume evaluating step 2 anew
+    shutil.copytree(run, again)
+    longer = load_config(None, [*base, "train.steps=3"])
+    evaluated = record_evaluations(monkeypatch)
+    Trainer(longer, run, resume="auto").run()
+    assert evaluated == ["final"]  # step 3's; step 2's is the earlier final evaluation
+    for folder in (run, again):
+        if folder == again:
+            monkeypatch.setattr(Trainer, "_resumed_from_own", lambda self, name: False)  # as before: no reuse
+            Trainer(longer, again, resume=str(again / "checkpoints" / "final")).run()
+            assert evaluated == ["final", "step2", "final"]
+        for name in ("", "/a", "/b"):
+            assert json.loads((folder / "eval" / f"step2{name}.json").read_text()) == final[f"final{name}"], name
+        assert step2_records(folder) == records
+    for name in ("final", "final/a", "final/b"):  # step 3's, the same in both
+        assert json.loads((again / "eval" / f"{name}.json").read_text()) == json.loads(
+            (run / "eval" / f"{name}.json").read_text()
+        )
 
 
 def test_a_crash_in_a_periodic_evaluation_loses_only_that_evaluation(tmp_path, monkeypatch):

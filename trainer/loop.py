@@ -261,8 +261,10 @@ class Trainer:
                 elif c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps:
                     # The step's periodic evaluation follows its checkpoint: the run stopped (or crashed)
                     # before it finished, and it runs now, or it finished and is reused.
+                    # A finished run resumed for more steps: its final evaluation scored these weights.
                     name = f"step{self.start_step}"
-                    self._evaluate_or_reuse(name, self.start_step, reuse=self._resumed_from_own(name))
+                    source = "final" if self._resumed_from_own("final") else name
+                    self._evaluate_or_reuse(name, self.start_step, reuse=self._resumed_from_own(source), source=source)
                 self.display = Display(
                     steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main
                 )
@@ -397,11 +399,9 @@ class Trainer:
         if not self.named_eval_sets:
             result = results["eval"]
         else:
-            for set_name, set_result in results.items():
-                set_result.to_json(set_result_path(self.run_dir / "eval" / f"{name}.json", set_name))
             self.set_results[name] = results
             result = mean_over_sets(results)
-        result.to_json(self.run_dir / "eval" / f"{name}.json")
+        self._write_evaluation(name, result)
         self._log_evaluation(step, name, result)
         sets = "".join(f", {k} {v.anytime_score:.3f}" for k, v in results.items()) if self.named_eval_sets else ""
         logger.info("eval %s: anytime score %.3f +- %.3f%s", name, result.anytime_score, result.stderr, sets)
@@ -510,16 +510,27 @@ class Trainer:
         resumed = self.resumed_from
         return resumed is not None and self._own_checkpoint(resumed) and resumed.resolve().name == name
 
-    def _evaluate_or_reuse(self, name: str, step: int, *, reuse: bool) -> EvalResult | None:
+    def _evaluate_or_reuse(self, name: str, step: int, *, reuse: bool, source: str | None = None) -> EvalResult | None:
         """Evaluation ``name`` at ``step``. With ``reuse`` (the same on every rank), the folder's
-        finished ``eval/<name>.json`` when every rank reads it (one all-reduce: a rank that evaluated
-        while another reused would wait in the evaluation's collectives), its records logged again
-        (they went with the checkpoint's truncation of metrics.jsonl)."""
-        earlier = self._load_evaluation(name) if reuse else None
+        finished ``eval/<source>.json`` (default: ``name``'s) when every rank reads it (one
+        all-reduce: a rank that evaluated while another reused would wait in the evaluation's
+        collectives), its records logged again (they went with the checkpoint's truncation of
+        metrics.jsonl), and written as ``eval/<name>.json`` when ``source`` is another name."""
+        source = source or name
+        earlier = self._load_evaluation(source, as_name=name) if reuse else None
         if not reuse or all_reduce_max(int(earlier is None), self.context):
             return self.evaluate(name, step=step)
+        if source != name and self.context.is_main:
+            self._write_evaluation(name, earlier)
         self._log_evaluation(step, name, earlier)
         return earlier
+
+    def _write_evaluation(self, name: str, result: EvalResult) -> None:
+        """``eval/<name>.json``, and with named sets each set's ``eval/<name>/<set>.json`` first."""
+        path = self.run_dir / "eval" / f"{name}.json"
+        for set_name, set_result in self.set_results.get(name, {}).items():
+            set_result.to_json(set_result_path(path, set_name))
+        result.to_json(path)
 
     def _log_evaluation(self, step: int, name: str, result: EvalResult) -> None:
         """The metrics of evaluation ``name``: each named set's (``eval/<set>/...``), then the result's."""
@@ -527,14 +538,15 @@ class Trainer:
             self.metrics.log(step, _eval_metrics(set_result, f"eval/{set_name}/"))
         self.metrics.log(step, _eval_metrics(result, "eval/"))
 
-    def _load_evaluation(self, name: str) -> EvalResult | None:
-        """``eval/<name>.json`` of this run folder (and its sets' results), or None when absent."""
+    def _load_evaluation(self, name: str, as_name: str | None = None) -> EvalResult | None:
+        """``eval/<name>.json`` of this run folder (and its sets' results, kept under ``as_name``,
+        default ``name``), or None when absent."""
         path = self.run_dir / "eval" / f"{name}.json"
         if not path.is_file():
             return None
         result = EvalResult.from_json(path)
         if result.sets:
-            self.set_results[name] = load_set_results(path, result)
+            self.set_results[as_name or name] = load_set_results(path, result)
         return result
 
     def _report(self, evaluations: dict[str, EvalResult], seconds: float) -> None:
