@@ -15,6 +15,10 @@ import inspect
 import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Launch options of every kernel of the package: FMA contraction on, as in every measurement of them.
+# Triton 3.10 turns it off by default, and 3.9 warns at each process's first launch that relies on
+# the default.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 _OLD_INDEX = "int(self.handle.data))"
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anytime_kernels._interpreter import patch_interpreter
+from anytime_kernels._interpreter import LAUNCH_OPTIONS, patch_interpreter
 from anytime_kernels.constants import TokenKind
 
 VARIANCE_REDUCTION_CODES = {"brpo": 0, "v1only": 1, "v2only": 2, "none": 3}
@@ -166,6 +166,7 @@ def brpo_advantages_triton(
         BLOCK_A=triton.next_power_of_2(num_summaries),
         VARIANCE_REDUCTION=VARIANCE_REDUCTION_CODES[variance_reduction],
         SUMMARY_METHOD=SUMMARY_METHOD_CODES[summary_method],
+        **LAUNCH_OPTIONS,
     )
     return thinking_adv, summary_adv
 
@@ -197,5 +198,6 @@ def token_advantages_triton(
         THINKING=int(TokenKind.THINKING),
         SUMMARY=int(TokenKind.SUMMARY),
         BLOCK=TOKEN_BLOCK,
+        **LAUNCH_OPTIONS,
     )
     return out

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from anytime_kernels import logprobs_triton
 from anytime_kernels._interpreter import INTERPRET as _INTERPRET
+from anytime_kernels._interpreter import LAUNCH_OPTIONS
 from anytime_kernels.logprobs_triton import _row_blocks
 
 
@@ -212,7 +213,7 @@ def forward(
         _lse_tile_kernel[grid](
             block, weight, targets[row_start:row_end], part_max, part_sum, part_weighted,
             target_logit[row_start:row_end], rows, vocab, hidden.shape[1], block.stride(0), weight.stride(0),
-            1.0 / temperature, HAS_ENTROPY=compute_entropy, UPCAST=_INTERPRET, PRECISION=precision,
+            1.0 / temperature, HAS_ENTROPY=compute_entropy, UPCAST=_INTERPRET, PRECISION=precision, **LAUNCH_OPTIONS,
         )  # fmt: skip
         used = triton.cdiv(vocab, _used_block_n(_lse_tile_kernel))
         part_max, part_sum = part_max[:used], part_sum[:used]
@@ -252,7 +253,7 @@ def backward(
             rows_hidden, weight, targets[block], lse[block], mean_logit[block] if has_entropy_grad else lse[block],
             grad_logprobs[block], grad_entropy[block] if has_entropy_grad else grad_logprobs[block], grad_logits,
             rows, start, end, width, hidden.shape[1], rows_hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision,
+            HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision, **LAUNCH_OPTIONS,
         )  # fmt: skip
 
     return logprobs_triton.backward(

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from anytime_kernels._interpreter import INTERPRET as _INTERPRET
-from anytime_kernels._interpreter import patch_interpreter
+from anytime_kernels._interpreter import LAUNCH_OPTIONS, patch_interpreter
 from anytime_kernels.constants import IGNORE_INDEX
 
 # Bytes of one (row block x vocabulary chunk) tile: fp32 logits plus their gradient in the input dtype.
@@ -287,6 +287,7 @@ def forward(
                 start,
                 1.0 / temperature,
                 HAS_ENTROPY=compute_entropy,
+                **LAUNCH_OPTIONS,
             )
             del logits
     lse = running_max + torch.log(running_sum)
@@ -352,6 +353,7 @@ def backward(
             start,
             1.0 / temperature,
             HAS_ENTROPY_GRAD=has_entropy_grad,
+            **LAUNCH_OPTIONS,
         )
 
     chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size(), budget, stores_logits=tile_grad is None)

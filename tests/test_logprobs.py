@@ -206,7 +206,7 @@ def test_every_kernel_compiles_for_hopper_and_the_epilogue_gemms_use_pipelined_w
     shared memory; the interpreter that runs the CPU tests accepts code the compiler refuses. The
     epilogue kernels' bf16 GEMMs become wgmma tensor-core instructions fed by cp.async loads in at
     least two shared-memory stages: a K loop that Triton could not pipeline would run far below
-    cuBLAS, and only a GPU run would tell."""
+    cuBLAS, and only a GPU run would tell. Every launch asks for FMA contraction."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "fixtures" / "compile_sm90.py"
     done = subprocess.run(
@@ -227,6 +227,9 @@ def test_every_kernel_compiles_for_hopper_and_the_epilogue_gemms_use_pipelined_w
     assert len(epilogue_bf16) >= 4
     for record in records:
         assert record["shared"] <= H100_SHARED_PER_BLOCK, record
+        # FMA contraction as measured, whatever the triton's default (3.10 turns it off; 3.9 warns).
+        assert record["enable_fp_fusion"] is True, record
+    assert "TRITON_DEFAULT_FP_FUSION" not in done.stderr
     for record in epilogue_bf16:
         constexprs = record["constexprs"]
         stage_bytes = (constexprs["BLOCK_M"] + constexprs["BLOCK_N"]) * constexprs["BLOCK_K"] * 2
