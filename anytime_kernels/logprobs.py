@@ -14,7 +14,7 @@ Backends (``backend=``, ``anytime_kernels.backends``): ``triton`` (CUDA; CPU und
 ``TRITON_INTERPRET=1``), ``cpp`` (the compiled C++/OpenMP op), ``reference`` (plain torch with
 full logits), ``auto`` (triton on CUDA, cpp on CPU). Accumulation is fp32 whatever the input dtype.
 ``triton`` has two paths: logits tiles reduced in a Triton GEMM epilogue (``logprobs_epilogue``,
-the default for bf16/fp16 on CUDA) and cuBLAS GEMMs + Triton reductions (``logprobs_triton``, the
+the default for bf16 on CUDA) and cuBLAS GEMMs + Triton reductions (``logprobs_triton``, the
 default otherwise). Two environment variables tune it, read once per forward (its backward follows
 it): ``ANYTIME_LOGPROBS_EPILOGUE`` (``1``: the epilogue path, ``0``: the cuBLAS path) and
 ``ANYTIME_LOGPROBS_TILE_MB`` (the tile budget, ``logprobs_triton``).

@@ -16,11 +16,11 @@ logits never reach memory:
   stay cuBLAS, as in ``logprobs_triton`` (each needs a reduction of the tile along a different axis).
   The tile budget (``ANYTIME_LOGPROBS_TILE_MB``) holds only that gradient, so chunks are wider.
 
-It is the default of ``backend="triton"`` for 16-bit operands on CUDA: on an H100 (M=16384,
+It is the default of ``backend="triton"`` for bf16 operands on CUDA: on an H100 (M=16384,
 H=1536, V=151,936 bf16, fwd+bwd; ``docs/gpu_runs/2026-11-27-h100``) it ran 51.1 ms against the
 cuBLAS path's 54.9 ms, 1.58x the bare GEMMs' 32.4 ms, with the same errors against fp64.
 ``ANYTIME_LOGPROBS_EPILOGUE=0`` selects the cuBLAS path, ``1`` this one for every dtype (fp32
-operands default to the cuBLAS path: this path has not been timed on them). Results equal the
+and fp16 operands default to the cuBLAS path: this path has not been timed on them). Results equal the
 cuBLAS path's (tests run both under ``TRITON_INTERPRET=1``). Under the interpreter the tiles are
 small and ``tl.dot`` runs on fp32 (its bf16 product is wrong there).
 """
@@ -43,14 +43,14 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``backend="triton"`` runs this path for operands of ``dtype`` on ``device``.
 
     ``ANYTIME_LOGPROBS_EPILOGUE``: ``1`` always, ``0`` never (the cuBLAS + reduction path of
-    ``logprobs_triton``); unset or empty: on CUDA for bf16/fp16 operands, where it was measured
+    ``logprobs_triton``); unset or empty: on CUDA for bf16 operands, where it was measured
     ahead, else the cuBLAS path. Any other value raises rather than being read as either."""
     value = os.environ.get("ANYTIME_LOGPROBS_EPILOGUE", "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"ANYTIME_LOGPROBS_EPILOGUE must be 0 or 1 (or unset: automatic), got {value!r}")
     if value:
         return value == "1"
-    return torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return torch.device(device).type == "cuda" and dtype == torch.bfloat16
 
 
 def _configs() -> list[triton.Config]:
