@@ -2,7 +2,7 @@
 
 The default Triton path (``logprobs_triton``) writes each tile of fp32 logits to memory between a
 cuBLAS GEMM and a Triton reduction; at trainer shapes that round trip is about a third of the time
-above the bare GEMMs (H100, M=16384, H=1536, V=151,936 bf16: 54.7 ms against 32.4 ms). Here the
+above the bare GEMMs (H100, M=16384, H=1536, V=151,936 bf16: 55.6 ms against 33.4 ms). Here the
 logits never reach memory:
 
 - forward: ``_lse_tile_kernel`` computes a ``[BLOCK_M, BLOCK_N]`` logits tile with ``tl.dot`` over
@@ -17,12 +17,12 @@ logits never reach memory:
   The tile budget (``ANYTIME_LOGPROBS_TILE_MB``) holds only that gradient, so chunks are wider.
 
 It is the default of ``backend="triton"`` for bf16 operands on CUDA: on an H100 (M=16384,
-H=1536, V=151,936 bf16, fwd+bwd; ``docs/gpu_runs/2026-11-27-h100``) it ran 51.1 ms against the
-cuBLAS path's 54.9 ms, 1.58x the bare GEMMs' 32.4 ms, with the same errors against fp64.
+H=1536, V=151,936 bf16, fwd+bwd; ``docs/gpu_runs/2026-11-27-h100-run2``) it ran 51.1 ms against
+the cuBLAS path's 55.6 ms, 1.53x the bare GEMMs' 33.4 ms, with the same errors against fp64.
 ``ANYTIME_LOGPROBS_EPILOGUE=0`` selects the cuBLAS path, ``1`` this one for every dtype (fp32
-and fp16 operands default to the cuBLAS path: this path has not been timed on them). Results equal the
-cuBLAS path's (tests run both under ``TRITON_INTERPRET=1``). Under the interpreter the tiles are
-small and ``tl.dot`` runs on fp32 (its bf16 product is wrong there).
+and fp16 operands default to the cuBLAS path: this path has not been timed on them). Results
+equal the cuBLAS path's (tests run both under ``TRITON_INTERPRET=1``). Under the interpreter
+the tiles are small and ``tl.dot`` runs on fp32 (its bf16 product is wrong there).
 """
 
 from __future__ import annotations
