@@ -69,7 +69,7 @@ def run_hiding_evaluations(out: Path, hiding_rank: int, overrides: list[str]) ->
 
     trainer.evaluate = recording
     if trainer.context.rank == hiding_rank:
-        trainer._load_evaluation = lambda name: None  # e.g. a node whose folder lags behind
+        trainer._load_evaluation = lambda name, as_name=None: None  # e.g. a node whose folder lags behind
     trainer.run()
     (out / f"evaluated{trainer.context.rank}.json").write_text(json.dumps(evaluated))
     dist.barrier()
