@@ -171,8 +171,9 @@ def _cpp_backward(
 
 def _backend_module(backend: str, hidden: torch.Tensor):
     """(forward, backward) of ``backend`` for ``hidden``'s device and dtype; for ``triton`` the path
-    (``ANYTIME_LOGPROBS_EPILOGUE``, or automatic) and the tile budget (``ANYTIME_LOGPROBS_TILE_MB``) are read here, once per forward, and bound
-    into both functions, so a backward runs as its forward chose whatever the environment says by then."""
+    (``ANYTIME_LOGPROBS_EPILOGUE``, or automatic) and the tile budget (``ANYTIME_LOGPROBS_TILE_MB``)
+    are read here, once per forward, and bound into both functions, so a backward runs as its
+    forward chose whatever the environment says by then."""
     if backend == "triton":
         from anytime_kernels import logprobs_epilogue, logprobs_triton
 

@@ -227,12 +227,9 @@ def main() -> None:
 def autotune_lines(kernels) -> list[str]:
     """The config each autotuned kernel chose per key (hidden size, flags, dtypes), so that a
     timing that moves between GPU runs can be traced to a different choice."""
-    lines = []
-    for kernel in kernels:
-        name = getattr(getattr(kernel, "fn", None), "__name__", type(kernel).__name__)
-        for key, config in getattr(kernel, "cache", {}).items():
-            lines.append(f"autotune {name} {key}: {config}")
-    return lines
+    return [
+        f"autotune {kernel.fn.__name__} {key}: {config}" for kernel in kernels for key, config in kernel.cache.items()
+    ]
 
 
 def tile_line(results: Results, case: str, bare_gemms_ms: float | None) -> str:

@@ -455,11 +455,10 @@ def test_a_finished_run_resumed_for_more_steps_reuses_its_final_evaluation_as_th
     evaluated = record_evaluations(monkeypatch)
     Trainer(longer, run, resume="auto").run()
     assert evaluated == ["final"]  # step 3's; step 2's is the earlier final evaluation
+    monkeypatch.setattr(Trainer, "_resumed_from_own", lambda self, name: False)  # as before: no reuse
+    Trainer(longer, again, resume=str(again / "checkpoints" / "final")).run()
+    assert evaluated == ["final", "step2", "final"]
     for folder in (run, again):
-        if folder == again:
-            monkeypatch.setattr(Trainer, "_resumed_from_own", lambda self, name: False)  # as before: no reuse
-            Trainer(longer, again, resume=str(again / "checkpoints" / "final")).run()
-            assert evaluated == ["final", "step2", "final"]
         for name in ("", "/a", "/b"):
             assert json.loads((folder / "eval" / f"step2{name}.json").read_text()) == final[f"final{name}"], name
         assert step2_records(folder) == records
