@@ -1,8 +1,8 @@
 """Fused per-token log-probs: ``log_softmax(hidden[rows] @ weight.T / T)[targets]`` without the logits.
 
 The policy forward returns hidden states and this op applies the LM head, so the ``[M, V]`` logits
-(9.7 GB in fp32 for 16k tokens at a 151,936-token vocabulary) never exist: every backend streams
-the vocabulary in tiles with an online log-sum-exp, and the backward recomputes the tiles.
+(16384 x 151936 x 4 bytes = 10.0 GB in fp32 for 16k tokens at Qwen's vocabulary) never exist: every
+backend streams the vocabulary in tiles with an online log-sum-exp, and the backward recomputes them.
 
 With ``z = hidden[rows] @ weight.T / T``, ``p = softmax(z)`` and upstream gradients ``g_lp``,
 ``g_ent`` of the log-probs and entropies::
@@ -17,7 +17,7 @@ full logits), ``auto`` (triton on CUDA, cpp on CPU). Accumulation is fp32 whatev
 the default for bf16 on CUDA) and cuBLAS GEMMs + Triton reductions (``logprobs_triton``, the
 default otherwise). Two environment variables tune it, read once per forward (its backward follows
 it): ``ANYTIME_LOGPROBS_EPILOGUE`` (``1``: the epilogue path, ``0``: the cuBLAS path) and
-``ANYTIME_LOGPROBS_TILE_MB`` (the tile budget, ``logprobs_triton``).
+``ANYTIME_LOGPROBS_TILE_MB`` (the tile budget, ``logprobs_plan``).
 """
 
 from __future__ import annotations
@@ -175,9 +175,9 @@ def _backend_module(backend: str, hidden: torch.Tensor):
     are read here, once per forward, and bound into both functions, so a backward runs as its
     forward chose whatever the environment says by then."""
     if backend == "triton":
-        from anytime_kernels import logprobs_epilogue, logprobs_triton
+        from anytime_kernels import logprobs_epilogue, logprobs_plan, logprobs_triton
 
-        budget = logprobs_triton.tile_bytes()
+        budget = logprobs_plan.tile_bytes()
         module = logprobs_epilogue if logprobs_epilogue.enabled(hidden.device, hidden.dtype) else logprobs_triton
         return functools.partial(module.forward, budget=budget), functools.partial(module.backward, budget=budget)
     return _cpp_forward, _cpp_backward

@@ -1,16 +1,16 @@
 """Triton backend of ``fused_logprobs`` with the softmax statistics in the GEMM epilogue (CCE-style).
 
 The cuBLAS path (``logprobs_triton``) writes each tile of fp32 logits to memory between a
-cuBLAS GEMM and a Triton reduction; at trainer shapes that round trip is about a third of the time
-above the bare GEMMs (H100, M=16384, H=1536, V=151,936 bf16: 55.6 ms against 33.4 ms). Here the
-logits never reach memory:
+cuBLAS GEMM and a Triton reduction. Here the logits never reach memory:
 
 - forward: ``_lse_tile_kernel`` computes a ``[BLOCK_M, BLOCK_N]`` logits tile with ``tl.dot`` over
   the hidden size and reduces it in registers to the tile's (max, sum of exp, sum of exp * z) per
   row, written to ``[vocabulary tiles, rows]`` partials, plus the target logit where the target lies
-  in the tile; the partials of a row block (at most ``ROW_BLOCK`` rows: 78 MB per statistic at
-  V = 151,936, two or three statistics) merge into lse and entropy with a few ``[tiles, rows]``
-  torch reductions. Tiles are launched in groups of ``GROUP_M`` row tiles (``_tile_ids``).
+  in the tile; the partials of a row block (at most ``ROW_BLOCK`` rows; at V = 151,936 and 128-wide
+  tiles 1187 x 16384 x 4 bytes = 78 MB per statistic, half that at 256) merge into lse and entropy
+  with a few ``[tiles, rows]`` torch reductions. They are sized for the tile width the autotuner
+  chose for the launch's key (before its first launch, for the narrowest it may choose). Tiles are
+  launched in groups of ``GROUP_M`` row tiles (``_tile_ids``).
 - backward: ``_grad_tile_kernel`` recomputes the logits tile the same way and writes
   ``dL/dlogits`` in the input dtype for one (row block, vocabulary chunk); the two gradient GEMMs
   stay cuBLAS, as in ``logprobs_triton`` (each needs a reduction of the tile along a different axis).
@@ -18,11 +18,16 @@ logits never reach memory:
 
 It is the default of ``backend="triton"`` for bf16 operands on CUDA: on an H100 (M=16384,
 H=1536, V=151,936 bf16, fwd+bwd; ``docs/gpu_runs/2026-11-27-h100-run2``) it ran 51.1 ms against
-the cuBLAS path's 55.6 ms, 1.53x the bare GEMMs' 33.4 ms, with the same errors against fp64.
-``ANYTIME_LOGPROBS_EPILOGUE=0`` selects the cuBLAS path, ``1`` this one for every dtype (fp32
-and fp16 operands default to the cuBLAS path: this path has not been timed on them). Results
-equal the cuBLAS path's (tests run both under ``TRITON_INTERPRET=1``). Under the interpreter
-the tiles are small and ``tl.dot`` runs on fp32 (its bf16 product is wrong there).
+the cuBLAS path's 55.6 ms and the bare GEMMs' 33.4 ms (1.53x), with the same errors against fp64.
+The pruned configs (``_prune_configs``), the autotuning keys and the int64 offsets have not run on
+a GPU yet. ``ANYTIME_LOGPROBS_EPILOGUE=0`` selects the cuBLAS path, ``1`` this one for every dtype
+(fp32 and fp16 operands default to the cuBLAS path: this path has not been timed on them). Results
+equal the cuBLAS path's (tests run both under ``TRITON_INTERPRET=1``). Under the interpreter the
+tiles are small and ``tl.dot`` runs on fp32 (its bf16 product is wrong there).
+
+Autotuning keys on the row count's power-of-two bucket, the vocabulary (chunk) width, the hidden
+size and the flags, so a shape that would pick differently is tuned apart; ``autotune_choices``
+lists what each kernel chose.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import triton.language as tl
 from anytime_kernels import logprobs_triton
 from anytime_kernels._interpreter import INTERPRET as _INTERPRET
 from anytime_kernels._interpreter import LAUNCH_OPTIONS
-from anytime_kernels.logprobs_triton import _row_blocks
+from anytime_kernels.logprobs_plan import row_blocks
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
@@ -64,14 +69,40 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+# Tiles wider than this spill registers with the entropy sums or fp32 operands (``_prune_configs``).
+_WIDEST_SPILL_FREE_N = 128
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs that do not spill registers for these operands and flags (autotuner hook).
+
+    A ``[128, 256]`` fp32 accumulator in 8 warps holds 128 registers per thread. Compiled for sm_90
+    (``tests/fixtures/compile_sm90.py``, triton 3.9), the forward with the entropy sums needs a
+    second tile of exps beside it and spills (255 registers and a 96-byte stack; 456 bytes before
+    both sums shared one reduction), and fp32 operands, whose ``tl.dot`` has no bf16 wgmma, spill
+    about 13 KB in both kernels. Those launches keep the narrower tiles; the compile test holds every
+    config the autotuner may try to its spill limit.
+    """
+    arguments = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+    wide_spills = arguments.get("HAS_ENTROPY", False) or arguments["hidden_ptr"].dtype == torch.float32
+    kept = [config for config in configs if not (wide_spills and config.kwargs["BLOCK_N"] > _WIDEST_SPILL_FREE_N)]
+    return kept or configs
+
+
+def _rows_bucket(num_rows: int) -> int:
+    """The autotuning key's row count: the next power of two (the grid, hence the best tile, scales with it)."""
+    return 1 << max(num_rows - 1, 0).bit_length()
+
+
 @triton.jit
 def _tile_ids(num_rows, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of this program, in groups of GROUP_M row tiles.
 
     With row tiles varying fastest, the programs resident at once would cover every row of the
-    block (16k rows x H bf16 = 48 MB at H 1536, about the whole L2) against one or two weight tiles,
-    re-reading the hidden states from HBM for each column tile. Walking the column tiles inside a
-    group of GROUP_M row tiles keeps both operands of the resident programs in L2.
+    block (16384 rows x 1536 x 2 bytes = 48 MiB of bf16 hidden states, about an H100's 50 MB L2)
+    against one or two weight tiles, re-reading the hidden states from HBM for each column tile.
+    Walking the column tiles inside a group of GROUP_M row tiles keeps both operands of the
+    resident programs in L2.
     """
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(num_rows, BLOCK_M)
@@ -95,33 +126,53 @@ def _logits_tile(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``hidden[rows] @ weight[cols].T`` as an fp32 ``[BLOCK_M, BLOCK_N]`` tile."""
+    """``hidden[rows] @ weight[cols].T`` as an fp32 ``[BLOCK_M, BLOCK_N]`` tile.
+
+    Offsets are int64: ``cols * stride_w`` reaches V * H, past int32 at a 200k vocabulary and H 12288.
+    """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_mask = rows < num_rows
     col_mask = cols < vocab_end
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]
+    b_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_w + ks[:, None]
     for k in range(0, hidden_size, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        k_mask = ks < hidden_size
-        a = tl.load(hidden_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
-        b = tl.load(weight_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
-                    other=0.0)  # fmt: skip
+        k_mask = ks < hidden_size - k
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["hidden_size", "HAS_ENTROPY", "PRECISION"])
+@triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["rows_bucket", "vocab", "hidden_size", "HAS_ENTROPY", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _lse_tile_kernel(
     hidden_ptr, weight_ptr, targets_ptr, part_max_ptr, part_sum_ptr, part_weighted_ptr, target_logit_ptr,
-    num_rows, vocab, hidden_size, stride_h, stride_w, inv_temperature,
+    num_rows, rows_bucket, vocab, partial_tiles, hidden_size, stride_h, stride_w, inv_temperature,
     HAS_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """One logits tile, reduced in registers to its per-row (max, sum exp, sum exp * z)."""
+    """One logits tile, reduced in registers to its per-row (max, sum exp, sum exp * z).
+
+    ``rows_bucket`` only keys the autotuner; ``partial_tiles`` is how many column tiles the
+    partials hold (a wider config than planned writes nothing past them; the wrapper raises). The
+    target logit is taken before the exps, and both entropy sums come from one reduction of
+    ``exp(z - max)`` and ``z - max``, so fewer tiles are live at once (fewer spilled registers).
+    """
     pid_m, pid_n = _tile_ids(num_rows, vocab, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,30 +180,40 @@ def _lse_tile_kernel(
                        UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     col_mask = cols < vocab
     z = tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
-    tile_max = tl.max(z, axis=1)
-    exps = tl.exp(z - tile_max[:, None])
     row_mask = rows < num_rows
-    out = pid_n.to(tl.int64) * num_rows + rows
-    tl.store(part_max_ptr + out, tile_max, mask=row_mask)
-    tl.store(part_sum_ptr + out, tl.sum(exps, axis=1), mask=row_mask)
-    if HAS_ENTROPY:
-        tl.store(part_weighted_ptr + out, tl.sum(exps * tl.where(col_mask[None, :], z, 0.0), axis=1), mask=row_mask)
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    hit = cols[None, :] == targets[:, None]
-    target_logit = tl.sum(tl.where(hit, z, 0.0), axis=1)
+    target_logit = tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
     in_tile = (targets >= pid_n * BLOCK_N) & (targets < pid_n * BLOCK_N + BLOCK_N)
+    tile_max = tl.max(z, axis=1)
+    shifted = z - tile_max[:, None]
+    exps = tl.exp(shifted)
+    out = pid_n.to(tl.int64) * num_rows + rows
+    stored = row_mask & (pid_n + tl.zeros_like(rows) < partial_tiles)
+    tl.store(part_max_ptr + out, tile_max, mask=stored)
+    if HAS_ENTROPY:
+        # sum exp * z = sum exp * (z - max) + max * sum exp.
+        total, weighted = tl.reduce((exps, exps * tl.where(col_mask[None, :], shifted, 0.0)), 1, _add_pair)
+        tl.store(part_sum_ptr + out, total, mask=stored)
+        tl.store(part_weighted_ptr + out, weighted + tile_max * total, mask=stored)
+    else:
+        tl.store(part_sum_ptr + out, tl.sum(exps, axis=1), mask=stored)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_mask & in_tile)
 
 
-@triton.autotune(configs=_configs(), key=["hidden_size", "HAS_ENTROPY_GRAD", "PRECISION"])
+@triton.autotune(
+    configs=_configs(),
+    key=["rows_bucket", "chunk_vocab", "hidden_size", "HAS_ENTROPY_GRAD", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _grad_tile_kernel(
     hidden_ptr, weight_ptr, targets_ptr, lse_ptr, mean_logit_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_ptr,
-    num_rows, vocab_start, vocab_end, chunk_vocab, hidden_size, stride_h, stride_w, inv_temperature,
+    num_rows, rows_bucket, vocab_start, vocab_end, chunk_vocab, hidden_size, stride_h, stride_w, inv_temperature,
     HAS_ENTROPY_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """dL/dlogits = (g_lp * (onehot - p) - g_ent * p * (z - mean_z)) / T of one recomputed tile."""
+    """dL/dlogits = (g_lp * (onehot - p) - g_ent * p * (z - mean_z)) / T of one recomputed tile
+    (``rows_bucket`` only keys the autotuner)."""
     pid_m, pid_n = _tile_ids(num_rows, chunk_vocab, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,9 +238,33 @@ def _grad_tile_kernel(
     tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _used_block_n(kernel) -> int:
-    config = getattr(kernel, "best_config", None) or kernel.configs[0]
-    return config.kwargs["BLOCK_N"]
+def autotune_choices() -> list[str]:
+    """One line per (autotuned kernel of both Triton paths, key): the config it chose. Empty under
+    the interpreter (one config, never tuned) and before the first CUDA launch."""
+    kernels = (
+        _lse_tile_kernel,
+        _grad_tile_kernel,
+        logprobs_triton._chunk_stats_kernel,
+        logprobs_triton._chunk_grad_kernel,
+    )
+    return [
+        f"autotune {kernel.fn.__name__} {key}: {config}" for kernel in kernels for key, config in kernel.cache.items()
+    ]
+
+
+# BLOCK_N the autotuner chose per forward key (its own key: the same fields and the operands' dtype).
+_chosen_block_n: dict[tuple, int] = {}
+
+
+def _partial_tiles(rows: int, vocab: int, hidden: torch.Tensor, compute_entropy: bool, precision: str):
+    """(key, column tiles to allocate partials for): the chosen config's once this key has been
+    tuned, else the narrowest config the autotuner may try for these operands."""
+    key = (_rows_bucket(rows), vocab, hidden.shape[1], compute_entropy, precision, hidden.dtype)
+    block_n = _chosen_block_n.get(key)
+    if block_n is None:
+        kept = _prune_configs(_lse_tile_kernel.configs, {"hidden_ptr": hidden}, HAS_ENTROPY=compute_entropy)
+        block_n = min(config.kwargs["BLOCK_N"] for config in kept)
+    return key, triton.cdiv(vocab, block_n)
 
 
 def forward(
@@ -191,7 +276,11 @@ def forward(
     budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``logprobs_triton.forward``: fp32 log-probs, entropy (empty unless asked), lse.
-    ``budget`` is accepted for the common signature: this forward keeps no tiles in memory."""
+    ``budget`` is accepted for the common signature: this forward keeps no tiles in memory.
+
+    The ``[column tiles, rows]`` partials of a row block are sized for the tile width the
+    autotuner chose for this key; before its first launch, for the narrowest it may choose.
+    """
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     fp32 = {"dtype": torch.float32, "device": hidden.device}
     if num_rows == 0:
@@ -200,11 +289,10 @@ def forward(
     lse = torch.empty(num_rows, **fp32)
     mean_logit = torch.empty(num_rows if compute_entropy else 0, **fp32)
     target_logit = torch.zeros(num_rows, **fp32)
-    min_block_n = min(config.kwargs["BLOCK_N"] for config in _lse_tile_kernel.configs)
     precision = _precision(hidden.dtype)
-    for row_start, row_end in _row_blocks(num_rows):
+    for row_start, row_end in row_blocks(num_rows):
         rows = row_end - row_start
-        tiles = triton.cdiv(vocab, min_block_n)
+        key, tiles = _partial_tiles(rows, vocab, hidden, compute_entropy, precision)
         part_max = torch.empty(tiles, rows, **fp32)
         part_sum = torch.empty(tiles, rows, **fp32)
         part_weighted = torch.empty(tiles if compute_entropy else 1, rows, **fp32)
@@ -212,10 +300,17 @@ def forward(
         grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(vocab, meta["BLOCK_N"]),)  # noqa: E731
         _lse_tile_kernel[grid](
             block, weight, targets[row_start:row_end], part_max, part_sum, part_weighted,
-            target_logit[row_start:row_end], rows, vocab, hidden.shape[1], block.stride(0), weight.stride(0),
-            1.0 / temperature, HAS_ENTROPY=compute_entropy, UPCAST=_INTERPRET, PRECISION=precision, **LAUNCH_OPTIONS,
+            target_logit[row_start:row_end], rows, _rows_bucket(rows), vocab, tiles, hidden.shape[1],
+            block.stride(0), weight.stride(0), 1.0 / temperature, HAS_ENTROPY=compute_entropy, UPCAST=_INTERPRET,
+            PRECISION=precision, **LAUNCH_OPTIONS,
         )  # fmt: skip
-        used = triton.cdiv(vocab, _used_block_n(_lse_tile_kernel))
+        block_n = (getattr(_lse_tile_kernel, "best_config", None) or _lse_tile_kernel.configs[0]).kwargs["BLOCK_N"]
+        used = triton.cdiv(vocab, block_n)
+        if used > tiles:
+            raise RuntimeError(
+                f"_lse_tile_kernel ran {used} column tiles of {block_n} for key {key}, but its partials hold {tiles}"
+            )
+        _chosen_block_n[key] = block_n
         part_max, part_sum = part_max[:used], part_sum[:used]
         row_max = part_max.max(dim=0).values
         scale = torch.exp(part_max - row_max)
@@ -246,14 +341,15 @@ def backward(
     has_entropy_grad = grad_entropy is not None
     precision = _precision(hidden.dtype)
 
-    def tile_grad(block: slice, start: int, end: int, grad_logits: torch.Tensor) -> None:
+    def tile_grad(block, start, end, grad_logits, grad_logprobs, grad_entropy) -> None:
         rows, width = block.stop - block.start, end - start
         rows_hidden = hidden[block]
         _grad_tile_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)](
             rows_hidden, weight, targets[block], lse[block], mean_logit[block] if has_entropy_grad else lse[block],
             grad_logprobs[block], grad_entropy[block] if has_entropy_grad else grad_logprobs[block], grad_logits,
-            rows, start, end, width, hidden.shape[1], rows_hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision, **LAUNCH_OPTIONS,
+            rows, _rows_bucket(rows), start, end, width, hidden.shape[1], rows_hidden.stride(0), weight.stride(0),
+            1.0 / temperature, HAS_ENTROPY_GRAD=has_entropy_grad, UPCAST=_INTERPRET, PRECISION=precision,
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
 
     return logprobs_triton.backward(

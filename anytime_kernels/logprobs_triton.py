@@ -1,11 +1,12 @@
 """Triton backend of ``fused_logprobs``: cuBLAS GEMMs over (row block, vocabulary chunk) tiles +
 Triton row reductions, with running ``[M]`` statistics.
 
-Decomposition. Rows are processed in blocks of at most ``ROW_BLOCK`` and the vocabulary in chunks
-of ``chunk_vocab`` columns (at least ``MIN_CHUNK``, a power of two or the whole vocabulary) sized
-so one tile of fp32 logits plus its gradient fits the tile budget (``CHUNK_BYTES``, or
-``ANYTIME_LOGPROBS_TILE_MB`` MiB: less memory for more, narrower GEMMs). Tile sizes therefore do
-not shrink as M grows, and memory beyond the inputs and outputs is one tile plus ``O(M)``:
+Decomposition (``logprobs_plan``). Rows are processed in balanced blocks of at most ``ROW_BLOCK``
+and the vocabulary in chunks of ``chunk_vocab`` columns, so one tile of fp32 logits plus its
+gradient fits the tile budget (``CHUNK_BYTES``, or ``ANYTIME_LOGPROBS_TILE_MB`` MiB: less memory
+for more, narrower GEMMs). Tile sizes therefore do not grow with M, and memory beyond the inputs
+and outputs is one tile, one fp32 ``[chunk, H]`` buffer and ``O(M)`` plus the fp32 ``[M, H]``
+gradient of the hidden states:
 
 - forward, per tile: ``logits = hidden[block] @ W[chunk].T`` by cuBLAS with fp32 output
   (``torch.mm(out_dtype=)``), then ``_chunk_stats_kernel`` (one program per row) streams the tile
@@ -16,17 +17,19 @@ not shrink as M grows, and memory beyond the inputs and outputs is one tile plus
   ``_chunk_grad_kernel`` turns them into ``dL/dlogits = (g_lp * (onehot - p) - g_ent * p *
   (z - mean_z)) / T`` in the input dtype, and two cuBLAS GEMMs accumulate
   ``grad_weight[chunk] += dz.T @ hidden[block]`` (fp32 across row blocks, cast once per chunk)
-  and ``grad_hidden[block] += dz @ W[chunk]`` in place in fp32.
+  and ``grad_hidden[block] += dz @ W[chunk]`` in place in fp32. fp16 tiles hold ``c * dz`` for a
+  power of two ``c`` (``logprobs_plan.gradient_scale``), divided out of the fp32 accumulations.
 
-Which path runs. The four GEMMs (logits, recomputed logits, grad_hidden, grad_weight) are about
-80% of this path's time at trainer shapes (16k tokens, H 1536-2048, V 151,936), and the fp32
-logits round trip between the logits GEMMs and the reductions is most of the rest. ``logprobs_epilogue``
-removes that round trip by reducing logits tiles in a Triton GEMM epilogue, and it reuses this
-module's backward chunk loop and its two gradient GEMMs (each reduces the same ``dz`` tile along
-a different axis, which a fused kernel could do only with atomics on ``[M, H]`` or ``[V, H]``).
-On an H100 (M=16384, H=1536, V=151,936 bf16, fwd+bwd) the epilogue path ran 51.1 ms and this one
-55.6 ms against 33.4 ms of bare GEMMs, so the epilogue path is the default for bf16 operands on
-CUDA and this one for fp32 and fp16 (``logprobs_epilogue.enabled``).
+Which path runs. An exact design needs the whole vocabulary's log-sum-exp before any gradient, so
+it runs four GEMMs (logits, recomputed logits, grad_hidden, grad_weight); on an H100 (M=16384,
+H=1536, V=151,936 bf16, fwd+bwd; ``docs/gpu_runs/2026-11-27-h100-run2``) the three bare GEMMs
+took 33.4 ms and this path 55.6 ms, 22.2 ms more. ``logprobs_epilogue`` reduces logits tiles in a
+Triton GEMM epilogue instead of writing them as fp32 between a cuBLAS GEMM and a reduction; it ran
+51.1 ms there, 4.5 of the 22.2 ms (20%) less: the round trip is not most of the excess. It reuses
+this module's backward chunk loop and its two gradient GEMMs (each reduces the same ``dz`` tile
+along a different axis, which a fused kernel could do only with atomics on ``[M, H]`` or
+``[V, H]``). The epilogue path is the default for bf16 operands on CUDA and this one for fp32 and
+fp16 (``logprobs_epilogue.enabled``).
 
 fp32 inputs run fp32 GEMMs under torch's global matmul precision (TF32 only where the user
 enabled it). Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run with one config and the
@@ -35,22 +38,15 @@ GEMMs upcast to fp32 on the CPU, which has no mixed-dtype ``mm``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from anytime_kernels import logprobs_plan
 from anytime_kernels._interpreter import INTERPRET as _INTERPRET
 from anytime_kernels._interpreter import LAUNCH_OPTIONS, patch_interpreter
 from anytime_kernels.constants import IGNORE_INDEX
 
-# Bytes of one (row block x vocabulary chunk) tile: fp32 logits plus their gradient in the input dtype.
-CHUNK_BYTES = 768 * 2**20
-# Rows per block: bounds the tile whatever the number of tokens.
-ROW_BLOCK = 16384
-# Narrowest vocabulary chunk (a wide GEMM N and few masked lanes), unless the vocabulary is smaller.
-MIN_CHUNK = 4096
 patch_interpreter()
 
 
@@ -207,44 +203,6 @@ def _accumulate(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
         out.add_(torch.mm(left, right, out_dtype=torch.float32))
 
 
-def tile_bytes() -> int:
-    """The tile budget in bytes: ``ANYTIME_LOGPROBS_TILE_MB`` (MiB, > 0) when set, else CHUNK_BYTES.
-
-    Read when a forward starts; its backward keeps the same budget (``logprobs._backend_module``).
-    """
-    value = os.environ.get("ANYTIME_LOGPROBS_TILE_MB", "").strip()
-    if not value:
-        return CHUNK_BYTES
-    try:
-        megabytes = float(value)
-    except ValueError:
-        megabytes = float("nan")
-    if not megabytes > 0 or megabytes == float("inf"):
-        raise ValueError(f"ANYTIME_LOGPROBS_TILE_MB must be a number of MiB > 0, got {value!r}")
-    return int(megabytes * 2**20)
-
-
-def chunk_vocab_size(
-    num_rows: int, vocab: int, element_size: int, budget: int | None = None, stores_logits: bool = True
-) -> int:
-    """Columns per vocabulary chunk: one tile within ``budget`` bytes (default: ``tile_bytes()``).
-
-    A tile element costs its fp32 logit (unless ``stores_logits`` is False: the epilogue path
-    keeps logits in registers) plus its gradient in the input dtype. The tile has
-    ``min(num_rows, ROW_BLOCK)`` rows, so the width stops shrinking at ROW_BLOCK rows; a power of
-    two of at least MIN_CHUNK (or the whole vocabulary), so the autotuning key (the chunk width)
-    takes a handful of values however the number of rows varies between calls.
-    """
-    budget = tile_bytes() if budget is None else budget
-    rows = min(max(num_rows, 1), ROW_BLOCK)
-    columns = budget // (rows * ((4 if stores_logits else 0) + element_size))
-    return min(vocab, max(MIN_CHUNK, 1 << (max(columns, 1).bit_length() - 1)))
-
-
-def _row_blocks(num_rows: int) -> list[tuple[int, int]]:
-    return [(start, min(start + ROW_BLOCK, num_rows)) for start in range(0, num_rows, ROW_BLOCK)]
-
-
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -266,12 +224,12 @@ def forward(
     if num_rows == 0:
         empty = torch.zeros(0, **fp32)
         return empty, empty, empty
-    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size(), budget)
+    blocks, chunk_vocab = logprobs_plan.plan(num_rows, vocab, hidden.element_size(), budget)
     running_max = torch.full((num_rows,), float("-inf"), **fp32)
     running_sum = torch.zeros(num_rows, **fp32)
     running_weighted = torch.zeros(num_rows if compute_entropy else 1, **fp32)
     target_logit = torch.zeros(num_rows, **fp32)
-    for row_start, row_end in _row_blocks(num_rows):
+    for row_start, row_end in blocks:
         block = slice(row_start, row_end)
         weighted = running_weighted[block] if compute_entropy else running_weighted
         for start in range(0, vocab, chunk_vocab):
@@ -326,10 +284,12 @@ def backward(
 
     ``grad_logprobs``/``grad_entropy`` are fp32 ``[M]`` and already zero on ignored targets;
     ``mean_logit`` (``lse - entropy``) is needed with ``grad_entropy``. ``tile_grad(rows, start,
-    end, grad_logits)`` fills ``grad_logits`` (``[row block, end - start]``, input dtype) with
-    dL/dlogits of rows ``rows`` (a slice) and vocabulary ``[start, end)``; by default a cuBLAS GEMM
-    recomputes the logits and ``_chunk_grad_kernel`` turns them into the gradient. ``budget``: tile
-    bytes (default ``tile_bytes()``); a ``tile_grad`` keeps no fp32 logits, so its chunks are wider.
+    end, grad_logits, grad_logprobs, grad_entropy)`` fills ``grad_logits`` (``[row block, end -
+    start]``, input dtype) with dL/dlogits of rows ``rows`` (a slice) and vocabulary ``[start,
+    end)`` for the upstream gradients it is given (``[M]``, scaled for fp16); by default a cuBLAS
+    GEMM recomputes the logits and ``_chunk_grad_kernel`` turns them into the gradient.
+    ``budget``: tile bytes (default ``tile_bytes()``); a ``tile_grad`` keeps no fp32 logits, so
+    its chunks are wider.
     """
     num_rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -338,8 +298,14 @@ def backward(
     # Every chunk writes its rows of grad_weight whole, so it needs no zero fill.
     grad_weight = torch.empty_like(weight) if need_weight else None
     has_entropy_grad = grad_entropy is not None
+    # fp16 tiles hold c * dL/dlogits (c a power of two): p * g would fall below fp16's subnormals.
+    scale = None
+    if hidden.dtype == torch.float16:
+        scale = logprobs_plan.gradient_scale(grad_logprobs, grad_entropy, vocab, temperature)
+        grad_logprobs = grad_logprobs * scale
+        grad_entropy = grad_entropy * scale if has_entropy_grad else None
 
-    def recompute_and_grad(block: slice, start: int, end: int, grad_logits: torch.Tensor) -> None:
+    def recompute_and_grad(block, start, end, grad_logits, grad_logprobs, grad_entropy) -> None:
         logits = _matmul_fp32(hidden[block], weight[start:end].T)
         _chunk_grad_kernel[(block.stop - block.start,)](
             logits,
@@ -356,18 +322,19 @@ def backward(
             **LAUNCH_OPTIONS,
         )
 
-    chunk_vocab = chunk_vocab_size(num_rows, vocab, hidden.element_size(), budget, stores_logits=tile_grad is None)
+    blocks, chunk_vocab = logprobs_plan.plan(
+        num_rows, vocab, hidden.element_size(), budget, stores_logits=tile_grad is None
+    )
     tile_grad = tile_grad or recompute_and_grad
-    blocks = _row_blocks(num_rows)
-    # One gradient tile, and one fp32 grad_weight chunk when several row blocks add into it, serve
-    # every (chunk, row block): a tile allocated per iteration would be allocated while the last one
-    # is still referenced, two tiles at the peak. Later tiles are stream-ordered after the GEMMs
-    # that read the earlier ones.
+    # One gradient tile, and one fp32 grad_weight chunk when several row blocks add into it (or a
+    # scale must be divided out), serve every (chunk, row block): a tile allocated per iteration
+    # would be allocated while the last one is still referenced, two tiles at the peak. Later tiles
+    # are stream-ordered after the GEMMs that read the earlier ones.
     tile = torch.empty(
         max(end - start for start, end in blocks) * chunk_vocab, dtype=hidden.dtype, device=hidden.device
     )
     weight_acc_buffer = None
-    if need_weight and len(blocks) > 1:
+    if need_weight and (len(blocks) > 1 or scale is not None):
         weight_acc_buffer = torch.empty(chunk_vocab * weight.shape[1], dtype=torch.float32, device=weight.device)
     for start in range(0, vocab, chunk_vocab):
         end = min(start + chunk_vocab, vocab)
@@ -379,7 +346,7 @@ def backward(
         for row_start, row_end in blocks:
             block = slice(row_start, row_end)
             grad_logits = tile[: (row_end - row_start) * (end - start)].view(row_end - row_start, end - start)
-            tile_grad(block, start, end, grad_logits)
+            tile_grad(block, start, end, grad_logits, grad_logprobs, grad_entropy)
             if weight_acc is not None:
                 _accumulate(weight_acc, grad_logits.T, hidden[block])
             elif need_weight:
@@ -387,5 +354,9 @@ def backward(
             if need_hidden:
                 _accumulate(grad_hidden[block], grad_logits, weight_chunk)
         if weight_acc is not None:
+            if scale is not None:
+                weight_acc.div_(scale)
             grad_weight[start:end].copy_(weight_acc)
+    if scale is not None and need_hidden:
+        grad_hidden.div_(scale)
     return grad_hidden, grad_weight

@@ -1,59 +1,73 @@
-"""Fused per-token log-probs: ours (`triton` on CUDA, `cpp` on CPU: what backend `auto` picks) against the full-logits `reference`,
-Liger-Kernel's chunked selective log-prob (`liger`) and Apple's Cut Cross-Entropy (`cce`, CUDA
-only, exact gradients: `filter_eps=None`), both from the `bench` extra, plus on CUDA the three
-bare GEMMs any implementation must run (`bare_gemms`: logits, grad_hidden, grad_weight), and on
-CUDA `triton_cublas`: ours by the path that is not the default for bf16 (cuBLAS GEMMs writing fp32
-logits tiles + Triton reductions, ``ANYTIME_LOGPROBS_EPILOGUE=0``, ``anytime_kernels/logprobs_triton.py``);
-`triton` runs the default, the softmax statistics in a Triton GEMM epilogue (``logprobs_epilogue.py``).
+"""Fused per-token log-probs against the real anchors, at the trainer's shapes, with the gradient
+error against fp64 beside every time.
 
-Cases `fwd` (no grad, as for old-policy log-probs) and `fwd_bwd` (log-probs, then the backward
-of sum(g * logprobs) into hidden and the LM head). Sizes: CPU N=4096, H=512, V=32000 fp32 (quick:
-N=1024, H=256, V=8000); CUDA N=16384, H=1536 (and 2048), V=151936 bf16, then an M sweep of
-ours alone (64k, 256k rows; quick: 64k) whose time and memory per row should stay flat. On CUDA
-also a tile sweep (case ``tiles_fwd_bwd_*``: both Triton paths at ``TILE_BUDGETS_MB``, through
-``ANYTIME_LOGPROBS_TILE_MB``), and on both devices a ``precision_*`` case: every provider's
-log-prob and gradient error against fp64 math (CCE accumulates its gradients in bf16).
-Targets: CPU fwd_bwd peak memory <= 25% of reference and time <= reference; CUDA faster than
-liger and cce with lower peak memory, and fwd_bwd within 1.6x of bare_gemms. (CCE adds its
-gradients into bf16 in place and holds almost nothing; ours accumulate in fp32, which costs one fp32
-``[M, H]`` buffer besides the tile, and the precision case shows the difference.)
+Four workloads (``logprobs_workloads``), each a scalar loss over the LM head, forward + backward:
+``logprobs`` (``sum(g * lp)``) and ``entropy`` (plus ``g_ent * entropy``: its gradient path), by
+ours (``triton`` on CUDA: the default path; ``cpp`` on CPU), ``triton_cublas`` (ours by the cuBLAS +
+reduction path, ``ANYTIME_LOGPROBS_EPILOGUE=0``, CUDA) and ``reference`` (full logits); on CUDA the
+``logprobs`` workload also by ``liger_private_eager_helper`` (Liger's private
+``_ChunkedSelectiveLogProbFunction``, not a public kernel), ``cce_default_per_token`` (Cut
+Cross-Entropy's defaults: gradient filtering and vocabulary sorting) and
+``cce_filter_off_per_token`` (``filter_eps=None``); ``grpo``, the trainer's PPO-clip loss:
+``triton_grpo`` (``fused_logprobs`` with entropy + ``trainer.loss.policy_loss``, as the learner
+runs it) against ``liger_fused_linear_grpo`` (``liger_kernel.chunked_loss``, LM head fused) and
+``reference_grpo``; ``cross_entropy``, a scalar sum: ``triton_ce_sum`` against
+``liger_fused_linear_ce``, ``cce_default_ce``, ``cce_filter_off_ce`` and ``reference_ce_sum``.
+Anchors that do not import are skipped with the reason (the ``bench`` extra; CUDA only).
+
+Every fwd_bwd row carries ``time_ms``, ``peak_mem_mb`` and, against fp64 math on the same rounded
+inputs, ``loss_rel_err``, ``grad_hidden_rel_err`` and ``grad_weight_rel_err``. Inputs are peaked
+(logits of std 6, targets sampled from the softmax): CCE's filter depends on it. On CUDA two floors
+sit in the ``logprobs`` fwd_bwd case: ``bare_gemms`` (logits, grad_hidden, grad_weight) and
+``four_gemms`` (plus the recomputed logits: an exact design needs the whole vocabulary's
+log-sum-exp before any gradient, so it runs four GEMMs with bounded memory). Also ``fwd`` of the
+``logprobs`` workload (no grad, as for old-policy log-probs).
+
+Sizes: CPU N=4096, H=512, V=32000 fp32 (quick: N=1024, H=256, V=8000); CUDA N=16384, H=1536 (and
+2048: ours and the floors), V=151936 bf16, then a tile sweep of both Triton paths at
+``TILE_BUDGETS_MB`` and an M sweep of ours (64k, 256k rows; quick: 64k). A CUDA run prints the
+config every autotuned kernel chose (``autotune ...`` lines) after each workload and in its notes.
+Targets: CPU fwd_bwd peak memory <= 25% of reference and time <= reference; CUDA ours within 1.25x
+of ``four_gemms`` (and 1.6x of ``bare_gemms``), faster than each anchor of its workload at equal or
+lower gradient error. (CCE adds its gradients into bf16 in place and holds almost nothing; ours
+accumulate in fp32: one fp32 ``[M, H]`` buffer besides the tile.)
 """
 
 from __future__ import annotations
 
 import os
+import traceback
 
 import torch
 from common import Results, environment_line, parse_args, peak_memory_mb, synchronize, time_ms
+from logprobs_workloads import (
+    WORKLOADS,
+    anchors,
+    composed,
+    exact_gradients,
+    gradient_errors,
+    make_batch,
+    ours,
+    per_token_anchors,
+)
+from logprobs_workloads import reference as reference_per_token
 
-from anytime_kernels import fused_logprobs, logprobs_epilogue
-from anytime_kernels.logprobs_reference import fused_logprobs_reference
+from anytime_kernels import logprobs_epilogue
 
-try:
-    from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction
-except ImportError:
-    _ChunkedSelectiveLogProbFunction = None
-
-
-try:
-    from cut_cross_entropy import linear_cross_entropy
-except ImportError:
-    linear_cross_entropy = None
-
-
-def liger_logprobs(hidden, weight, targets):
-    return _ChunkedSelectiveLogProbFunction.apply(hidden, weight, targets, None, 1.0, 4096)
+# The tile budgets of the CUDA sweep (MiB): memory against GEMM width, for both paths.
+TILE_BUDGETS_MB = (128, 256, 768)
+ERROR_METRICS = ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err")
 
 
 def with_environment(**variables: str):
-    """Ours (``backend="triton"``) with ``variables`` set while the forward runs: the path and the
-    tile budget are read once per forward and kept by its backward."""
+    """Ours (``backend="triton"``) as a per-token function with ``variables`` set while the forward
+    runs: the path and the tile budget are read once per forward and kept by its backward."""
 
-    def provider(hidden, weight, targets):
+    def per_token(hidden, weight, targets, return_entropy=False):
         previous = {name: os.environ.get(name) for name in variables}
         os.environ.update(variables)
         try:
-            return fused_logprobs(hidden, weight, targets, backend="triton")
+            return ours("triton")(hidden, weight, targets, return_entropy)
         finally:
             for name, value in previous.items():
                 if value is None:
@@ -61,175 +75,180 @@ def with_environment(**variables: str):
                 else:
                     os.environ[name] = value
 
-    return provider
+    return per_token
 
 
-# Ours by the cuBLAS + reduction path (ANYTIME_LOGPROBS_EPILOGUE=0; bf16's default is the epilogue path).
-cublas_logprobs = with_environment(ANYTIME_LOGPROBS_EPILOGUE="0")
-# The tile budgets of the CUDA sweep (MiB): memory against GEMM width, for both paths.
-TILE_BUDGETS_MB = (128, 256, 768)
+def our_providers(workload: str, device: str) -> dict:
+    """Ours (and the full-logits reference) composed into ``workload``'s loss, named for what they are."""
+    suffix = {"logprobs": "", "entropy": "", "grpo": "_grpo", "cross_entropy": "_ce_sum"}[workload]
+    name = "triton" if device == "cuda" else "cpp"
+    providers = {f"{name}{suffix}": composed(ours(), WORKLOADS[workload])}
+    if device == "cuda" and workload in ("logprobs", "entropy"):
+        providers["triton_cublas"] = composed(with_environment(ANYTIME_LOGPROBS_EPILOGUE="0"), WORKLOADS[workload])
+    providers[f"reference{suffix}"] = composed(reference_per_token, WORKLOADS[workload])
+    return providers
 
 
-def cce_logprobs(hidden, weight, targets):
-    return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
-
-
-PROVIDERS = {
-    "ours": lambda hidden, weight, targets: fused_logprobs(hidden, weight, targets),
-    "triton_cublas": cublas_logprobs,
-    "reference": fused_logprobs_reference,
-    "liger": liger_logprobs,
-    "cce": cce_logprobs,
-}
-
-
-def make_inputs(num_rows: int, width: int, vocab: int, dtype: torch.dtype, device: str):
-    generator = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(num_rows, width, generator=generator, device=device).to(dtype)
-    weight = (torch.randn(vocab, width, generator=generator, device=device) * width**-0.5).to(dtype)
-    targets = torch.randint(0, vocab, (num_rows,), generator=generator, device=device)
-    grad = torch.randn(num_rows, generator=generator, device=device)
-    return hidden.requires_grad_(), weight.requires_grad_(), targets, grad
-
-
-def step(provider, mode, hidden, weight, targets, grad):
-    def forward():
-        with torch.no_grad():
-            return provider(hidden, weight, targets)
-
-    def forward_backward():
-        hidden.grad = weight.grad = None
-        (provider(hidden, weight, targets) * grad).sum().backward()
-
-    return forward if mode == "fwd" else forward_backward
-
-
-def bare_gemms(hidden, weight):
-    """logits = h @ W.T, grad_hidden = dz @ W, grad_weight = dz.T @ h, with a preallocated dz."""
+def floors(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
+    """``bare_gemms``: logits = h @ W.T, grad_hidden = dz @ W, grad_weight = dz.T @ h with a
+    preallocated dz; ``four_gemms``: the same plus the logits again (the backward's recompute)."""
     hidden, weight = hidden.detach(), weight.detach()
     grad_logits = torch.randn(hidden.shape[0], weight.shape[0], device=hidden.device).to(hidden.dtype)
 
-    def run():
+    def bare():
         torch.mm(hidden, weight.T)
         torch.mm(grad_logits, weight)
         torch.mm(grad_logits.T, hidden)
 
+    def four():
+        torch.mm(hidden, weight.T)
+        bare()
+
+    return {"bare_gemms": bare, "four_gemms": four}
+
+
+def size_name(num_rows: int, width: int, vocab: int, dtype: torch.dtype) -> str:
+    return f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
+
+
+class Bench:
+    """One run: the results, where it runs, and its notes (verdicts, skips, failures, autotune choices)."""
+
+    def __init__(self, results: Results, device: str, warmup: int, repeat: int):
+        self.results, self.device, self.warmup, self.repeat = results, device, warmup, repeat
+        self.notes: list[str] = []
+
+    def measure(self, case: str, name: str, fn) -> None:
+        if self.device == "cuda":
+            fn()  # Triton autotuning, torch.compile and cuBLAS workspaces stay out of the measurements
+            synchronize(self.device)
+        self.results.add(case, name, "peak_mem_mb", peak_memory_mb(fn, self.device), "MiB")
+        self.results.add(case, name, "time_ms", time_ms(fn, self.device, warmup=self.warmup, repeat=self.repeat), "ms")
+
+    def workload(self, workload: str, batch, size: str, third_party: bool = True) -> None:
+        """fwd_bwd of ``workload`` by ours, the reference and (``third_party``) its anchors, each with
+        its errors against fp64 in the same case."""
+        case = f"fwd_bwd_{size}" if workload == "logprobs" else f"{workload}_fwd_bwd_{size}"
+        providers = our_providers(workload, self.device)
+        foreign = {}
+        if third_party:
+            foreign, skipped = anchors(workload, self.device)
+            self.note(*(f"{case}: skipped {reason}" for reason in skipped))
+        exact = exact_gradients(batch, WORKLOADS[workload])
+        for name, provider in {**providers, **foreign}.items():
+            try:
+                self.measure(case, name, backward_step(provider, batch))
+                for metric, value in gradient_errors(provider, batch, exact).items():
+                    self.results.add(case, name, metric, value, "")
+            except Exception as error:  # a third-party anchor failing is reported, and the run goes on
+                if name not in foreign:
+                    raise
+                self.note(f"{case}: {name} failed: {type(error).__name__}: {error}")
+                traceback.print_exc()
+        del exact
+        if self.device == "cuda":
+            self.note(*logprobs_epilogue.autotune_choices(), echo=True)
+
+    def note(self, *lines: str, echo: bool = True) -> None:
+        for line in lines:
+            if line not in self.notes:
+                self.notes.append(line)
+                if echo:
+                    print(line, flush=True)
+
+
+def backward_step(provider, batch):
+    def run():
+        batch.hidden.grad = batch.weight.grad = None
+        provider(batch).backward()
+
     return run
 
 
-def precision_errors(provider, hidden, weight, targets, grad) -> dict[str, float]:
-    """Errors of a provider's log-probs and gradients (of sum(grad * logprobs)) against fp64 math on
-    the same rounded inputs: max |logprob error|, and ||error||_F / ||exact||_F of each gradient."""
-    hidden_in = hidden.detach().clone().requires_grad_()
-    weight_in = weight.detach().clone().requires_grad_()
-    logprobs = provider(hidden_in, weight_in, targets)
-    (logprobs.float() * grad).sum().backward()
-    with torch.no_grad():
-        hidden64, weight64 = hidden.detach().double(), weight.detach().double()
-        log_probs = torch.log_softmax(hidden64 @ weight64.T, dim=-1)
-        exact = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        grad_logits = log_probs.exp_().mul_(-grad.double().unsqueeze(1))  # dL/dz = g * (onehot - p)
-        del log_probs
-        grad_logits[torch.arange(targets.shape[0], device=targets.device), targets] += grad.double()
-        exact_hidden, exact_weight = grad_logits @ weight64, grad_logits.T @ hidden64
-        del grad_logits
+def forward_step(per_token, batch):
+    def run():
+        with torch.no_grad():
+            return per_token(batch.hidden, batch.weight, batch.targets, False)
 
-        def relative(got, wanted):
-            return float(torch.linalg.norm(got.double() - wanted) / torch.linalg.norm(wanted))
+    return run
 
+
+def plan(device: str, quick: bool) -> dict:
+    """Sizes ``(N, H, V)`` of the run: the first gets every workload and anchor, the others ours
+    and the floors, the sweep ours alone; dtype, and the timing repeats."""
+    if device == "cuda":
         return {
-            "logprob_max_abs_err": float((logprobs.double() - exact).abs().max()),
-            "grad_hidden_rel_err": relative(hidden_in.grad, exact_hidden),
-            "grad_weight_rel_err": relative(weight_in.grad, exact_weight),
+            "dtype": torch.bfloat16,
+            "sizes": [(16384, 1536, 151936)] + ([] if quick else [(16384, 2048, 151936)]),
+            "sweep": [(65536, 1536, 151936)] + ([] if quick else [(262144, 1536, 151936)]),
+            "warmup": 1,
+            "repeat": 5,
         }
+    sizes = [(1024, 256, 8000)] if quick else [(4096, 512, 32000)]
+    return {"dtype": torch.float32, "sizes": sizes, "sweep": [], "warmup": 0, "repeat": 3}
+
+
+def run(bench: Bench, sizes: list, sweep: list, dtype: torch.dtype, tensor_device: str) -> None:
+    """Every measurement of a run, in the order of what it decides, so a run stopped at its time
+    limit keeps the most telling rows. ``bench.device`` picks the providers and floors;
+    ``tensor_device`` holds the tensors (the same, except in the CPU test of the CUDA run's logic)."""
+    device = bench.device
+    ours_name = "triton" if device == "cuda" else "cpp"
+
+    def logprobs_and_floors(batch, size: str, third_party: bool) -> None:
+        per_token = {ours_name: ours(), "reference": reference_per_token}
+        if device == "cuda":
+            per_token["triton_cublas"] = with_environment(ANYTIME_LOGPROBS_EPILOGUE="0")
+        if third_party:
+            per_token.update(per_token_anchors(device)[0])
+        for name, fn in per_token.items():
+            bench.measure(f"fwd_{size}", name, forward_step(fn, batch))
+        bench.workload("logprobs", batch, size, third_party)
+        if device == "cuda":
+            for name, fn in floors(batch.hidden, batch.weight).items():
+                bench.results.add(f"fwd_bwd_{size}", name, "time_ms", time_ms(fn, device, warmup=2, repeat=5), "ms")
+        bench.note(*target_lines(bench.results, ours_name, f"fwd_bwd_{size}", device))
+
+    size = size_name(*sizes[0], dtype)
+    batch = make_batch(*sizes[0], dtype, tensor_device)
+    logprobs_and_floors(batch, size, third_party=True)
+    for workload in ("entropy", "grpo", "cross_entropy"):
+        bench.workload(workload, batch, size)
+        bench.note(*anchor_lines(bench.results, f"{workload}_fwd_bwd_{size}", workload, device))
+    if device == "cuda":
+        # Tile budgets of both paths at the first size: what the default should be.
+        for megabytes in TILE_BUDGETS_MB:
+            for name, epilogue in (("triton_cublas", "0"), ("triton_epilogue", "1")):
+                per_token = with_environment(
+                    ANYTIME_LOGPROBS_TILE_MB=str(megabytes), ANYTIME_LOGPROBS_EPILOGUE=epilogue
+                )
+                provider = composed(per_token, WORKLOADS["logprobs"])
+                bench.measure(f"tiles_fwd_bwd_{size}", f"{name}@{megabytes}MiB", backward_step(provider, batch))
+        bare = bench.results.value(f"fwd_bwd_{size}", "bare_gemms", "time_ms")
+        bench.note(tile_line(bench.results, f"tiles_fwd_bwd_{size}", bare))
+    del batch
+    for shape in sizes[1:]:
+        batch = make_batch(*shape, dtype, tensor_device)
+        logprobs_and_floors(batch, size_name(*shape, dtype), third_party=False)
+        bench.workload("entropy", batch, size_name(*shape, dtype), third_party=False)
+        del batch
+    for shape in sweep:
+        batch = make_batch(*shape, dtype, tensor_device)
+        provider = composed(ours(), WORKLOADS["logprobs"])
+        bench.measure(f"fwd_bwd_{size_name(*shape, dtype)}", ours_name, backward_step(provider, batch))
+        del batch
+        bench.note(sweep_line(bench.results, ours_name, sizes[0], shape, dtype))
+    if device == "cuda":
+        bench.note(*logprobs_epilogue.autotune_choices(), echo=False)
 
 
 def main() -> None:
     args = parse_args("logprobs", __doc__)
-    device = args.device
-    print(environment_line(device))
-    sweep = []
-    if device == "cuda":
-        dtype, sizes = torch.bfloat16, [(16384, 1536, 151936)] + ([] if args.quick else [(16384, 2048, 151936)])
-        sweep = [(65536, 1536, 151936)] + ([] if args.quick else [(262144, 1536, 151936)])
-        warmup, repeat = 1, 5
-    else:
-        dtype, sizes = torch.float32, [(1024, 256, 8000)] if args.quick else [(4096, 512, 32000)]
-        warmup, repeat = 0, 3
-    ours = "triton" if device == "cuda" else "cpp"
-    providers = {ours if name == "ours" else name: fn for name, fn in PROVIDERS.items()}
-    if _ChunkedSelectiveLogProbFunction is None:
-        del providers["liger"]
-        print("liger: not available (pip install liger-kernel, the `bench` extra); no liger rows")
-    if device != "cuda":
-        del providers["triton_cublas"]  # on CPU the Triton kernels run only in the interpreter
-    if linear_cross_entropy is None or device != "cuda":
-        del providers["cce"]
-        print("cce: needs CUDA and cut-cross-entropy (the `bench` extra); no cce rows")
-    results = Results("logprobs", args.out)
-    checks = []
-
-    def measure(case, name, fn):
-        if device == "cuda":
-            fn()  # Triton autotuning and cuBLAS workspaces stay out of the measurements
-            synchronize(device)
-        results.add(case, name, "peak_mem_mb", peak_memory_mb(fn, device), "MiB")
-        results.add(case, name, "time_ms", time_ms(fn, device, warmup=warmup, repeat=repeat), "ms")
-
-    def providers_side_by_side(num_rows: int, width: int, vocab: int) -> None:
-        size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
-        inputs = make_inputs(num_rows, width, vocab, dtype, device)
-        for mode in ("fwd", "fwd_bwd"):
-            for name, provider in providers.items():
-                measure(f"{mode}_{size}", name, step(provider, mode, *inputs))
-        if device == "cuda":
-            gemms = bare_gemms(*inputs[:2])
-            results.add(f"fwd_bwd_{size}", "bare_gemms", "time_ms", time_ms(gemms, device, warmup=2, repeat=5), "ms")
-        checks.extend(target_lines(results, ours, f"fwd_bwd_{size}", device))
-
-    # In the order of what they decide, so a run stopped at its time limit keeps the most telling rows.
-    providers_side_by_side(*sizes[0])
-    if device == "cuda":
-        # Tile budgets of both paths at the first size: what the default should be.
-        num_rows, width, vocab = sizes[0]
-        size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
-        inputs = make_inputs(num_rows, width, vocab, dtype, device)
-        for megabytes in TILE_BUDGETS_MB:
-            for name, epilogue in (("triton_cublas", "0"), ("triton_epilogue", "1")):
-                provider = with_environment(ANYTIME_LOGPROBS_TILE_MB=str(megabytes), ANYTIME_LOGPROBS_EPILOGUE=epilogue)
-                measure(f"tiles_fwd_bwd_{size}", f"{name}@{megabytes}MiB", step(provider, "fwd_bwd", *inputs))
-        checks.append(
-            tile_line(results, f"tiles_fwd_bwd_{size}", results.value(f"fwd_bwd_{size}", "bare_gemms", "time_ms"))
-        )
-        del inputs
-    # Precision of every provider against fp64 math (CCE accumulates its gradients in bf16).
-    num_rows, width, vocab = (4096, 1536, 151936) if device == "cuda" else (512, 256, 8000)
-    case = f"precision_N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
-    hidden, weight, targets, grad = make_inputs(num_rows, width, vocab, dtype, device)
-    for name, provider in providers.items():
-        for metric, value in precision_errors(provider, hidden, weight, targets, grad).items():
-            results.add(case, name, metric, value, "")
-    del hidden, weight, targets, grad
-    for size in sizes[1:]:
-        providers_side_by_side(*size)
-    base = sizes[0]
-    for num_rows, width, vocab in sweep:
-        size = f"N{num_rows}_H{width}_V{vocab}_{str(dtype).removeprefix('torch.')}"
-        inputs = make_inputs(num_rows, width, vocab, dtype, device)
-        measure(f"fwd_bwd_{size}", ours, step(providers[ours], "fwd_bwd", *inputs))
-        del inputs
-        checks.append(sweep_line(results, ours, base, (num_rows, width, vocab), dtype))
-    if device == "cuda":
-        checks.extend(autotune_lines((logprobs_epilogue._lse_tile_kernel, logprobs_epilogue._grad_tile_kernel)))
-    results.finish(args.out, notes=checks)
-
-
-def autotune_lines(kernels) -> list[str]:
-    """The config each autotuned kernel chose per key (hidden size, flags, dtypes), so that a
-    timing that moves between GPU runs can be traced to a different choice."""
-    return [
-        f"autotune {kernel.fn.__name__} {key}: {config}" for kernel in kernels for key, config in kernel.cache.items()
-    ]
+    print(environment_line(args.device))
+    settings = plan(args.device, args.quick)
+    bench = Bench(Results("logprobs", args.out), args.device, settings["warmup"], settings["repeat"])
+    run(bench, settings["sizes"], settings["sweep"], settings["dtype"], args.device)
+    bench.results.finish(args.out, notes=bench.notes)
 
 
 def tile_line(results: Results, case: str, bare_gemms_ms: float | None) -> str:
@@ -245,45 +264,74 @@ def tile_line(results: Results, case: str, bare_gemms_ms: float | None) -> str:
     )
 
 
-def sweep_line(results: Results, ours: str, base: tuple, size: tuple, dtype: torch.dtype) -> str:
+def sweep_line(results: Results, ours_name: str, base: tuple, size: tuple, dtype: torch.dtype) -> str:
     """Time and peak memory per row at ``size`` relative to ``base``: 1.0 means linear in M."""
 
     def case(shape):
-        return f"fwd_bwd_N{shape[0]}_H{shape[1]}_V{shape[2]}_{str(dtype).removeprefix('torch.')}"
+        return f"fwd_bwd_{size_name(*shape, dtype)}"
 
     rows = size[0] / base[0]
-    time_ratio = results.value(case(size), ours, "time_ms") / results.value(case(base), ours, "time_ms") / rows
-    memory_ratio = (
-        results.value(case(size), ours, "peak_mem_mb") / results.value(case(base), ours, "peak_mem_mb") / rows
+    time_ratio = results.value(case(size), ours_name, "time_ms") / results.value(case(base), ours_name, "time_ms")
+    memory_ratio = results.value(case(size), ours_name, "peak_mem_mb") / results.value(
+        case(base), ours_name, "peak_mem_mb"
     )
     return (
-        f"M sweep {base[0]} -> {size[0]} rows: time per row x{time_ratio:.2f}, peak memory per row "
-        f"x{memory_ratio:.2f} (1.00 = linear in M)"
+        f"M sweep {base[0]} -> {size[0]} rows: time per row x{time_ratio / rows:.2f}, peak memory per row "
+        f"x{memory_ratio / rows:.2f} (1.00 = linear in M)"
     )
 
 
-def target_lines(results: Results, ours: str, case: str, device: str) -> list[str]:
+def _verdict(case: str, label: str, ratio: float, limit: float) -> str:
+    return f"{case}: {label} = {ratio:.3f} (target <= {limit}) {'met' if ratio <= limit else 'NOT met'}"
+
+
+def target_lines(results: Results, ours_name: str, case: str, device: str) -> list[str]:
+    """Verdicts of the ``logprobs`` workload: against the reference (CPU), the floors and the cuBLAS
+    path (CUDA), and against each anchor of its case (``anchor_lines``)."""
+
     def value(provider, metric):
         return results.value(case, provider, metric)
 
-    def line(label, ratio, limit):
-        verdict = "met" if ratio <= limit else "NOT met"
-        return f"{case}: {label} = {ratio:.3f} (target <= {limit}) {verdict}"
-
-    fused_time, fused_mem = value(ours, "time_ms"), value(ours, "peak_mem_mb")
-    lines = []
+    fused_time, fused_mem = value(ours_name, "time_ms"), value(ours_name, "peak_mem_mb")
     if device == "cpu":
-        lines.append(line(f"{ours}/reference peak memory", fused_mem / value("reference", "peak_mem_mb"), 0.25))
-        lines.append(line(f"{ours}/reference time", fused_time / value("reference", "time_ms"), 1.0))
-        return lines
-    for baseline in ("liger", "cce"):
-        if value(baseline, "time_ms") is not None:
-            lines.append(line(f"{ours}/{baseline} time", fused_time / value(baseline, "time_ms"), 1.0))
-            lines.append(line(f"{ours}/{baseline} peak memory", fused_mem / value(baseline, "peak_mem_mb"), 1.0))
-    lines.append(line(f"{ours}/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
+        return [
+            _verdict(case, f"{ours_name}/reference peak memory", fused_mem / value("reference", "peak_mem_mb"), 0.25),
+            _verdict(case, f"{ours_name}/reference time", fused_time / value("reference", "time_ms"), 1.0),
+        ]
+    lines = anchor_lines(results, case, "logprobs", device)
+    lines.append(_verdict(case, f"{ours_name}/four_gemms time", fused_time / value("four_gemms", "time_ms"), 1.25))
+    lines.append(_verdict(case, f"{ours_name}/bare_gemms time", fused_time / value("bare_gemms", "time_ms"), 1.6))
     if value("triton_cublas", "time_ms") is not None:
-        cublas_ratio = value("triton_cublas", "time_ms") / value("bare_gemms", "time_ms")
-        lines.append(line("triton_cublas/bare_gemms time", cublas_ratio, 1.6))
+        cublas_ratio = value("triton_cublas", "time_ms") / value("four_gemms", "time_ms")
+        lines.append(_verdict(case, "triton_cublas/four_gemms time", cublas_ratio, 1.25))
+    return lines
+
+
+# Ours in each workload's case, and the third-party anchors it is rated against there.
+OURS_AND_ANCHORS = {
+    "logprobs": ("triton", ("liger_private_eager_helper", "cce_default_per_token", "cce_filter_off_per_token")),
+    "entropy": ("triton", ()),
+    "grpo": ("triton_grpo", ("liger_fused_linear_grpo",)),
+    "cross_entropy": ("triton_ce_sum", ("liger_fused_linear_ce", "cce_default_ce", "cce_filter_off_ce")),
+}
+
+
+def anchor_lines(results: Results, case: str, workload: str, device: str) -> list[str]:
+    """Ours against each anchor measured in ``case``: time, peak memory, and gradient error
+    (grad_hidden; ours must be at most the anchor's)."""
+    if device != "cuda":
+        return []
+    ours_name, anchor_names = OURS_AND_ANCHORS[workload]
+    lines = []
+    for anchor in anchor_names:
+        if results.value(case, anchor, "time_ms") is None:
+            continue
+        for metric, label in (("time_ms", "time"), ("peak_mem_mb", "peak memory")):
+            ratio = results.value(case, ours_name, metric) / results.value(case, anchor, metric)
+            lines.append(_verdict(case, f"{ours_name}/{anchor} {label}", ratio, 1.0))
+        error, anchor_error = (results.value(case, name, "grad_hidden_rel_err") for name in (ours_name, anchor))
+        if error is not None and anchor_error:
+            lines.append(_verdict(case, f"{ours_name}/{anchor} grad_hidden error", error / anchor_error, 1.0))
     return lines
 
 
