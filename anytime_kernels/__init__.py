@@ -12,6 +12,7 @@ from anytime_kernels.advantages import (
 )
 from anytime_kernels.constants import IGNORE_INDEX, TokenKind
 from anytime_kernels.logprobs import fused_logprobs
+from anytime_kernels.paged_attention import paged_decode_attention, paged_prefill_attention, write_paged_kv
 from anytime_kernels.tree import (
     ResponseTreeLayout,
     pack_response_trees,
@@ -27,7 +28,10 @@ __all__ = [
     "brpo_advantages",
     "fused_logprobs",
     "pack_response_trees",
+    "paged_decode_attention",
+    "paged_prefill_attention",
     "token_advantages",
     "tree_mask_mod",
+    "write_paged_kv",
 ]
 __version__ = "0.1.0"
