@@ -1,7 +1,7 @@
 """Rollout engines: G thinking traces per prompt, then summaries forked from every budget cut.
 
-``EmbeddedEngine`` (a Hugging Face model in this process, CPU or CUDA) and ``SGLangEngine``
-(HTTP client of ``sglang.launch_server``) share the interface of ``RolloutEngine``;
+``EmbeddedEngine`` (a Hugging Face model in this process over a paged KV pool, CPU or CUDA) and
+``SGLangEngine`` (HTTP client of ``sglang.launch_server``) share the interface of ``RolloutEngine``;
 ``SGLangInProcessEngine`` wraps ``sglang.Engine`` for colocated training. The SGLang-protocol
 test server lives apart, in ``trainer.rollout.testing``.
 """

@@ -1,140 +1,87 @@
-"""The embedded engine: a Hugging Face causal LM with a key/value cache, in this process.
+"""The embedded engine: a Hugging Face causal LM over a paged KV pool, in this process.
 
-The default engine on one machine and the CPU path. Requests are served in chunks of at most
-``max_batch_rows`` sampled rows:
+The default engine on one machine and the CPU path. Keys and values live in blocks of
+``block_size`` tokens (``trainer/rollout/kv_pool.py``), with reference counts on the host:
 
-1. prefill: each request looks up the longest prefix of its input among the finished traces in
-   the radix index, rebuilds the cache from the stored keys/values cropped to that prefix, and
-   runs the model over the rest only (a summary fork prefills just its delimiter);
-2. decode: the prefilled caches, repeated for the ``n`` samples of each request, are stacked
-   left-padded into one batch (padding masked out, true position ids) and decoded together;
-   rows that finish leave the batch (a compaction that copies the cache, done once the row-steps
-   the finished rows would waste outweigh the copy);
-3. a finished row of a request with ``cache_output`` stores its keys/values (input and output
-   except the last sampled token, which was never fed) under its token ids in the radix index.
+1. prefill: a request looks up the longest prefix of its input among the finished sequences in
+   the radix index, shares that prefix's full blocks (copying only a partial last block), and
+   computes the rest only (a summary fork prefills just its delimiter), packed with the other
+   requests that start at the same moment into one forward;
+2. decode: every request's ``n`` samples are rows of one batch (at most ``max_batch_rows``), each
+   with its own block table, decoded by a step that samples on the device
+   (``trainer/rollout/paged_runner.py``; a CUDA graph per row bucket on CUDA); the host reads the
+   tokens back every ``sync_every`` steps and then finishes, compacts and refills rows
+   (``trainer/rollout/scheduler.py``);
+3. a finished row of a request with ``cache_output`` is stored under its token ids (input and
+   output except the last sampled token, which was never fed) in the radix index: the stored
+   sequence references the row's blocks, nothing is copied.
 
 With ``kv_budget_tokens`` the stored sequences hold at most that many tokens: storing past it
 evicts whole sequences, lowest request ``priority`` first and least recently used (stored or
 matched) among equals, as SGLang's radix cache does with ``--radix-eviction-policy priority``.
+The same order frees blocks when the pool runs short. The pool holds ``kv_blocks`` blocks, or on
+CUDA ``kv_memory_fraction`` of the memory free when the engine first generates (SGLang's
+``--mem-fraction-static``); a CPU pool without ``kv_blocks`` grows as needed.
+
+Sampling is reproducible: each row draws a seed from the engine's generator (a request's
+``sampling.seed`` reseeds it once per call), and its tokens are a function of that seed and the
+model alone (``trainer/rollout/sampling.py``), whatever the batch around it.
 
 With ``prefix_sharing=False`` nothing is stored or looked up: every request prefills its whole
-input (the baseline of ``benchmarks/bench_rollout.py`` and the reference of the tests).
+input (the baseline of ``benchmarks/bench_rollout.py``).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
+from trainer.rollout.kv_pool import KVPool
+from trainer.rollout.paged_runner import PagedRunner
 from trainer.rollout.radix import RadixIndex
+from trainer.rollout.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+CPU_START_BLOCKS = 256
+DEFAULT_CONTEXT = 32768  # the block-table width of a model whose config names no context length
 
 
 @dataclass
 class _StoredSequence:
-    """Keys and values ``[H_kv, T, D]`` per layer of one finished sequence."""
+    """A finished sequence in the prefix cache: its token ids and the blocks holding their keys/values."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    tokens: tuple[int, ...] = ()
+    tokens: tuple[int, ...]
+    blocks: list[int]
     priority: int = 0
     last_access: int = 0
     stored_at: int = 0
-
-
-@dataclass
-class _Prefilled:
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    logits: torch.Tensor
-    cached: int
-
-
-class _DecodeRows:
-    """The sampled rows of one decode batch: request ``i`` owns ``n_i`` consecutive rows."""
-
-    def __init__(self, batch: list[GenerationRequest]) -> None:
-        self.batch = batch
-        self.request_of = [i for i, request in enumerate(batch) for _ in range(request.n)]
-        self.input_lens = [len(batch[i].input_ids) for i in self.request_of]
-        self.count = len(self.request_of)
-        self.outputs: list[list[int]] = [[] for _ in range(self.count)]
-        self.logprobs: list[list[float]] = [[] for _ in range(self.count)]
-        self.reasons: list[str | None] = [None] * self.count
-
-    def request(self, row: int) -> GenerationRequest:
-        return self.batch[self.request_of[row]]
-
-    def per_request(self) -> list[tuple[list[list[int]], list[str], list[list[float]]]]:
-        grouped: list[tuple[list[list[int]], list[str], list[list[float]]]] = [([], [], []) for _ in self.batch]
-        for row, i in enumerate(self.request_of):
-            grouped[i][0].append(self.outputs[row])
-            grouped[i][1].append(self.reasons[row])
-            grouped[i][2].append(self.logprobs[row])
-        return grouped
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """A cache layer that writes into a buffer sized for the whole decode.
-
-    ``DynamicLayer`` concatenates on every step, copying the whole cache each token; here ``keys``
-    and ``values`` are views of the first ``length`` columns of preallocated buffers.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        rows, heads, length, head_dim = keys.shape
-        self._key_buffer = keys.new_zeros(rows, heads, capacity, head_dim)
-        self._value_buffer = torch.zeros_like(self._key_buffer)
-        self._key_buffer[:, :, :length] = keys
-        self._value_buffer[:, :, :length] = values
-        self._length = length
-        self._publish()
-
-    def _publish(self) -> None:
-        self.keys = self._key_buffer[:, :, : self._length]
-        self.values = self._value_buffer[:, :, : self._length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self._length + key_states.shape[-2]
-        if end > self._key_buffer.shape[-2]:
-            raise RuntimeError(f"decode cache overflow: {end} columns for a buffer of {self._key_buffer.shape[-2]}")
-        self._key_buffer[:, :, self._length : end] = key_states
-        self._value_buffer[:, :, self._length : end] = value_states
-        self._length = end
-        self._publish()
-        return self.keys, self.values
-
-    def select(self, rows: torch.Tensor, first: int) -> None:
-        """Keep ``rows`` and drop the columns before ``first``."""
-        self._key_buffer = self._key_buffer[rows, :, first:]
-        self._value_buffer = self._value_buffer[rows, :, first:]
-        self._length -= first
-        self._publish()
 
 
 class EmbeddedEngine(RolloutEngine):
     """Rollouts from a Hugging Face causal LM (CPU or CUDA) with prefix-shared summary forks.
 
     Args:
-        model: a ``*ForCausalLM`` whose forward takes ``position_ids``, ``attention_mask`` and a
-            ``DynamicCache`` (Qwen2/Llama-style decoders).
+        model: a ``*ForCausalLM`` whose attention layers dispatch through transformers'
+            ``AttentionInterface`` (Qwen2/Llama-style decoders).
         tokenizer: the policy's tokenizer (delimiter ids and EOS come from it).
         prefix_sharing: serve cached prefixes from the radix index of finished traces.
         max_batch_rows: most sampled rows decoded together.
         seed: seed of the sampling generator (a request's ``sampling.seed`` reseeds it).
         kv_budget_tokens: most tokens the stored sequences may hold (None: unbounded); see above.
+        kv_blocks: blocks in the KV pool (None: ``kv_memory_fraction`` on CUDA, growing on the CPU).
+        kv_memory_fraction: share of the free CUDA memory the pool takes when ``kv_blocks`` is None.
+        block_size: tokens per KV block.
+        sync_every: decode steps between two read-backs of the sampled tokens.
+        cuda_graphs: capture the decode step in CUDA graphs (CUDA only; not for a float64 model).
     """
+
+    reseeds_per_call = True  # generate() reseeds its generator from the first request's seed
 
     def __init__(
         self,
@@ -146,29 +93,49 @@ class EmbeddedEngine(RolloutEngine):
         seed: int = 0,
         eos_token_ids: Sequence[int] = (),
         kv_budget_tokens: int | None = None,
+        kv_blocks: int | None = None,
+        kv_memory_fraction: float = 0.4,
+        block_size: int = 16,
+        sync_every: int = 16,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__(*self.tokenizer_setup(tokenizer), eos_token_ids=eos_token_ids)
-        if max_batch_rows < 1:
-            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        for name, value in (("max_batch_rows", max_batch_rows), ("block_size", block_size),
+                            ("sync_every", sync_every)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if kv_budget_tokens is not None and kv_budget_tokens < 1:
             raise ValueError(f"kv_budget_tokens must be >= 1 or None, got {kv_budget_tokens}")
+        if kv_blocks is not None and kv_blocks < 1:
+            raise ValueError(f"kv_blocks must be >= 1 or None, got {kv_blocks}")
+        if not 0 < kv_memory_fraction < 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1), got {kv_memory_fraction}")
+        self.model = model.eval()
+        self.prefix_sharing = prefix_sharing
+        self.max_batch_rows = max_batch_rows
         self.kv_budget_tokens = kv_budget_tokens
+        self.kv_blocks = kv_blocks
+        self.kv_memory_fraction = kv_memory_fraction
+        self.block_size = block_size
+        self.sync_every = sync_every
+        self.device = next(model.parameters()).device
+        # A float64 model (the tests' exact reference) runs the torch attention, which is not graph-safe on CUDA.
+        dtype = next(model.parameters()).dtype
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and dtype != torch.float64
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._index: RadixIndex[_StoredSequence] = RadixIndex()
         self._stored: dict[tuple[int, ...], _StoredSequence] = {}
         self._stored_tokens = 0
         self._clock = 0
         self._call_started = 0
         self.evicted_sequences = 0
-        self.model = model.eval()
-        self.prefix_sharing = prefix_sharing
-        self.max_batch_rows = max_batch_rows
-        self.device = next(model.parameters()).device
-        self._generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._index: RadixIndex[_StoredSequence] = RadixIndex()
         self._prefill_compute = self._prefill_cache = 0
         self._prefill_by_priority: dict[int, list[int]] = {}
-        parameters = inspect.signature(model.forward).parameters
-        # transformers renamed `past_key_values` to `cache` after 5.17.
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._pool: KVPool | None = None
+        self._runner: PagedRunner | None = None
+        self._reserved = 0  # blocks promised to live rows, not allocated yet
+
+    # Public interface --------------------------------------------------------------------------
 
     @property
     def cached_sequences(self) -> int:
@@ -180,12 +147,35 @@ class EmbeddedEngine(RolloutEngine):
         """Tokens held by the stored sequences (what ``kv_budget_tokens`` bounds)."""
         return self._stored_tokens
 
-    def flush_cache(self) -> None:
-        self._index.clear()
-        self._stored.clear()
-        self._stored_tokens = 0
+    @property
+    def host_syncs(self) -> int:
+        """Reads of device values so far: one per decode window, and on the CPU, where it costs
+        nothing, one per step (the eager loop stops once every row finished)."""
+        return self._runner.host_syncs if self._runner is not None else 0
 
-    reseeds_per_call = True  # generate() reseeds its generator from the first request's seed
+    @property
+    def read_backs(self) -> int:
+        """Decode windows read back so far."""
+        return self._runner.read_backs if self._runner is not None else 0
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps run so far (each over every row of its batch)."""
+        return self._runner.decode_steps if self._runner is not None else 0
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Most KV pool bytes in use at once so far."""
+        return self._pool.peak_used * self._pool.bytes_per_block if self._pool is not None else 0
+
+    def reset_peak_kv(self) -> None:
+        """Measure ``peak_kv_bytes`` from the blocks in use now on."""
+        if self._pool is not None:
+            self._pool.reset_peak()
+
+    def flush_cache(self) -> None:
+        for tokens in list(self._stored):
+            self._drop(tokens)
 
     def release_traces(self, traces) -> None:
         """Drop the stored keys/values of ``traces`` (a ``ThinkingBatch``) once their forks are
@@ -199,8 +189,9 @@ class EmbeddedEngine(RolloutEngine):
                 self._drop(tokens)
 
     def release_memory(self) -> None:
-        """Drop the step's cached traces before the learner trains: on a GPU shared with the learner
-        their K/V would hold memory through the update, and the weight sync flushes them anyway."""
+        """Drop the step's cached traces before the learner trains (the weight sync flushes them
+        anyway). The pool itself stays: captured CUDA graphs hold its addresses; size it with
+        ``kv_blocks`` or ``kv_memory_fraction`` to leave the learner its memory."""
         self.flush_cache()
 
     def prefill_priorities(self) -> list[int]:
@@ -216,6 +207,8 @@ class EmbeddedEngine(RolloutEngine):
         return {"prefill_compute": float(self._prefill_compute), "prefill_cache": float(self._prefill_cache)}
 
     def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s weights in place (captured graphs keep reading the same tensors) and
+        drop the cached sequences, computed by the old weights."""
         start = time.perf_counter()
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
@@ -223,183 +216,103 @@ class EmbeddedEngine(RolloutEngine):
         self.stats.weight_sync_seconds += time.perf_counter() - start
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        outputs: list[GenerationOutput | None] = [None] * len(requests)
-        chunk: list[int] = []
-        rows = 0
-        # Reseed once per call, never per chunk: chunks must continue one random stream, or the
-        # same prompt's samples would repeat across chunks.
+        # Reseed once per call, never per request: the rows of one call draw their seeds from one
+        # stream, or the same prompt's samples would repeat across requests.
         if requests and requests[0].sampling.seed is not None:
             self._generator.manual_seed(requests[0].sampling.seed)
         self._clock += 1
         self._call_started = self._clock  # what this call stores is newer (release_traces)
+        if not requests:
+            return []
+        self._ensure_runner()
+        context = self._runner.max_blocks_per_row * self.block_size
+        for request in requests:
+            if len(request.input_ids) + request.max_new_tokens > context:
+                raise ValueError(
+                    f"a request of {len(request.input_ids)} prompt tokens and max_new_tokens {request.max_new_tokens} "
+                    f"exceeds the engine's context of {context} tokens (the model's max_position_embeddings)"
+                )
         with torch.inference_mode():
-            for i, request in enumerate(requests):
-                if chunk and rows + request.n > self.max_batch_rows:
-                    self._serve(requests, chunk, outputs)
-                    chunk, rows = [], 0
-                chunk.append(i)
-                rows += request.n
-            if chunk:
-                self._serve(requests, chunk, outputs)
-        return outputs
+            return Scheduler(self, requests).run()
 
-    def _serve(self, requests: Sequence[GenerationRequest], chunk: list[int], outputs: list) -> None:
-        batch = [requests[i] for i in chunk]
-        prefilled = [self._prefill(request) for request in batch]
-        samples = self._decode(batch, prefilled)
-        for pre, request in zip(prefilled, batch, strict=True):
-            self._prefill_compute += len(request.input_ids) - pre.cached
-            self._prefill_cache += pre.cached
-            counts = self._prefill_by_priority.setdefault(request.priority, [0, 0])
-            counts[0] += len(request.input_ids) - pre.cached
-            counts[1] += pre.cached
-        for i, request, pre, (ids, reasons, logprobs) in zip(chunk, batch, prefilled, samples, strict=True):
-            outputs[i] = GenerationOutput(
-                output_ids=ids,
-                output_logprobs=logprobs,
-                finish_reasons=reasons,
-                prompt_tokens=len(request.input_ids),
-                cached_tokens=[pre.cached] * request.n,
-                prefilled_tokens=len(request.input_ids) - pre.cached,
-            )
+    # The pool and the runner -------------------------------------------------------------------
 
-    def _forward(self, input_ids, position_ids, cache, attention_mask=None) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_argument: cache},
-        )
-        logits = out.logits[:, -1]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays
+    def _ensure_runner(self) -> None:
+        if self._runner is not None:
+            return
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        shape = dict(num_layers=config.num_hidden_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                     block_size=self.block_size, dtype=dtype, device=self.device)  # fmt: skip
+        bytes_per_block = 2 * config.num_hidden_layers * self.block_size * num_kv_heads * head_dim * dtype.itemsize
+        num_blocks = self.kv_blocks
+        if num_blocks is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            num_blocks = int(self.kv_memory_fraction * (free + cached)) // bytes_per_block
+        growable = num_blocks is None
+        self._pool = KVPool(**shape, num_blocks=num_blocks or CPU_START_BLOCKS, growable=growable)
+        context = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT)
+        self._runner = PagedRunner(self.model, self._pool, max_rows=self.max_batch_rows,
+                                   max_blocks_per_row=self._pool.blocks_for(context), ring_steps=self.sync_every,
+                                   use_graphs=self.cuda_graphs)  # fmt: skip
+        logger.info("embedded engine: KV pool of %d blocks x %d tokens (%.1f MiB)%s", self._pool.num_blocks,
+                    self.block_size, self._pool.num_blocks * bytes_per_block / 2**20, ", growing" if growable else "")  # fmt: skip
 
-    def _prefill(self, request: GenerationRequest) -> _Prefilled:
-        ids = request.input_ids
-        stored, cached = self._index.match(ids) if self.prefix_sharing else (None, 0)
-        # At least one token is computed: its logits give the first sample.
-        cached = min(cached, len(ids) - 1)
-        if stored is not None:
-            self._clock += 1
-            stored.last_access = self._clock
-        if stored is None or cached == 0:
-            cache, cached = DynamicCache(), 0
-        else:
-            layers = [
-                (k[None, :, :cached], v[None, :, :cached]) for k, v in zip(stored.keys, stored.values, strict=True)
-            ]
-            cache = DynamicCache(ddp_cache_data=layers)
-        suffix = torch.tensor([ids[cached:]], dtype=torch.long, device=self.device)
-        positions = torch.arange(cached, len(ids), device=self.device)[None]
-        logits = self._forward(suffix, positions, cache)[0]
-        return _Prefilled(
-            keys=[layer.keys[0] for layer in cache.layers],
-            values=[layer.values[0] for layer in cache.layers],
-            logits=logits,
-            cached=cached,
-        )
+    def _make_room(self, blocks: int) -> bool:
+        """Whether ``blocks`` more blocks can be promised, after growing a growable pool, or else
+        evicting cached sequences (lowest priority, least recently used first) as needed."""
+        allocator = self._pool.allocator
+        if allocator.num_free - self._reserved >= blocks:
+            return True
+        if self._pool.growable:  # memory is not the bound here: kv_budget_tokens is
+            self._pool.grow(self._pool.used_blocks + self._reserved + blocks)
+            return True
+        for victim in sorted(self._stored.values(), key=lambda seq: (seq.priority, seq.last_access)):
+            self._drop(victim.tokens)
+            self.evicted_sequences += 1
+            if allocator.num_free - self._reserved >= blocks:
+                return True
+        return False
 
-    def _decode(
-        self, batch: list[GenerationRequest], prefilled: list[_Prefilled]
-    ) -> list[tuple[list[list[int]], list[str], list[list[float]]]]:
-        """Sample every row of the batch to a stop token or its cap; (ids, reasons, log-probs) per request."""
-        rows = _DecodeRows(batch)
-        cache, mask = self._stack_caches(rows, prefilled)
-        logits = torch.stack([prefilled[i].logits for i in rows.request_of])
-        present = list(range(rows.count))  # batch position -> row; finished rows leave in bulk
-        while True:
-            tokens, logprobs = self._sample(
-                logits, [rows.request(row) for row in present], [len(rows.outputs[row]) for row in present]
-            )
-            # One device-to-host copy per decoded token for both (ids are exact in float64).
-            tokens_host, logprobs_host = torch.stack([tokens.double(), logprobs.double()]).tolist()
-            self._append_tokens(rows, present, [int(t) for t in tokens_host], logprobs_host, cache, mask)
-            keep = [position for position, row in enumerate(present) if rows.reasons[row] is None]
-            if not keep:
-                break
-            if self._worth_compacting(rows, present, keep):
-                mask = self._select_rows(cache, mask, keep)
-                tokens = tokens[keep]
-                present = [present[p] for p in keep]
-            mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
-            positions = torch.tensor(
-                [[rows.input_lens[row] + len(rows.outputs[row]) - 1] for row in present],
-                dtype=torch.long,
-                device=self.device,
-            )
-            logits = self._forward(tokens[:, None], positions, cache, attention_mask=mask)
-        return rows.per_request()
+    # The prefix cache --------------------------------------------------------------------------
 
-    def _stack_caches(self, rows: _DecodeRows, prefilled: list[_Prefilled]) -> tuple[DynamicCache, torch.Tensor]:
-        """One left-padded cache of all rows (each request's prefill repeated for its n samples),
-        preallocated for the longest decode, and its attention mask ``[rows, width]``."""
-        width = max(rows.input_lens)
-        layers = []
-        for layer in range(len(prefilled[0].keys)):
-            heads, _, head_dim = prefilled[0].keys[layer].shape
-            keys = prefilled[0].keys[layer].new_zeros(rows.count, heads, width, head_dim)
-            values = torch.zeros_like(keys)
-            for row, i in enumerate(rows.request_of):
-                keys[row, :, width - rows.input_lens[row] :] = prefilled[i].keys[layer]
-                values[row, :, width - rows.input_lens[row] :] = prefilled[i].values[layer]
-            layers.append((keys, values))
-        capacity = width + max(request.max_new_tokens for request in rows.batch)
-        cache = DynamicCache()
-        cache.layers = [_PreallocatedLayer(keys, values, capacity) for keys, values in layers]
-        mask = torch.zeros(rows.count, width, dtype=torch.long, device=self.device)
-        for row, length in enumerate(rows.input_lens):
-            mask[row, width - length :] = 1
-        return cache, mask
+    def _match_prefix(self, input_ids: Sequence[int]) -> tuple[_StoredSequence | None, int]:
+        """The stored sequence sharing the longest prefix of ``input_ids`` and that prefix's length;
+        at least one input token is left to compute (its logits give the first sample)."""
+        if not self.prefix_sharing:
+            return None, 0
+        stored, cached = self._index.match(input_ids)
+        cached = min(cached, len(input_ids) - 1)
+        return (stored, cached) if stored is not None and cached > 0 else (None, 0)
 
-    def _append_tokens(
-        self, rows: _DecodeRows, present: list[int], tokens: list[int], logprobs: list[float], cache, mask
-    ) -> None:
-        """Append each unfinished row's token; a row that stops (stop token or cap) is finished and,
-        for a request with ``cache_output``, stored in the prefix index."""
-        for position, (row, token, logprob) in enumerate(zip(present, tokens, logprobs, strict=True)):
-            if rows.reasons[row] is not None:
-                continue
-            request = rows.request(row)
-            rows.outputs[row].append(token)
-            rows.logprobs[row].append(logprob)
-            if token in request.stop_token_ids:
-                rows.reasons[row] = "stop"
-            elif len(rows.outputs[row]) >= request.max_new_tokens:
-                rows.reasons[row] = "length"
-            else:
-                continue
-            if request.cache_output and self.prefix_sharing:
-                self._store(cache, position, mask, request, rows.outputs[row])
-
-    @staticmethod
-    def _worth_compacting(rows: _DecodeRows, present: list[int], keep: list[int]) -> bool:
-        """Compacting copies the cache (reads and writes it: about two decode steps of cache reads);
-        finished rows left in would cost up to ``finished * steps_left`` row-steps."""
-        steps_left = max(rows.request(row).max_new_tokens - len(rows.outputs[row]) for row in present)
-        return (len(present) - len(keep)) * steps_left >= 2 * len(present)
-
-    def _store(self, cache: DynamicCache, position: int, mask: torch.Tensor, request, output_ids) -> None:
-        """Keep a finished row's keys/values for ``input + output[:-1]`` (the last token has none),
-        then evict down to the budget."""
-        tokens = tuple(request.input_ids) + tuple(output_ids[:-1])
-        length = len(tokens)
-        end = mask.shape[1]
+    def _touch(self, stored: _StoredSequence) -> None:
         self._clock += 1
-        stored = _StoredSequence(
-            keys=[layer.keys[position, :, end - length : end].clone() for layer in cache.layers],
-            values=[layer.values[position, :, end - length : end].clone() for layer in cache.layers],
-            tokens=tokens,
-            priority=request.priority,
-            last_access=self._clock,
-            stored_at=self._clock,
-        )
-        previous = self._stored.pop(tokens, None)
-        if previous is not None:
-            self._stored_tokens -= len(previous.tokens)
+        stored.last_access = self._clock
+
+    def _count_prefill(self, request: GenerationRequest, cached: int) -> None:
+        computed = len(request.input_ids) - cached
+        self._prefill_compute += computed
+        self._prefill_cache += cached
+        counts = self._prefill_by_priority.setdefault(request.priority, [0, 0])
+        counts[0] += computed
+        counts[1] += cached
+
+    def _store(self, request: GenerationRequest, output_ids: Sequence[int], blocks: Sequence[int]) -> None:
+        """Keep a finished row's keys/values for ``input + output[:-1]`` (the last token has none)
+        by referencing its blocks, then evict down to the budget."""
+        tokens = tuple(request.input_ids) + tuple(output_ids[:-1])
+        kept = list(blocks[: self._pool.blocks_for(len(tokens))])
+        self._pool.allocator.retain(kept)
+        self._clock += 1
+        if tokens in self._stored:
+            self._drop(tokens)
+        stored = _StoredSequence(tokens, kept, request.priority, last_access=self._clock, stored_at=self._clock)
         self._index.insert(tokens, stored)
         self._stored[tokens] = stored
-        self._stored_tokens += length
+        self._stored_tokens += len(tokens)
         self._evict()
 
     def _evict(self) -> None:
@@ -414,51 +327,8 @@ class EmbeddedEngine(RolloutEngine):
             self.evicted_sequences += 1
 
     def _drop(self, tokens: tuple[int, ...]) -> None:
-        """Forget the stored sequence of ``tokens``: its keys/values, index entry and token count."""
+        """Forget the stored sequence of ``tokens``: its index entry, token count and block references."""
+        stored = self._stored.pop(tokens)
         self._index.remove(tokens)
-        del self._stored[tokens]
         self._stored_tokens -= len(tokens)
-
-    @staticmethod
-    def _select_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
-        """Drop finished rows, and the padding columns no remaining row needs."""
-        index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-        mask = mask[index]
-        first = int(mask.any(dim=0).nonzero()[0])
-        for layer in cache.layers:
-            layer.select(index, first)
-        return mask[:, first:]
-
-    def _sample(
-        self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next token ``[B]`` from ``logits [B, V]`` under each row's sampling settings, and its
-        log-probability ``[B]`` under ``log_softmax(logits / T)`` (T = 1 for greedy rows)."""
-        temperatures = torch.tensor(
-            [r.sampling.temperature for r in requests], device=logits.device, dtype=logits.dtype
-        )
-        scaled = torch.log_softmax(logits / torch.where(temperatures > 0, temperatures, 1.0)[:, None], dim=-1)
-        tokens = self._choose(logits, requests, generated, temperatures)
-        return tokens, scaled.gather(-1, tokens[:, None])[:, 0]
-
-    def _choose(
-        self, logits: torch.Tensor, requests: list[GenerationRequest], generated: list[int], temperatures: torch.Tensor
-    ) -> torch.Tensor:
-        for row, (request, count) in enumerate(zip(requests, generated, strict=True)):
-            if count < request.sampling.min_new_tokens:
-                logits[row, list(request.stop_token_ids)] = float("-inf")
-        greedy = logits.argmax(dim=-1)
-        # Decided from the requests on the host: no device sync per decoded token.
-        if all(r.sampling.temperature == 0 for r in requests):
-            return greedy
-        probs = torch.softmax(logits / temperatures.clamp_min(1e-6)[:, None], dim=-1)
-        top_p = torch.tensor([r.sampling.top_p for r in requests], device=logits.device)
-        if any(r.sampling.top_p < 1 for r in requests):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest set of most likely tokens whose mass reaches top_p.
-            outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
-            choice = torch.multinomial(sorted_probs.masked_fill(outside, 0.0), 1, generator=self._generator)
-            sampled = order.gather(-1, choice)[:, 0]
-        else:
-            sampled = torch.multinomial(probs, 1, generator=self._generator)[:, 0]
-        return torch.where(temperatures == 0, greedy, sampled)
+        self._pool.allocator.release(stored.blocks)
