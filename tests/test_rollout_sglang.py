@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from trainer.budgets import BudgetSchedule
 from trainer.rollout import EmbeddedEngine, SamplingParams, SGLangEngine, SGLangServerError
-from trainer.rollout.sglang_server import SGLangInProcessEngine, sglang_server_command, wait_for_health
+from trainer.rollout.sglang_server import SGLangInProcessEngine, sglang_server_command, wait_until_ready
 from trainer.rollout.testing import ProtocolServer
 
 GREEDY = SamplingParams(temperature=0)
@@ -174,7 +174,10 @@ def test_connection_refused_raises_after_the_retries(policy):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(SGLangServerError, match=rf"127.0.0.1:{port}/generate failed after 3 attempts.*ConnectionError"):
+    # The first request reads the server's limits first.
+    with pytest.raises(
+        SGLangServerError, match=rf"127.0.0.1:{port}/server_info failed after 3 attempts.*ConnectionError"
+    ):
         client(f"http://127.0.0.1:{port}", tokenizer).think([[8, 9]], 1, 3, GREEDY)
 
 
@@ -193,9 +196,9 @@ def test_server_command_health_wait_and_missing_sglang(policy, server):
         "--schedule-policy", "lpm", "--radix-eviction-policy", "priority", "--enable-metrics", "--skip-tokenizer-init", "--dp-size", "2",
     ]  # fmt: skip
     assert "--disable-radix-cache" not in command
-    wait_for_health(server.url, timeout_s=5)
-    with pytest.raises(TimeoutError, match="was not healthy within 1s"):
-        wait_for_health("http://127.0.0.1:9", timeout_s=1, poll_s=0.2)
+    wait_until_ready(server.url, timeout_s=5)
+    with pytest.raises(TimeoutError, match="was not ready within 1s"):
+        wait_until_ready("http://127.0.0.1:9", timeout_s=1, poll_s=0.2)
     with pytest.raises(ValueError, match="must start with http"):
         SGLangEngine("localhost:30000", policy[1])
     try:
@@ -205,10 +208,19 @@ def test_server_command_health_wait_and_missing_sglang(policy, server):
             SGLangInProcessEngine("/models/policy", policy[1])
 
 
-def test_requests_name_their_replica_and_forks_follow_their_trace(policy, server):
+@pytest.fixture
+def replicated_server(policy):
+    """A server started with --dp-size 4 (the one engine serves every replica)."""
+    model, tokenizer = policy
+    with ProtocolServer(EmbeddedEngine(model, tokenizer), tokenizer, dp_size=4) as running:
+        yield running
+
+
+def test_requests_name_their_replica_and_forks_follow_their_trace(policy, replicated_server):
     """With --dp-size > 1 the server balances unrouted requests round-robin; every request names its
     replica from the prompt's routing key, so a trace's forks land where its KV cache is."""
     _, tokenizer = policy
+    server = replicated_server
     remote = client(server.url, tokenizer, dp_size=4)
     prompts = [[8, 9, 10], [11, 12], [13, 14, 15, 16]]
     # Record, per /generate body, its replica and the prompts it carries (a fork's input starts
@@ -237,8 +249,9 @@ def test_requests_name_their_replica_and_forks_follow_their_trace(policy, server
         for ids in input_ids if isinstance(input_ids[0], list) else [input_ids]:
             owner = [i for i, p in enumerate(prompts) if ids[: len(p)] == p]
             assert len(owner) == 1 and rank == ranks[owner[0]], (rank, ids)
-    plain = client(server.url, tokenizer)  # dp_size 1: nothing to route
-    plain.think([[5, 6]], 1, 2, GREEDY)
+    plain = client(server.url, tokenizer)  # dp_size 1 against a server of 4 replicas: refused
+    with pytest.raises(ValueError, match=r"rollout.dp_size=1, but .* runs 4 data-parallel"):
+        plain.think([[5, 6]], 1, 2, GREEDY)
     assert len(server.routed_dp_ranks) == len(think_ranks) + len(fork_ranks)
 
 

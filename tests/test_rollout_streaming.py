@@ -142,7 +142,7 @@ def test_rollout_without_window_is_think_then_summarize_exactly(policy):
     assert_same_rollout(got, want)
 
 
-def test_streaming_client_matches_the_embedded_engine_and_batches_each_traces_forks(policy):
+def test_streaming_client_matches_the_embedded_engine_and_sends_each_fork_alone(policy):
     model, tokenizer = policy
     schedule, prompts = BudgetSchedule(B_MAX, SLOTS), prompts_of(tokenizer, 3)
     sampling = SamplingParams(temperature=0, min_new_tokens=3)
@@ -151,12 +151,10 @@ def test_streaming_client_matches_the_embedded_engine_and_batches_each_traces_fo
         remote = client(server.url, tokenizer)
         got = remote.rollout(prompts, 1, B_MAX, schedule, A, sampling, 4, window=2)
         stored_priorities = {seq.priority for seq in server.engine._stored.values()}
-        # One think request per prompt, then one /generate batch per trace and distinct n (slots
-        # that share a cut make one fork of k * A samples).
-        fork_bodies = sum(
-            len({sum(1 for x in cuts if x == cut) for cut in set(cuts)}) for cuts in got[1].cut_lens.tolist()
-        )
-        assert server.generate_served == len(prompts) + fork_bodies < len(prompts) + len(got[1].inserted_ids[0]) * 3
+        # One think request per prompt, then one /generate body per fork: with A = 2 every fork has
+        # several samples, and SGLang warms up the n > 1 items of a batch body one after another.
+        fork_bodies = sum(len(set(cuts)) for cuts in got[1].cut_lens.tolist())
+        assert server.generate_served == len(prompts) + fork_bodies and server.serial_warmups == 0
     assert_same_rollout(got, local)
     # Traces are stored at the trace priority, the forks' outputs at the lower fork priority.
     assert stored_priorities == {TRACE_PRIORITY, FORK_PRIORITY}

@@ -17,6 +17,7 @@ from fixtures.tiny_policy import tiny_policy
 
 from trainer.budgets import BudgetSchedule
 from trainer.rollout import EmbeddedEngine, SamplingParams
+from trainer.rollout.base import FORK_PRIORITY, TRACE_PRIORITY
 from trainer.rollout.sglang_server import SGLangInProcessEngine
 from trainer.rollout.weight_transfer import weight_buckets
 
@@ -37,6 +38,7 @@ class FakeEngine:
         self.fail_weights = False
         self.memory_events: list[str] = []
         self.session_open = False
+        self.busy = False  # requests running or waiting: SGLang then refuses to flush
         FakeEngine.instances.append(self)
 
     # SGLang 0.5.23: weight loads from tensors only inside begin_weight_update .. end_weight_update.
@@ -59,7 +61,9 @@ class FakeEngine:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         await asyncio.sleep(0.01)  # other calls start meanwhile when they were gathered
         self.in_flight -= 1
-        self.calls.append((len(input_ids), priority))
+        self.calls.append((len(input_ids), sampling_params[0]["n"], priority))
+        import dataclasses
+
         from trainer.rollout.base import GenerationRequest
         from trainer.rollout.sglang_protocol import response_samples
 
@@ -72,7 +76,19 @@ class FakeEngine:
                 SamplingParams(params["temperature"], params["top_p"], min_new_tokens=params.get("min_new_tokens", 0)),
                 cache_output=True,
             )  # fmt: skip
-            samples += response_samples(self.backend.generate([request])[0], request, "rid")
+            if self.options.get("enable_deterministic_inference"):
+                # SGLang: seed 42 unless given, and the draws follow (seed, position): one sample, n times.
+                seeded = dataclasses.replace(request, n=1, sampling=dataclasses.replace(
+                    request.sampling, seed=params.get("sampling_seed", 42)))  # fmt: skip
+                output = self.backend.generate([seeded])[0]
+                output.output_ids, output.finish_reasons = (
+                    output.output_ids * request.n,
+                    output.finish_reasons * request.n,
+                )
+                output.cached_tokens = output.cached_tokens * request.n
+            else:
+                output = self.backend.generate([request])[0]
+            samples += response_samples(output, request, "rid")
         return samples
 
     def update_weights_from_tensor(self, named_tensors, flush_cache=True):
@@ -91,6 +107,8 @@ class FakeEngine:
 
     def flush_cache(self):
         self.memory_events.append("flush")
+        # SGLang's FlushCacheReqOutput; refused at once while busy (sglang.Engine passes no timeout).
+        return types.SimpleNamespace(success=not self.busy, message="")
 
     def shutdown(self):
         pass
@@ -122,13 +140,14 @@ def test_requests_run_concurrently_per_prompt_and_match_the_embedded_engine(fake
     got = engine.rollout(prompts, 1, 12, BudgetSchedule(12, 3), 2, sampling, 4)
     want = EmbeddedEngine(model, tokenizer).rollout(prompts, 1, 12, BudgetSchedule(12, 3), 2, sampling, 4)
     assert got[0].thinking_ids == want[0].thinking_ids and got[1].summary_ids == want[1].summary_ids
-    # Think: 3 prompts, 3 concurrent calls; forks: one call per prompt (and n), all at once.
+    # Think: 3 prompts, 3 concurrent calls; forks: one call each (A = 2 samples at least), all at once.
     assert fake.max_in_flight >= 3
     think_calls, fork_calls = fake.calls[:3], fake.calls[3:]
-    assert {priority for _, priority in think_calls} == {1} and {priority for _, priority in fork_calls} == {0}
-    # One fork call per prompt and n (slots sharing a cut make one fork of k * A samples).
-    expected = sum(len({cuts.count(c) for c in set(cuts)}) for cuts in got[1].cut_lens.tolist())
-    assert len(fork_calls) == expected
+    assert {priority for *_, priority in think_calls} == {TRACE_PRIORITY}
+    assert {priority for *_, priority in fork_calls} == {FORK_PRIORITY}
+    # SGLang awaits each n > 1 item's prefill warm-up of a call in turn: such forks go alone.
+    assert len(fork_calls) == sum(len(set(cuts)) for cuts in got[1].cut_lens.tolist())
+    assert {(items, n >= 2) for items, n, _ in fork_calls} == {(1, True)}
 
 
 def test_min_new_tokens_without_the_tokenizer_is_refused_before_sending(fake_sglang, policy):
@@ -204,3 +223,26 @@ def test_data_parallel_and_reuse_killers_are_refused(fake_sglang, policy):
 
 
 _begin_weight_update = FakeEngine.begin_weight_update
+
+
+def test_a_flush_refused_while_requests_run_raises(fake_sglang, policy):
+    _, tokenizer = policy
+    engine = SGLangInProcessEngine("ckpt", tokenizer)
+    fake = FakeEngine.instances[-1]
+    engine.flush_cache()
+    fake.busy = True
+    with pytest.raises(RuntimeError, match="did not flush its cache"):
+        engine.flush_cache()
+
+
+def test_a_deterministic_engine_gets_one_seeded_request_per_sample(fake_sglang, policy):
+    """Under enable_deterministic_inference SGLang draws from (seed, position) alone, 42 for an
+    unseeded request: the G traces of one request would be one trace."""
+    model, tokenizer = policy
+    engine = SGLangInProcessEngine("ckpt", tokenizer, enable_deterministic_inference=True)
+    fake = FakeEngine.instances[-1]
+    fake.backend = EmbeddedEngine(model, tokenizer)
+    traces = engine.think([[8, 9, 10]], 4, 8, SamplingParams(temperature=1.0))
+    assert len({tuple(z) for z in traces.thinking_ids}) == 4, traces.thinking_ids
+    # One call of four one-sample items (no warm-ups for n = 1).
+    assert fake.calls == [(4, 1, TRACE_PRIORITY)]

@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_MAX_NEW_TOKENS = 118  # the authors' 128 - 10 (ARCHITECTURE.md)
 # SGLang request priorities (higher is kept longer under --radix-eviction-policy priority): a
-# finished trace is still needed by its forks, a fork's own cached output never is.
-TRACE_PRIORITY = 1
+# finished trace is still needed by its forks, a fork's own cached output never is. SGLang keeps a
+# finished request's prompt at its priority + 1, so a fork's inserted delimiter sits at
+# FORK_PRIORITY + 1: traces must be above that, or a tie with them evicts the older trace first.
+TRACE_PRIORITY = 2
 FORK_PRIORITY = 0
 
 

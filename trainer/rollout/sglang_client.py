@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import random
 import re
 import sys
 import threading
@@ -41,15 +42,23 @@ from trainer.rollout.base import (
     SummaryBatch,
     ThinkingBatch,
 )
+from trainer.rollout.sglang_info import (
+    ServerInfo,
+    SGLangServerError,
+    check_dp_size,
+    check_request,
+    http_call,
+    read_server_info,
+)
 from trainer.rollout.sglang_protocol import (
     AbortedRequest,
     MalformedResponse,
     batch_payload,
+    deterministic_parts,
     generate_payload,
     merge_outputs,
     parse_batch_response,
     parse_generate_response,
-    split_for_seeds,
 )
 from trainer.rollout.weight_transfer import (
     broadcast_bucket,
@@ -68,15 +77,6 @@ _REALTIME_TOKENS = re.compile(r'^sglang:realtime_tokens_total\{[^}]*mode="([a-z_
 FLUSH_WAIT_S = 30.0
 
 
-class SGLangServerError(RuntimeError):
-    """A server request failed for good (after the retries, or with a 4xx answer); ``status`` is the
-    HTTP status of the last answer, None when there was none (a timeout, a dropped connection)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class SGLangEngine(RolloutEngine):
     """Rollouts served by SGLang over HTTP.
 
@@ -89,16 +89,21 @@ class SGLangEngine(RolloutEngine):
         backoff_s: wait before the first retry; doubles on each further retry.
         max_workers: concurrent requests in flight.
         dp_size: data-parallel replicas behind each URL (``--dp-size``); requests name their replica.
-        deterministic: the servers run deterministic inference: seeded ``n > 1`` requests are sent
-            as ``n`` one-sample requests with distinct seeds.
+            Checked against each server's own at the first request (:meth:`server_info`).
+        deterministic: the servers run deterministic inference (``--enable-deterministic-inference``):
+            every request goes as one request per sample, each with its own seed (a fresh random one
+            for an unseeded request). None: as each server reports in ``/server_info``.
         eos_token_ids: every id that ends a sequence for this model (its config and generation
             config may name several), besides the tokenizer's.
         sync_dtype: the dtype weights travel in to the servers (saved to disk or broadcast); the
             servers cast what they receive to their own dtype, so bf16 (the default) halves the bytes
             of an fp32 policy for the same served weights. None: the policy's own dtypes.
 
-    Servers started with ``sglang_server_command`` skip tokenizer init, and SGLang then answers
-    ``min_new_tokens > 0`` with HTTP 400 (raised here with its message, not retried).
+    Before its first request the engine reads every server's limits (:meth:`server_info`) and
+    refuses, with a ValueError before anything is sent, a request the server would refuse (HTTP
+    400, which is not retried) or cut short: past its context length less the 2 tokens SGLang
+    keeps, or ``min_new_tokens > 0`` on a server that skips tokenizer init (as servers started
+    with ``sglang_server_command`` do).
     """
 
     def __init__(
@@ -113,7 +118,7 @@ class SGLangEngine(RolloutEngine):
         backoff_s: float = 1.0,
         max_workers: int = 64,
         dp_size: int = 1,
-        deterministic: bool = False,
+        deterministic: bool | None = None,
         eos_token_ids: Sequence[int] = (),
         sync_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
@@ -135,6 +140,9 @@ class SGLangEngine(RolloutEngine):
                 f"need max_retries >= 0, backoff_s >= 0, timeout_s > 0, max_workers >= 1; got "
                 f"{max_retries}, {backoff_s}, {timeout_s}, {max_workers}"
             )
+        self._seeds = random.Random()
+        self._info: dict[str, ServerInfo] | None = None
+        self._info_lock = threading.Lock()
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.timeout = (connect_timeout_s, timeout_s)
         self.max_retries = max_retries
@@ -164,53 +172,60 @@ class SGLangEngine(RolloutEngine):
         """One HTTP call with retries (none with ``retry=False``: a collective call, such as a weight
         broadcast, must not be sent twice); returns a 2xx response whose body the caller checks."""
         attempts = self.max_retries + 1 if retry else 1
-        status = None
-        for attempt in range(attempts):
-            try:
-                response = self._session().request(method, url + path, json=body, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                failure, status = f"{type(error).__name__}: {error}", None
-            else:
-                status = response.status_code
-                if status < 400:
-                    return response
-                if status < 500 and status not in (408, 429):
-                    raise SGLangServerError(f"{method} {url}{path} answered {status}: {response.text[:500]}", status)
-                failure = f"HTTP {status}: {response.text[:200]}"
-            if attempt + 1 < attempts:
-                wait = self.backoff_s * 2**attempt
-                logger.warning(
-                    "%s %s%s failed (%s); retry %d/%d in %.2fs",
-                    method,
-                    url,
-                    path,
-                    failure,
-                    attempt + 1,
-                    self.max_retries,
-                    wait,
-                )
-                time.sleep(wait)
-        raise SGLangServerError(
-            f"{method} {url}{path} failed after {attempts} attempt{'s' * (attempts != 1)}; last error: {failure}",
-            status,
-        )
+        return http_call(self._session(), url, path, method, body, timeout=self.timeout, attempts=attempts,
+                         backoff_s=self.backoff_s)  # fmt: skip
+
+    def server_info(self) -> list[ServerInfo]:
+        """Every server's limits and modes, read once (the first request reads them); refuses a
+        ``dp_size`` other than the servers' own."""
+        with self._info_lock:
+            if self._info is None:
+                found = read_server_info(self.urls, timeout_s=self.timeout[1], connect_timeout_s=self.timeout[0],
+                                         max_retries=self.max_retries, backoff_s=self.backoff_s,
+                                         session=self._session())  # fmt: skip
+                check_dp_size(found, self.dp_size)
+                self._info = {info.url: info for info in found}
+            return list(self._info.values())
+
+    def _parts(self, request: GenerationRequest, url: str) -> list[GenerationRequest]:
+        """The requests to send ``url`` for ``request``: itself, or one seeded request per sample for a
+        deterministic server. Raises ValueError for a request the server would refuse or cut short."""
+        self.server_info()
+        info = self._info[url]
+        check_request(request, info)
+        deterministic = self.deterministic if self.deterministic is not None else bool(info.deterministic)
+        if not deterministic:
+            return [request]
+        return deterministic_parts(request, self._fresh_seed)
+
+    def _fresh_seed(self) -> int:
+        with self._info_lock:
+            return self._seeds.randrange(2**31)
 
     def _generate_one(self, request: GenerationRequest) -> GenerationOutput:
-        if self.deterministic and request.sampling.seed is not None and request.n > 1:
-            return merge_outputs([self._generate_one(part) for part in split_for_seeds(request)])
+        url = self._url_for(request)
+        parts = self._parts(request, url)
+        if len(parts) > 1:  # concurrently: one sample each
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                return merge_outputs(list(pool.map(lambda part: self._post_one(part, url), parts)))
+        return self._post_one(parts[0], url)
+
+    def _post_one(self, request: GenerationRequest, url: str) -> GenerationOutput:
         body = generate_payload(request, self.dp_size)
-        return self._post_generate(
-            self._url_for(request), body, lambda payload: parse_generate_response(payload, request)
-        )
+        return self._post_generate(url, body, lambda payload: parse_generate_response(payload, request))
 
     def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        """Requests of one routing key, priority and ``n`` as one ``/generate`` batch body."""
-        if len(requests) == 1 or (self.deterministic and requests[0].sampling.seed is not None):
-            return [self._generate_one(request) for request in requests]
-        body = batch_payload(list(requests), self.dp_size)
-        return self._post_generate(
-            self._url_for(requests[0]), body, lambda payload: parse_batch_response(payload, list(requests))
-        )
+        """Requests of one routing key and priority, one sample each, as one ``/generate`` batch body.
+        (SGLang runs a batch's ``n > 1`` items' prefill warm-ups one after another before any of their
+        samples: such requests go as bodies of their own, see :meth:`rollout`.)"""
+        if len(requests) == 1:
+            return [self._generate_one(requests[0])]
+        if any(request.n != 1 for request in requests):
+            raise ValueError(f"a /generate batch here holds one-sample requests only, got n={[r.n for r in requests]}")
+        url = self._url_for(requests[0])
+        sent = [part for request in requests for part in self._parts(request, url)]
+        body = batch_payload(sent, self.dp_size)
+        return self._post_generate(url, body, lambda payload: parse_batch_response(payload, sent))
 
     def _post_generate(self, url: str, body: dict, parse):
         """POST a ``/generate`` body and parse the answer; malformed and aborted answers are retried."""
@@ -251,9 +266,11 @@ class SGLangEngine(RolloutEngine):
     ) -> tuple[ThinkingBatch, SummaryBatch]:
         """Streaming forks: each prompt's forks are sent the moment its think request returns, while
         other prompts still think, so a trace is still in the server's radix cache when its forks
-        arrive even when the step's traces do not all fit. Each trace's forks go as one batch per
-        ``n`` (cuts ascending), on the prompt's server and replica; traces are sent with a higher
-        ``priority`` than forks (start servers with ``--radix-eviction-policy priority``).
+        arrive even when the step's traces do not all fit. A fork of several samples goes as a body of
+        its own (SGLang would run the prefill warm-ups of a batch's ``n > 1`` items one after
+        another before sampling any), a trace's one-sample forks as one batch, all at once, on the
+        prompt's server and replica; traces are sent with a higher ``priority`` than forks (start
+        servers with ``--radix-eviction-policy priority``).
 
         ``window``: most prompts thinking at once (0: all); a window keeps the traces the server
         holds for pending forks within its cache when the server itself admits every request.
@@ -274,10 +291,11 @@ class SGLangEngine(RolloutEngine):
             done = self._thinking_batch([think_requests[p]], [out], group_size)
             forks, requests = self._fork_requests(done, p * group_size, schedule, num_summaries, sampling,
                                                   max_new_tokens)  # fmt: skip
-            # One body per trace and n, all of the prompt's bodies at once.
+            # All of the prompt's bodies at once: one per fork of several samples (a batch of them
+            # would wait for each item's prefill warm-up in turn), one per trace for the others.
             groups = {}
             for i, (fork, request) in enumerate(zip(forks, requests, strict=True)):
-                groups.setdefault((fork.trace, request.n), []).append(i)
+                groups.setdefault((fork.trace,) if request.n == 1 else (fork.trace, i), []).append(i)
             outputs: list[GenerationOutput | None] = [None] * len(requests)
             with ThreadPoolExecutor(max_workers=len(groups) or 1) as fork_pool:
                 answers = {key: fork_pool.submit(self._generate_batch, [requests[i] for i in items])

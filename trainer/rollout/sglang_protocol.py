@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest
@@ -36,7 +36,7 @@ def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
     parameters (from the model's generation config) fill the keys a request leaves unset, and the
     learner scores the plain ``softmax(logits / T)`` (top-p aside). ``sampling_seed`` is sent only
     for ``n == 1``: under deterministic inference one seed makes all ``n`` samples identical (the
-    client splits such requests, see ``split_for_seeds``), and elsewhere SGLang ignores it. It is
+    engines split such requests, see ``deterministic_parts``), and elsewhere SGLang ignores it. It is
     the request's seed mixed with its input ids (``request_seed``): SGLang draws a seeded sample's
     random numbers from the seed and the position alone, so requests for different prompts sharing
     one seed (an evaluation's) would make the same draws, correlated across problems.
@@ -53,8 +53,10 @@ def sampling_params_payload(request: GenerationRequest) -> dict[str, Any]:
     }
     if request.sampling.min_new_tokens > 0:
         # Only when asked: SGLang refuses any min_new_tokens > 0 (HTTP 400) on a server started with
-        # --skip-tokenizer-init, as launch_server_cmd starts it.
-        params["min_new_tokens"] = request.sampling.min_new_tokens
+        # --skip-tokenizer-init, as launch_server_cmd starts it. It refuses min_new_tokens above
+        # max_new_tokens too, which the phases' shared sampling settings give a summary: no stop
+        # within min_new_tokens is no stop within max_new_tokens then.
+        params["min_new_tokens"] = min(request.sampling.min_new_tokens, request.max_new_tokens)
     if request.sampling.seed is not None and request.n == 1:
         params["sampling_seed"] = request_seed(request.sampling.seed, request.input_ids)
     return params
@@ -118,6 +120,16 @@ def split_for_seeds(request: GenerationRequest) -> list[GenerationRequest]:
         )
         for i in range(request.n)
     ]
+
+
+def deterministic_parts(request: GenerationRequest, fresh_seed: Callable[[], int]) -> list[GenerationRequest]:
+    """What to send a server in deterministic-inference mode for ``request``: one seeded request per
+    sample. Such a server seeds an unseeded request with 42 and draws from (seed, position) alone, so
+    the ``n`` samples of one request, or the unseeded requests of one prompt, would all be the same
+    sample; an unseeded request takes its seed from ``fresh_seed()``."""
+    if request.sampling.seed is None:
+        request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=fresh_seed()))
+    return split_for_seeds(request)
 
 
 def parse_generate_response(payload: Any, request: GenerationRequest) -> GenerationOutput:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
 import subprocess
 import sys
 import time
@@ -25,7 +26,12 @@ import requests
 import torch
 
 from trainer.rollout.base import GenerationOutput, GenerationRequest, RolloutEngine
-from trainer.rollout.sglang_protocol import parse_generate_response, sampling_params_payload
+from trainer.rollout.sglang_protocol import (
+    deterministic_parts,
+    merge_outputs,
+    parse_generate_response,
+    sampling_params_payload,
+)
 from trainer.rollout.weight_transfer import weight_buckets
 
 logger = logging.getLogger(__name__)
@@ -83,22 +89,34 @@ def sglang_server_command(
     return command + list(extra_args)
 
 
-def wait_for_health(url: str, timeout_s: float, process: subprocess.Popen | None = None, poll_s: float = 1.0) -> None:
-    """Poll ``GET url/health`` until it answers 200; raise if the process exits or time runs out."""
+# SGLang's /health answers only once a one-token generation came back, checking each second for up
+# to 20 s (SGLANG_HEALTH_CHECK_TIMEOUT): a poll of it must wait longer than that.
+HEALTH_CHECK_WAIT_S = 25.0
+
+
+def wait_until_ready(url: str, timeout_s: float, process: subprocess.Popen | None = None, poll_s: float = 1.0) -> None:
+    """Poll ``GET url/ready`` (SGLang answers at once: 200 once warmed up, 503 before) until it
+    answers 200; a server without ``/ready`` (404) is polled on ``/health``, each poll given
+    ``HEALTH_CHECK_WAIT_S``. Raise if the process exits or ``timeout_s`` runs out."""
     deadline = time.monotonic() + timeout_s
+    url, path, read_timeout = url.rstrip("/"), "/ready", poll_s
     last = "no answer yet"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server process exited with code {process.returncode} before {url} was healthy")
+            raise RuntimeError(f"the server process exited with code {process.returncode} before {url} was ready")
         try:
-            response = requests.get(url.rstrip("/") + "/health", timeout=poll_s)
+            remaining = max(deadline - time.monotonic(), 0.01)
+            response = requests.get(url + path, timeout=(poll_s, min(read_timeout, remaining)))
             if response.status_code == 200:
                 return
-            last = f"HTTP {response.status_code}"
+            if response.status_code == 404 and path == "/ready":  # an SGLang without /ready
+                path, read_timeout = "/health", HEALTH_CHECK_WAIT_S
+                continue
+            last = f"{path}: HTTP {response.status_code}"
         except (requests.ConnectionError, requests.Timeout) as error:
-            last = type(error).__name__
+            last = f"{path}: {type(error).__name__}"
         time.sleep(poll_s)
-    raise TimeoutError(f"{url} was not healthy within {timeout_s:.0f}s (last: {last})")
+    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f}s (last: {last})")
 
 
 class SGLangServerProcess:
@@ -128,7 +146,7 @@ class SGLangServerProcess:
         logger.info("starting %s", " ".join(self.command))
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for_health(self.url, self.startup_timeout_s, self.process)
+            wait_until_ready(self.url, self.startup_timeout_s, self.process)
         except BaseException:
             self.stop()
             raise
@@ -153,9 +171,10 @@ class SGLangServerProcess:
 class SGLangInProcessEngine(RolloutEngine):
     """``sglang.Engine`` in this process, for colocated training (weights synced from tensors).
 
-    Requests run as concurrent ``async_generate`` calls, one per prompt (its think request, or its
-    traces' forks of one ``n``): a single batch of every fork would make SGLang await each item's
-    warm-up in turn. Weight sync
+    Requests run as concurrent ``async_generate`` calls: one per request of several samples (SGLang
+    awaits the prefill warm-up of each ``n > 1`` item of a call in turn before any sample), one per
+    prompt for its one-sample requests. With ``enable_deterministic_inference`` every request goes as
+    one seeded request per sample (SGLang would give the samples of one seed the same draws). Weight sync
     sends the state dict in buckets of at most ``weight_bucket_mb`` MiB through
     ``update_weights_from_tensor`` (the cache is flushed with the last bucket only) and raises
     when SGLang reports a failure. With ``colocate=True`` the engine starts with
@@ -207,6 +226,8 @@ class SGLangInProcessEngine(RolloutEngine):
         self.weight_bucket_bytes = int(weight_bucket_mb * 2**20)
         self.released = False
         self.skips_tokenizer = bool(options["skip_tokenizer_init"])
+        self.deterministic = bool(options.get("enable_deterministic_inference", False))
+        self._seeds = random.Random()
         self.engine = sglang.Engine(model_path=str(model_path), **options)
         self._takes_priority = "priority" in inspect.signature(self.engine.async_generate).parameters
 
@@ -231,34 +252,44 @@ class SGLangInProcessEngine(RolloutEngine):
                 f"min_new_tokens={asked}: SGLang refuses min_new_tokens > 0 without its tokenizer; start the "
                 "engine with skip_tokenizer_init=False to use it"
             )
-        # One call per routing key (a prompt: its think request, or one trace's forks) and n: SGLang
-        # wants one n per batch and answers the n samples of each item consecutively.
+        sent = [deterministic_parts(r, self._fresh_seed) if self.deterministic else [r] for r in requests]
+        parts = [part for request_parts in sent for part in request_parts]
+        # One call per request of several samples, one per routing key (a prompt) and priority for
+        # the others; SGLang answers the n samples of each item of a call consecutively.
         groups: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
-            prompt = request.routing_key if request.routing_key is not None else ("alone", i)
-            groups.setdefault((prompt, request.n, request.priority), []).append(i)
+        for k, part in enumerate(parts):
+            prompt = part.routing_key if part.routing_key is not None else ("alone", k)
+            groups.setdefault((prompt, part.priority) if part.n == 1 else ("several", k), []).append(k)
 
         async def serve(items: list[int]) -> list[GenerationOutput]:
-            n = requests[items[0]].n
-            options = {"priority": requests[items[0]].priority} if self._takes_priority else {}
+            n = parts[items[0]].n
+            options = {"priority": parts[items[0]].priority} if self._takes_priority else {}
             payload = await self.engine.async_generate(
-                input_ids=[list(requests[i].input_ids) for i in items],
-                sampling_params=[sampling_params_payload(requests[i]) for i in items],
+                input_ids=[list(parts[k].input_ids) for k in items],
+                sampling_params=[sampling_params_payload(parts[k]) for k in items],
                 **options,
             )
             payload = payload if isinstance(payload, list) else [payload]
             if len(payload) != n * len(items):
                 raise RuntimeError(f"sglang.Engine returned {len(payload)} samples for {n * len(items)} requested")
-            return [parse_generate_response(payload[k * n : (k + 1) * n], requests[i]) for k, i in enumerate(items)]
+            return [parse_generate_response(payload[j * n : (j + 1) * n], parts[k]) for j, k in enumerate(items)]
 
         async def serve_all():
             return await asyncio.gather(*(serve(items) for items in groups.values()))
 
-        outputs: list[GenerationOutput | None] = [None] * len(requests)
-        for items, served in zip(groups.values(), self._loop().run_until_complete(serve_all()), strict=True):
-            for i, output in zip(items, served, strict=True):
-                outputs[i] = output
-        return outputs
+        served: list[GenerationOutput | None] = [None] * len(parts)
+        for items, outputs in zip(groups.values(), self._loop().run_until_complete(serve_all()), strict=True):
+            for k, output in zip(items, outputs, strict=True):
+                served[k] = output
+        merged, start = [], 0
+        for request_parts in sent:
+            own = served[start : start + len(request_parts)]
+            merged.append(own[0] if len(own) == 1 else merge_outputs(own))
+            start += len(request_parts)
+        return merged
+
+    def _fresh_seed(self) -> int:
+        return self._seeds.randrange(2**31)
 
     def release_memory(self) -> None:
         """Free the engine's weights and KV cache on the GPU (colocated: before the learner trains)."""
@@ -302,12 +333,24 @@ class SGLangInProcessEngine(RolloutEngine):
                 raise RuntimeError(f"sglang.Engine could not close the weight-update session: {message}")
 
     def flush_cache(self) -> None:
-        self.engine.flush_cache()
+        """Empty the radix cache; SGLang refuses (``success=False``) while requests run or wait, and
+        ``sglang.Engine.flush_cache`` does not wait for them: raise then."""
+        success, message = _success(self.engine.flush_cache())
+        if not success:
+            raise RuntimeError(
+                f"sglang.Engine did not flush its cache ({message or 'requests were running or waiting'}); "
+                "flush once no request is in flight"
+            )
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
 
 def _success(answer) -> tuple[bool, str]:
-    """(success, message) of an ``sglang.Engine`` weight call (a tuple, or a bare truth value)."""
-    return tuple(answer[:2]) if isinstance(answer, tuple) else (bool(answer), "")
+    """(success, message) of an ``sglang.Engine`` call: a tuple, an output record with ``success``
+    and ``message`` (``flush_cache``'s), or a bare truth value."""
+    if isinstance(answer, tuple):
+        return bool(answer[0]), str(answer[1]) if len(answer) > 1 else ""
+    if hasattr(answer, "success"):
+        return bool(answer.success), str(getattr(answer, "message", "") or "")
+    return bool(answer), ""

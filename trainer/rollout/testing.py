@@ -4,19 +4,26 @@ Not part of ``trainer.rollout``'s exports: tests, benchmarks and the CPU demo im
 
 It serves ``/init_weights_update_group``, ``/begin_weight_update``, ``/update_weights_from_distributed``,
 ``/end_weight_update`` (loads only inside a session, as SGLang 0.5.23; ``weight_update_sessions=False``
-is an older server), ``/generate`` (``input_ids``, ``sampling_params`` with ``n``, ``max_new_tokens``,
-``stop_token_ids``, ``temperature``, ``top_p``, ``min_new_tokens``, ``sampling_seed``),
-``/flush_cache``, ``/update_weights_from_disk``, ``/get_model_info`` and ``/health`` with the
-JSON fields of ``sglang.launch_server`` (``meta_info.cached_tokens`` included), so the SGLang
-client runs for real over HTTP in tests and in the CPU demo. Binds 127.0.0.1 only.
+is an older server), ``/generate`` (``input_ids``, ``sampling_params`` with every key of SGLang's,
+``priority``, ``routed_dp_rank``), ``/flush_cache``, ``/update_weights_from_disk``,
+``/model_info``, ``/server_info``, ``/v1/models``, ``/ready`` and ``/health`` with the JSON fields
+of ``sglang.launch_server`` (``meta_info.cached_tokens`` included), so the SGLang client runs for
+real over HTTP in tests and in the CPU demo. Binds 127.0.0.1 only.
 
-It behaves as SGLang does where the client depends on it: requests are served concurrently (a
-scheduler thread batches every request waiting when it is free, as SGLang's continuous batching
-admits them), a bounded cache evicts by priority then LRU when the engine has a
-``kv_budget_tokens``, batch items must share ``n`` and sampling keys must be known (400
-otherwise), ``/flush_cache`` is refused (400) while requests run or wait (after waiting up to
-``?timeout=`` seconds for them), ``cached_tokens`` is
-``prompt_len - 1`` for ``n > 1``, and the full EOS set stops every request.
+It behaves as SGLang 0.5.23 does where the client depends on it: requests are served concurrently
+(a scheduler thread batches every request waiting when it is free, as SGLang's continuous batching
+admits them); a ``/generate`` body is read by SGLang's rules (``trainer.rollout.testing_rules``:
+400 for an unknown sampling key, a batch of mixed ``n``, a request past the context length, an
+out-of-range ``routed_dp_rank``, ``min_new_tokens`` on a server without its tokenizer; new tokens
+capped at the context less 2); each ``n > 1`` item of a body first waits for a prefill warm-up of
+its own, one after another; a bounded cache (the engine's ``kv_budget_tokens``) evicts by priority
+then LRU, and keeps a finished request's prompt at its priority + 1; with ``deterministic=True``
+(``--enable-deterministic-inference``) an unseeded request is seeded with 42 and the samples of a
+seed are one sample; ``/health`` answers after a second at least (SGLang's runs a generation),
+``/ready`` at once; ``/flush_cache`` is refused (400) while requests run or wait (after waiting up
+to ``?timeout=`` seconds for them); ``cached_tokens`` is ``prompt_len - 1`` for ``n > 1``; the
+full EOS set stops every request. Without a ``tokenizer`` it is a server started with
+``--skip-tokenizer-init`` (no ``text`` in answers).
 
 Fault injection for tests: :meth:`ProtocolServer.inject_faults` queues faults that the next
 ``/generate`` requests meet, one each: ``"500"`` (an error status), ``"malformed"`` (a body that is
@@ -28,30 +35,44 @@ connection without an answer) and ``"abort"`` (HTTP 200 with every sample's
 from __future__ import annotations
 
 import collections
-import json
+import dataclasses
 import logging
 import threading
 import time
-import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from trainer.rollout.base import GenerationRequest, SamplingParams
+from trainer.rollout.base import GenerationOutput, GenerationRequest, SamplingParams
 from trainer.rollout.embedded import EmbeddedEngine
 from trainer.rollout.sglang_protocol import response_samples
+from trainer.rollout.testing_http import serve_http
+from trainer.rollout.testing_rules import ServerSettings, parse_body
 
 logger = logging.getLogger(__name__)
 
 FAULTS = ("500", "malformed", "hang", "drop", "abort")
+# The seed SGLang gives an unseeded request under --enable-deterministic-inference.
+DETERMINISTIC_DEFAULT_SEED = 42
 
 
 class ProtocolServer:
-    """SGLang's endpoints over an :class:`EmbeddedEngine`; ``with ProtocolServer(engine) as server:``."""
+    """SGLang's endpoints over an :class:`EmbeddedEngine`; ``with ProtocolServer(engine) as server:``.
+
+    Args:
+        engine: serves the requests.
+        tokenizer: decodes ``text`` into answers; None: a server started with ``--skip-tokenizer-init``.
+        port: 0 for any free port.
+        model_path: what ``/model_info`` names.
+        weight_update_sessions: False: an SGLang before 0.5.23 (404 on the session calls).
+        context_len: ``--context-length`` (None: the model config's ``max_position_embeddings``).
+        dp_size: ``--dp-size``, the replicas a request may name (all served by the one engine).
+        deterministic: ``--enable-deterministic-inference``.
+        ready_route: False: an SGLang without ``/ready`` (404 there).
+    """
 
     def __init__(
         self,
@@ -61,8 +82,20 @@ class ProtocolServer:
         port: int = 0,
         model_path: str = "embedded",
         weight_update_sessions: bool = True,
+        context_len: int | None = None,
+        dp_size: int = 1,
+        deterministic: bool = False,
+        ready_route: bool = True,
     ):
         self.engine = engine
+        self.context_length_arg = context_len
+        self.settings = ServerSettings(
+            context_len=int(context_len or engine.model.config.max_position_embeddings), dp_size=dp_size,
+            skips_tokenizer=tokenizer is None, eos_token_ids=engine.eos_token_ids,
+        )  # fmt: skip
+        self.deterministic = deterministic
+        self.ready_route = ready_route
+        self.health_check_seconds = 1.0  # SGLang's /health checks for its generation's answer after 1 s
         # SGLang >= 0.5.23 loads weights from a process group only inside /begin_weight_update ..
         # /end_weight_update; False: an older server, which answers 404 there.
         self.weight_update_sessions = weight_update_sessions
@@ -76,6 +109,11 @@ class ProtocolServer:
         self.decoded_tokens = 0
         self.routed_dp_ranks: list[int] = []  # the routed_dp_rank of every /generate body that named one
         self.batches_served = 0  # scheduler rounds (engine.generate calls)
+        self.warmup_rounds = 0  # prefill warm-ups of n > 1 items, each a scheduler round of its own
+        self.serial_warmups = 0  # warm-ups that waited for an earlier item's of the same body
+        # Prefill of the prompt re-inserts per priority, left out of /metrics (SGLang's costs nothing).
+        self._hidden_prefill: dict[int, dict[str, float]] = {}
+        self._top_priority = 0  # the highest request priority served so far
         self._faults: collections.deque[str] = collections.deque()
         self._fault_lock = threading.Lock()
         self._lock = threading.Lock()  # the engine: one generate, weight load or flush at a time
@@ -84,8 +122,7 @@ class ProtocolServer:
         self._wakeup = threading.Condition()
         self._stopping = False
         self._scheduler: threading.Thread | None = None
-        self._httpd = _HTTPServer(("127.0.0.1", port), _handler_class(self))
-        self._httpd.daemon_threads = True
+        self._httpd = serve_http(self, port)
         self._thread: threading.Thread | None = None
 
     @property
@@ -133,16 +170,30 @@ class ProtocolServer:
         with self._wakeup:
             return not self._queue and not self._busy
 
+    def flush_cache(self, timeout_s: float = 0.0) -> bool:
+        """Empty the engine's cache once no request runs or waits, waiting up to ``timeout_s`` seconds
+        for them (SGLang's ``/flush_cache?timeout=``); False: still busy, not flushed."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.idle:
+            return False
+        with self._lock:
+            self.engine.flush_cache()
+        return True
+
     def generate(self, body: dict[str, Any]) -> Any:
         """Serve one ``/generate`` body (queued for the scheduler); raises ValueError on a bad request."""
         requests, single = self._parse(body)
-        pending = _Pending(requests)
-        with self._wakeup:
-            self._queue.append(pending)
-            self._wakeup.notify_all()
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
+        if requests[0].n > 1:
+            # SGLang first prefills each n > 1 item alone (a warm-up of no new tokens), waiting for
+            # each before the next, and only then sends the items' samples.
+            for k in range(len(requests)):
+                self._wait_for_round(_Pending([]))
+                with self._wakeup:
+                    self.warmup_rounds += 1
+                    self.serial_warmups += int(k > 0)
+        pending = self._wait_for_round(_Pending(requests))
         text = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
         samples = []
         for request, output in zip(requests, pending.outputs, strict=True):
@@ -152,25 +203,21 @@ class ProtocolServer:
         return samples[0] if single and requests[0].n == 1 else samples
 
     def _parse(self, body: dict[str, Any]) -> tuple[list[GenerationRequest], bool]:
-        input_ids = body.get("input_ids")
-        if not isinstance(input_ids, list) or not input_ids:
-            raise ValueError("this server needs input_ids (a list of token ids, or a list of such lists)")
-        single = not isinstance(input_ids[0], list)
-        prompts = [input_ids] if single else input_ids
-        params = body.get("sampling_params") or {}
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
-        if len({int(p.get("n", 1)) for p in params_list}) > 1:
-            raise ValueError("all items of a batch must ask for the same n (SGLang answers 400 otherwise)")
-        if "routed_dp_rank" in body:
+        requests, single = parse_body(body, self.settings)
+        if body.get("routed_dp_rank") is not None:
             self.routed_dp_ranks.append(int(body["routed_dp_rank"]))
-        priority = int(body.get("priority") or 0)
-        requests = [
-            _request(prompt, p, self.engine.eos_token_ids, priority)
-            for prompt, p in zip(prompts, params_list, strict=True)
-        ]
         return requests, single
+
+    def _wait_for_round(self, pending: _Pending) -> _Pending:
+        """Queue ``pending`` for the scheduler and wait until its round is over (no requests: a round
+        of its own, as an SGLang warm-up waits for a scheduler step)."""
+        with self._wakeup:
+            self._queue.append(pending)
+            self._wakeup.notify_all()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending
 
     def _schedule(self) -> None:
         """Serve every waiting request in one engine batch, then the ones that came meanwhile."""
@@ -187,9 +234,9 @@ class ProtocolServer:
             requests = [request for pending in batch for request in pending.requests]
             try:
                 with self._lock:
-                    outputs = self.engine.generate(requests)
-                    self.batches_served += 1
-                    self.generate_served += len(batch)
+                    outputs = self._serve(requests) if requests else []
+                    self.batches_served += int(bool(requests))
+                    self.generate_served += sum(1 for pending in batch if pending.requests)
                     self.decoded_tokens += sum(len(ids) for out in outputs for ids in out.output_ids)
             except Exception as error:  # answered as a 500 by the handler
                 logger.exception("protocol server: generate failed")
@@ -203,6 +250,72 @@ class ProtocolServer:
                 with self._wakeup:
                     self._busy = 0
 
+    def _serve(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        # Priorities decide only what a bounded cache keeps.
+        reinserts = self._prompt_reinserts(requests) if self.engine.kv_budget_tokens is not None else []
+        if self.deterministic:
+            outputs = [self._serve_seeded(request) for request in requests]
+            extra = self.engine.generate(reinserts)
+        else:  # in the same engine call: their prefills meet the cache as the requests' own do
+            outputs = self.engine.generate(requests + reinserts)
+            outputs, extra = outputs[: len(requests)], outputs[len(requests) :]
+        for reinsert, out in zip(reinserts, extra, strict=True):
+            hidden = self._hidden_prefill.setdefault(reinsert.priority, {"prefill_compute": 0.0, "prefill_cache": 0.0})
+            hidden["prefill_compute"] += out.prefilled_tokens
+            hidden["prefill_cache"] += out.cached_tokens[0]
+        return outputs
+
+    def _serve_seeded(self, request: GenerationRequest) -> GenerationOutput:
+        """Deterministic inference: one sample drawn from the request's seed (42 when it has none),
+        as every one of its ``n`` samples (SGLang's draws depend on the seed and position alone)."""
+        seed = DETERMINISTIC_DEFAULT_SEED if request.sampling.seed is None else request.sampling.seed
+        one = dataclasses.replace(request, n=1, sampling=dataclasses.replace(request.sampling, seed=seed))
+        out = self.engine.generate([one])[0]
+        n = request.n
+        return GenerationOutput(
+            output_ids=[list(out.output_ids[0]) for _ in range(n)],
+            finish_reasons=out.finish_reasons * n,
+            prompt_tokens=out.prompt_tokens,
+            cached_tokens=out.cached_tokens * n,
+            prefilled_tokens=out.prefilled_tokens,
+        )
+
+    def _prompt_reinserts(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """SGLang inserts a finished request at its priority, then its prompt again at priority + 1
+        (above the output). The engine stores whole sequences: the prompt goes in as a sequence of
+        its own, by a one-token greedy request that stores exactly its input; its prefill is left out
+        of ``/metrics``. In SGLang that prompt shares the output's memory; stored apart it takes
+        budget of its own, which one above every priority in use would take from everything else
+        while it only serves a later request for the very same prompt: those are left out."""
+        self._top_priority = max([self._top_priority, *(request.priority for request in requests)])
+        prompts = dict.fromkeys(
+            (request.input_ids, request.priority + 1) for request in requests if request.priority < self._top_priority
+        )
+        plain = SamplingParams(temperature=0)
+        return [
+            GenerationRequest(ids, 1, 1, (), plain, cache_output=True, priority=priority) for ids, priority in prompts
+        ]
+
+    def server_info(self) -> dict[str, Any]:
+        """``/server_info``: the resolved launch arguments the client reads, and the scheduler's limits."""
+        return {
+            "model_path": self.model_path,
+            "context_length": self.context_length_arg,
+            "dp_size": self.settings.dp_size,
+            "enable_deterministic_inference": self.deterministic,
+            "skip_tokenizer_init": self.settings.skips_tokenizer,
+            "radix_eviction_policy": "priority",
+            "max_req_input_len": self.settings.max_input_len,
+            "max_total_num_tokens": self.engine.kv_budget_tokens or self.settings.context_len,
+            "version": "0.5.23",
+        }
+
+    def models(self) -> dict[str, Any]:
+        """``/v1/models``: the served model and its context length."""
+        card = {"id": self.model_path, "object": "model", "owned_by": "sglang", "root": self.model_path,
+                "max_model_len": self.settings.context_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
     def metrics_text(self) -> str:
         """``/metrics`` as a server started with ``--enable-metrics`` answers it (the counters the
         client reads): prompt tokens computed and served from the prefix cache, tokens decoded."""
@@ -210,6 +323,8 @@ class ProtocolServer:
         priorities = self.engine.prefill_priorities() or [None]
         for priority in priorities:  # one series per request priority, as SGLang labels them
             counters = self.engine.prefill_counters(priority)
+            hidden = self._hidden_prefill.get(priority, {})
+            counters = {mode: value - hidden.get(mode, 0.0) for mode, value in counters.items()}
             labels = f'model_name="{self.model_path}",priority="{"" if priority is None else priority}"'
             for mode in ("prefill_compute", "prefill_cache"):
                 lines.append(f'sglang:realtime_tokens_total{{{labels},mode="{mode}"}} {counters[mode]}')
@@ -296,16 +411,6 @@ class ProtocolServer:
         }
 
 
-_SAMPLING_KEYS = {"n", "max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
-                  "repetition_penalty", "min_new_tokens", "sampling_seed", "ignore_eos"}  # fmt: skip
-# Values this server can emulate (it samples softmax(logits / T) with top-p only).
-_PLAIN = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    request_queue_size = 1024  # the listen backlog: many concurrent clients (the default 5 drops SYNs)
-
-
 class _Pending:
     """One /generate body waiting for the scheduler."""
 
@@ -318,138 +423,3 @@ class _Pending:
     def fail(self, error: Exception) -> None:
         self.error = error
         self.done.set()
-
-
-def _request(prompt: list, params: dict[str, Any], eos_token_ids: tuple[int, ...], priority: int) -> GenerationRequest:
-    unknown = sorted(set(params) - _SAMPLING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown sampling_params {unknown}")
-    for key, plain in _PLAIN.items():
-        if key in params and float(params[key]) != plain:
-            raise ValueError(f"this test server samples with {key}={plain} only, got {params[key]}")
-    stop = [int(t) for t in params.get("stop_token_ids") or []]
-    if not params.get("ignore_eos", False):
-        # SGLang always stops at every EOS of the model's configs unless ignore_eos.
-        stop += [t for t in eos_token_ids if t not in stop]
-    return GenerationRequest(
-        input_ids=tuple(int(t) for t in prompt),
-        n=int(params.get("n", 1)),
-        max_new_tokens=int(params.get("max_new_tokens", 128)),
-        stop_token_ids=tuple(stop),
-        sampling=SamplingParams(
-            temperature=float(params.get("temperature", 1.0)),
-            top_p=float(params.get("top_p", 1.0)),
-            seed=params.get("sampling_seed"),
-            min_new_tokens=int(params.get("min_new_tokens", 0)),
-        ),
-        cache_output=True,
-        priority=priority,
-    )
-
-
-def _handler_class(server: ProtocolServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args) -> None:
-            logger.debug("protocol server: " + format, *args)
-
-        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                logger.debug("protocol server: the client left before the answer (%s)", self.path)
-
-        def _json(self, status: int, payload: Any) -> None:
-            self._send(status, json.dumps(payload).encode())
-
-        def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            return json.loads(self.rfile.read(length) or b"{}") if length else {}
-
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0]
-            if path in ("/health", "/health_generate", "/ready"):
-                self._send(200, b"", "text/plain")
-            elif path in ("/get_model_info", "/model_info"):
-                self._json(200, server.model_info())
-            elif path == "/flush_cache":
-                self._flush()
-            elif path == "/metrics":
-                self._send(200, server.metrics_text().encode(), "text/plain; version=0.0.4")
-            else:
-                self._json(404, {"error": {"message": f"no route {path}"}})
-
-        def _flush(self) -> None:
-            # ?timeout=T: wait up to T seconds for running and waiting requests to finish, as SGLang does.
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-            deadline = time.monotonic() + float(query.get("timeout", ["0"])[0])
-            while not server.idle and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if not server.idle:
-                # SGLang's answer when requests are running or waiting.
-                message = "Cache not flushed. Please check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)"
-                self._send(400, message.encode(), "text/plain")
-                return
-            with server._lock:
-                server.engine.flush_cache()
-            self._send(200, b"Cache flushed.\n", "text/plain")
-
-        def do_POST(self) -> None:
-            path = self.path.split("?")[0]
-            try:
-                body = self._body()
-            except json.JSONDecodeError as error:
-                self._json(400, {"error": {"message": f"request body is not JSON: {error}"}})
-                return
-            if path == "/generate":
-                self._generate(body)
-            elif path == "/flush_cache":
-                self._flush()
-            elif path == "/update_weights_from_disk":
-                self._json(*server.update_weights_from_disk(body))
-            elif path == "/init_weights_update_group":
-                self._json(*server.init_weights_update_group(body))
-            elif path == "/update_weights_from_distributed":
-                self._json(*server.update_weights_from_distributed(body))
-            elif path in ("/begin_weight_update", "/end_weight_update") and server.weight_update_sessions:
-                self._json(*getattr(server, path.strip("/"))(body))
-            else:
-                self._json(404, {"error": {"message": f"no route {path}"}})
-
-        def _generate(self, body: dict[str, Any]) -> None:
-            fault = server.next_fault()
-            if fault == "500":
-                self._json(500, {"error": {"message": "injected internal error"}})
-                return
-            if fault == "drop":
-                self.close_connection = True
-                self.connection.close()
-                return
-            if fault == "hang":
-                time.sleep(server.hang_seconds)
-            try:
-                payload = server.generate(body)
-            except ValueError as error:
-                self._json(400, {"error": {"message": str(error)}})
-                return
-            except Exception as error:
-                self._json(500, {"error": {"message": f"{type(error).__name__}: {error}"}})
-                return
-            if fault == "abort":
-                for sample in payload if isinstance(payload, list) else [payload]:
-                    # SGLang's abort meta_info: no token counts, only id, finish_reason and timing.
-                    sample["output_ids"] = sample["output_ids"][:1]
-                    sample["meta_info"] = {"id": sample["meta_info"].get("id", ""), "e2e_latency": 0.0,
-                                           "finish_reason": {"type": "abort", "message": "injected abort"},
-                                           "weight_version": server.weight_version}  # fmt: skip
-            if fault == "malformed":
-                self._send(200, b'{"output_ids": [1, 2', "application/json")
-                return
-            self._json(200, payload)
-
-    return Handler
