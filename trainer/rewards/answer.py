@@ -143,6 +143,7 @@ def grade_completions(
     format_ok: Sequence[bool] | None = None,
     eos_in_cut: Sequence[bool] | None = None,
     lenient: bool = False,
+    extract: Callable[[str], str | None] | None = None,
 ) -> tuple[list[float], Metrics]:
     """Scores ``[B]`` in {0, 1} and metrics of completions under the reward rule.
 
@@ -154,6 +155,8 @@ def grade_completions(
         format_ok: ``[B]`` the one-``</think>``-token rule from token ids (None: read from text).
         eos_in_cut: ``[B]`` the cut contains the trace's EOS (such a completion scores 0).
         lenient: the forgiving parser instead of the authors' rule.
+        extract: a completion's answer (None: no answer) in place of both parsers (the authors'
+            grader reads its own box, ``trainer.rewards.authors_grader.authors_answer``).
     """
     count = len(completions)
     if len(truths) != count:
@@ -163,7 +166,7 @@ def grade_completions(
             raise TypeError(f"completions[{index}] is a {type(completion).__name__}; expected decoded text (str)")
     formatted = _flags("format_ok", format_ok, count) or [has_valid_format(c) for c in completions]
     eos_flags = _flags("eos_in_cut", eos_in_cut, count) or [False] * count
-    extract = final_answer if lenient else strict_answer
+    extract = extract or (final_answer if lenient else strict_answer)
     boxed = [extract(completion) for completion in completions]
     graded = [i for i in range(count) if formatted[i] and not eos_flags[i] and boxed[i] is not None]
     scores = [0.0] * count

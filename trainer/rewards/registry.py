@@ -44,8 +44,21 @@ def _import_path(path: str) -> RewardFn:
     return reward
 
 
-def get_reward(name: str) -> RewardFn:
-    """The reward called ``name``: a registered one, a built-in (``math``, ``synthetic``) or ``module:function``."""
+def get_reward(name: str, *, grader: str = "math-verify", timeout_s: float | None = None) -> RewardFn:
+    """The reward called ``name``: a registered one, a built-in (``math``, ``synthetic``) or ``module:function``.
+
+    ``grader`` and ``timeout_s`` (``reward.grader``, ``reward.timeout_s``) configure the built-in
+    math reward: anything but the defaults gives that process's shared ``MathReward`` for them.
+    """
+    if grader != "math-verify" or timeout_s is not None:
+        if name != "math" or name in _REGISTERED:
+            raise ValueError(
+                f"grader={grader!r}, timeout_s={timeout_s!r} configure the built-in math reward; reward {name!r} "
+                "takes neither (set rollout.reward=math, or leave reward.grader and reward.timeout_s at their defaults)"
+            )
+        from trainer.rewards.math_reward import shared_math_reward
+
+        return shared_math_reward(grader, timeout_s)
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name in _BUILTIN:
