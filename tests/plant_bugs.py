@@ -1,4 +1,4 @@
-"""Plant known sampler/learner bugs one at a time in a temporary copy and report which tests catch them.
+"""Plant known sampler/trainer bugs one at a time in a temporary copy and report which tests catch them.
 
     .venv/bin/python tests/plant_bugs.py [--only NAME ...]
 
@@ -34,19 +34,21 @@ class Bug:
     tests: tuple[str, ...]
 
 
+TRAINER_TESTS = ("tests/test_reference_step.py",)
 BUGS = (
-    Bug("sampling ignores the temperature", "trainer/rollout/embedded.py",
-        "probs = torch.softmax(logits / temperatures.clamp_min(1e-6)[:, None], dim=-1)",
-        "probs = torch.softmax(logits, dim=-1)", ("tests/test_sampler.py",)),
-    Bug("top_p ignored", "trainer/rollout/embedded.py", "if any(r.sampling.top_p < 1 for r in requests):", "if False:",
+    Bug("sampling ignores the temperature", "trainer/rollout/sampling.py",
+        "scaled = logits / temperature[:, None]", "scaled = logits", ("tests/test_sampler.py",)),
+    Bug("top_p ignored", "trainer/rollout/sampling.py", "    if nucleus:\n", "    if False:\n",
         ("tests/test_sampler.py",)),
-    Bug("min_new_tokens ignored", "trainer/rollout/embedded.py",
-        "if count < request.sampling.min_new_tokens:", "if False:", ("tests/test_sampler.py",)),
-    Bug("decode position ids shifted by one", "trainer/rollout/embedded.py",
-        "[[rows.input_lens[row] + len(rows.outputs[row]) - 1] for row in present]",
-        "[[rows.input_lens[row] + len(rows.outputs[row])] for row in present]", ("tests/test_sampler.py",)),
-    Bug("left padding unmasked in batched decode", "trainer/rollout/embedded.py",
-        "mask[row, width - length :] = 1", "mask[row, :] = 1", ("tests/test_sampler.py",)),
+    Bug("min_new_tokens ignored", "trainer/rollout/sampling.py",
+        "blocked = (generated < rows.min_new_tokens)[:, None] & rows.stop_valid",
+        "blocked = rows.stop_valid & False", ("tests/test_sampler.py",)),
+    Bug("decode position ids shifted by one", "trainer/rollout/paged_runner.py",
+        "state.tokens[:, None], state.positions[:, None], batch",
+        "state.tokens[:, None], state.positions[:, None] + 1, batch", ("tests/test_sampler.py",)),
+    Bug("left padding unmasked in batched decode", "trainer/rollout/paged_runner.py",
+        "seq_lens = torch.where(live, state.positions + 1, 0)",
+        "seq_lens = torch.where(live, state.positions + 2, 0)", ("tests/test_sampler.py",)),
     Bug("TreePolicy.logprobs ignores its temperature", "trainer/policy.py",
         "                temperature=temperature,\n", "                temperature=1.0,\n",
         ("tests/test_policy_tree.py", "tests/test_sampler.py")),
@@ -61,13 +63,66 @@ BUGS = (
     Bug("online log-sum-exp merge drops the tile rescale", "csrc/logprobs.cpp",
         "rsum[r] = rsum[r] * old_scale + tsum[r] * tile_scale;", "rsum[r] = rsum[r] * old_scale + tsum[r];",
         ("tests/test_logprobs.py",)),
-    Bug("SGLang client without a request timeout", "trainer/rollout/sglang_client.py",
-        "json=body, timeout=self.timeout)", "json=body, timeout=None)", ("tests/test_rollout_sglang.py",)),
+    Bug("SGLang client without a request timeout", "trainer/rollout/sglang_info.py",
+        "json=body, timeout=timeout)", "json=body, timeout=None)", ("tests/test_rollout_sglang.py",)),
+    # The trainer's (issue 30): each is caught by the reference step, SFT or evaluation written apart
+    # from the trainer (tests/reference_step.py), or by the config's table of bounds.
+    Bug("seq-mean-token-mean averages over traces", "trainer/loss.py",
+        "return 1.0 / (num_sequences * lengths[inverse].float())",
+        "return 1.0 / (num_traces * lengths[inverse].float())", TRAINER_TESTS),
+    Bug("KL term detached", "trainer/loss.py", "kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)",
+        "kl = kl_penalty(logprobs.detach(), ref_logprobs, kl_estimator)", TRAINER_TESTS),
+    Bug("gradient-norm clipping skipped", "trainer/learner.py",
+        'max_norm = self.grad_clip if self.grad_clip is not None else float("inf")', 'max_norm = float("inf")',
+        TRAINER_TESTS),
+    Bug("non-finite check needs both loss and gradient", "trainer/learner.py",
+        "if math.isfinite(loss_value) and math.isfinite(norm_value):",
+        "if math.isfinite(loss_value) or math.isfinite(norm_value):", TRAINER_TESTS),
+    Bug("ppo_epochs ignored", "trainer/learner.py", "        for _ in range(epochs):\n",
+        "        for _ in range(1):\n", TRAINER_TESTS),
+    Bug("KL reference log-probs from the trained policy", "trainer/learner.py",
+        "batch.ref_logprobs = self._positions_logprobs(self.reference, batch)",
+        "batch.ref_logprobs = self._positions_logprobs(self.policy, batch)", TRAINER_TESTS),
+    Bug("token-sum-norm divisor counts the step's traces", "trainer/learner.py",
+        "batch.lineage_ids[trained], len(rows), self.norm_length",
+        "batch.lineage_ids[trained], batch.layout.num_traces, self.norm_length", TRAINER_TESTS),
+    Bug("answer header matched anywhere in a piece", "trainer/rewards/answer.py",
+        "if piece.startswith(ANSWER_STEP_HEADER):", "if ANSWER_STEP_HEADER in piece:",
+        ("tests/test_rewards.py", *TRAINER_TESTS)),
+    Bug("advantage aligned to the token, not the position that predicts it", "trainer/batches.py",
+        'token_advantages(layout, thinking_adv, summary_adv, align="predicting")',
+        "token_advantages(layout, thinking_adv, summary_adv)", TRAINER_TESTS),
+    Bug("summary tokens get their slot's thinking advantage", "trainer/batches.py",
+        'token_advantages(layout, thinking_adv, summary_adv, align="predicting")',
+        'token_advantages(layout, thinking_adv, thinking_adv[:, :, None].expand_as(summary_adv).contiguous(), '
+        'align="predicting")', TRAINER_TESTS),
+    Bug("evaluation standard error divided by n", "trainer/evaluate.py",
+        "values.std(unbiased=True) / math.sqrt(count)", "values.std(unbiased=True) / count", TRAINER_TESTS),
+    Bug("evaluation samples grouped sample-major", "trainer/evaluate.py",
+        "per_problem.view(len(prompt_ids), samples_per_problem, -1).mean(dim=1)",
+        "per_problem.view(samples_per_problem, len(prompt_ids), -1).mean(dim=0)", TRAINER_TESTS),
+    Bug("evaluation weighs budgets by the training prior", "trainer/loop.py",
+        "c.eval.budgets or p.schedule.budgets, c.eval.prior)", "c.eval.budgets or p.schedule.budgets, c.method.prior)",
+        TRAINER_TESTS),
+    Bug("SFT trains the prompt tokens", "trainer/sft.py",
+        "    prompts = [prompt for prompt, _ in batch]\n    solutions = [solution for _, solution in batch]\n",
+        "    prompts = [prompt[:1] for prompt, _ in batch]\n"
+        "    solutions = [prompt[1:] + solution for prompt, solution in batch]\n", TRAINER_TESTS),
+    Bug("a negative clip epsilon accepted", "trainer/config.py", '"loss.clip_low": (lambda eps: 0 < eps < 1,',
+        '"loss.clip_low": (lambda eps: eps < 1,', ("tests/test_config.py",)),
+    Bug("ppo_epochs = 0 accepted", "trainer/config.py", '"train.ppo_epochs": (_at_least(1),',
+        '"train.ppo_epochs": (_at_least(0),', ("tests/test_config.py",)),
 )  # fmt: skip
 
 
 def tracked_copy(destination: Path) -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    # Tracked files and new ones not yet committed (not the ignored: venvs, builds).
+    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"]
+    files = [
+        name
+        for name in subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+        if name and (ROOT / name).is_file()  # a tracked file deleted in the working tree is left out
+    ]
     for name in files:
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)

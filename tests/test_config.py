@@ -1,5 +1,6 @@
 """Run configs: YAML + dotted overrides, presets, and errors that name the key before any work."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,14 @@ def test_extends_merges_the_parent(tmp_path):
         (["optim.lrr=1"], r"unknown key optim.lrr in section 'optim'; allowed: \['lr'"),
         (["optimizer.lr=1"], "unknown key optimizer in the top level"),
         (["optim.lr=fast"], "optim.lr: 'fast' is not a number"),
-        (["train.steps=1.5"], r"train.steps: 1.5 is not an int"),
+        (["train.steps=1.5"], r"train.steps: 1.5 is not int or null"),
         (["method.prior=cubic"], r"method.prior: 'cubic' is not allowed; expected one of \('uniform'"),
         (["method.prior=[1, 2]"], "method.prior: .* expected 4 non-negative weights"),
+        (["eval.prior=[1, 2]"], r"eval.prior: .* expected 4 non-negative weights \(one per eval budget\)"),
+        (["eval.budgets=[4000, 8000]", "eval.prior=[0, 0]"], "eval.prior: .* not all zero"),
+        (["eval.prior=steep"], r"eval.prior: 'steep' is not allowed; expected one of \('uniform'"),
+        (["train.epochs=1"], "exactly one of train.steps and train.epochs"),
+        (["train.steps=null"], "exactly one of train.steps and train.epochs"),
         (["train.ppo_mini_batch_prompts=5"], r"a divisor of train.prompts_per_step \(64\)"),
         (["loss.aggregation=sum"], "loss.aggregation: 'sum' is not allowed"),
         (["method.preset=ar_fancy"], r"method.preset: 'ar_fancy' is not a preset; allowed: \['ar_base'"),
@@ -93,11 +99,131 @@ def test_every_shipped_run_config_loads(path):
     if path.name.startswith("r1-distill-qwen-1.5b"):
         assert config.method.b_max == 8000 and config.rollout.engine == "sglang" and config.rollout.reward == "math"
         # The evaluation sets are read relative to the directory the run starts in: the checkout.
-        assert set(config.data.eval_source) == {"aime", "amc", "math500", "minerva"}
-        assert all((ROOT / source).is_file() for source in config.data.eval_source.values()), config.data.eval_source
+        # OlympiadBench is the authors' file, not in this workspace: it is named beside the others.
+        sets = config.data.eval_source
+        assert set(sets) == {"aime", "amc", "math500", "minerva", "olympiad_bench"}
+        assert all((ROOT / source).is_file() for name, source in sets.items() if name != "olympiad_bench"), sets
+        assert Path(sets["olympiad_bench"]).parent == Path(sets["aime"]).parent
+        # The authors' setup (issue 26): their divisor, weight decay, one epoch, evaluation plan.
+        assert (config.loss.norm_length, config.optim.weight_decay) == (10176, 0.01)
+        assert (config.train.steps, config.train.epochs, config.train.ppo_epochs) == (None, 1, 1)
+        assert (config.eval.every, config.eval.periodic_sets, config.eval.periodic_samples_per_problem) == (
+            20, ["aime", "amc"], 32)  # fmt: skip
+        assert config.eval.samples_per_problem == 8 and config.train.save_every == config.eval.every
 
 
 def test_describe_lists_every_key_with_help():
     lines = describe()
     assert any(line.startswith("method.num_summaries (int, default 4): A, summaries per budget slot") for line in lines)
     assert all(": " in line and line.split(": ", 1)[1] for line in lines)
+
+
+# Every numeric setting with a bound: (key, refused values, an accepted boundary value). A value is
+# refused with a ConfigError that names its key (before any work starts).
+BOUNDED = [
+    ("data.max_prompt_tokens", [0], 1),
+    ("data.limit", [0], 1),
+    ("data.eval_limit", [0], 1),
+    ("data.synthetic.num_train", [0], 1),
+    ("data.synthetic.num_eval", [0], 1),
+    ("data.synthetic.min_steps", [0], 1),
+    ("data.synthetic.max_steps", [0], 8),
+    ("data.synthetic.modulus", [1, 0], 2),
+    ("data.synthetic.max_operand", [0], 1),
+    ("data.synthetic.max_multiplier", [0, 1], 2),
+    ("data.synthetic.check_probs", [[-0.1], [1.5]], [0.0, 1.0]),
+    ("method.b_max", [3, 0], 4),
+    ("method.num_slots", [0], 1),
+    ("method.num_summaries", [0], 1),
+    ("rollout.dp_size", [0], 1),
+    ("rollout.request_timeout_s", [0, -1], 0.5),
+    ("rollout.max_retries", [-1], 0),
+    ("rollout.retry_backoff_s", [-0.5], 0.0),
+    ("rollout.group_size", [0], 1),
+    ("rollout.temperature", [0, -1], 0.1),
+    ("rollout.top_p", [0, 1.5], 1.0),
+    ("rollout.summary_max_new_tokens", [0], 1),
+    ("rollout.max_batch_rows", [0], 1),
+    ("rollout.kv_budget_tokens", [0], 1),
+    ("rollout.kv_blocks", [0], 1),
+    ("rollout.kv_memory_fraction", [0.0, 1.0], 0.5),
+    ("rollout.block_size", [0], 1),
+    ("rollout.sync_every", [0], 1),
+    ("rollout.server_tp_size", [0], 1),
+    ("rollout.stream_window", [-1], 0),
+    ("optim.lr", [0, -1e-6], 1e-9),
+    ("optim.weight_decay", [-0.01], 0.0),
+    ("optim.beta1", [-0.1, 1.0], 0.0),
+    ("optim.beta2", [-0.1, 1.0], 0.0),
+    ("optim.eps", [0, -1e-8], 1e-12),
+    ("optim.grad_clip", [0, -1], 0.1),
+    ("optim.warmup_steps", [-1], 0),
+    ("loss.clip_low", [0, -0.2, 1.0], 0.999),
+    ("loss.clip_high", [0, -0.2], 0.01),
+    ("loss.dual_clip", [1.0, 0.5], 1.01),
+    ("loss.norm_length", [0], 1),
+    ("loss.kl_coef", [-0.1], 0.0),
+    ("loss.entropy_coef", [-0.1], 0.0),
+    ("train.steps", [-1], 0),
+    ("train.prompts_per_step", [0, -1], 32),  # 32: a multiple of the default mini-batch
+    ("train.ppo_epochs", [0, -1], 1),
+    ("train.micro_batch_tokens", [0], 1),
+    ("train.save_every", [-1], 0),
+    ("train.keep_checkpoints", [0], 1),
+    ("train.max_skipped_updates", [0], 1),
+    ("train.dist_timeout_minutes", [0], 0.5),
+    ("sft.steps", [-1], 0),
+    ("sft.batch_size", [0], 1),
+    ("sft.lr", [0], 1e-9),
+    ("sft.warmup_steps", [-1], 0),
+    ("sft.weight_decay", [-0.1], 0.0),
+    ("sft.beta2", [-0.1, 1.0], 0.0),
+    ("eval.every", [-1], 0),
+    ("eval.temperature", [-0.1], 0.0),
+    ("eval.samples_per_problem", [0], 1),
+    ("eval.num_problems", [0], 1),
+    ("eval.summary_max_new_tokens", [0], 1),
+    ("eval.periodic_samples_per_problem", [0], 1),
+]
+# Numeric settings any value of which is fine.
+UNBOUNDED = {"data.synthetic.seed", "train.seed"}
+# Bounded by other settings (tested with their own messages): a divisor, a range of the method's budgets,
+# the other half of the run's length, a math reward's timeout (> 0; tests/test_rewards_authors.py).
+CROSS_CHECKED = {"train.ppo_mini_batch_prompts", "eval.budgets", "eval.prior", "method.prior", "train.epochs",
+                 "reward.timeout_s"}  # fmt: skip
+
+
+def _numeric_keys(cls=RunConfig, prefix=""):
+    import dataclasses
+    import typing
+
+    keys = []
+    for item in dataclasses.fields(cls):
+        annotation = typing.get_type_hints(cls)[item.name]
+        if dataclasses.is_dataclass(annotation):
+            keys += _numeric_keys(annotation, f"{prefix}{item.name}.")
+        elif annotation is not bool and (
+            {int, float} & set(typing.get_args(annotation) or (annotation,)) or "float]" in str(annotation)
+        ):
+            keys.append(f"{prefix}{item.name}")
+    return keys
+
+
+def test_every_numeric_setting_is_bounded_or_named_unbounded():
+    named = {key for key, _, _ in BOUNDED} | UNBOUNDED | CROSS_CHECKED
+    assert sorted(set(_numeric_keys()) - named) == [], "add the new numeric settings to BOUNDED (and check them)"
+
+
+@pytest.mark.parametrize(("key", "refused", "accepted"), BOUNDED, ids=[row[0] for row in BOUNDED])
+def test_a_value_out_of_bounds_is_refused_by_name(key, refused, accepted):
+    import yaml
+
+    for value in refused:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, [FRESH, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+    config = load_config(None, [FRESH, f"{key}={yaml.safe_dump(accepted, default_flow_style=True).strip()}"])
+    section, _, name = key.rpartition(".")
+    node = config
+    for part in section.split("."):
+        node = getattr(node, part)
+    assert getattr(node, name) == accepted

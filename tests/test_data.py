@@ -151,8 +151,19 @@ BAD_ROWS = [
     ({"problem": 5, "answer": "1"}, "not a non-empty string"),
     ({"problem": "  ", "answer": "1"}, "not a non-empty string"),
     ({"problem": "p", "answer": "1", "solution": 3}, "the solution is a int"),
+    ({"problem": "p", "answer": "1", "solution": ["a", 3]}, "the solution is a list; expected a string, a list of"),
     (["p", "1"], "is a list; expected a record"),
 ]
+
+
+def test_an_olympiadbench_row_lists_its_answer_and_solutions(tmp_path):
+    """OlympiadBench (the authors' test/olympiad_bench.json) gives the answer and the reference
+    solutions as lists: the answer list is its acceptable answers, the first solution is the text."""
+    row = {"id": 1, "problem": "Find $x$.", "answer": ["$\\frac{1}{2}$"], "solution": ["First.", "Second."],
+           "is_multiple_answer": False, "unit": None}  # fmt: skip
+    (problem,), bad_rows = load_problems(write_json(tmp_path / "olympiad_bench.json", [row]))
+    assert bad_rows == 0
+    assert (problem.problem, problem.answer, problem.solution) == ("Find $x$.", ("$\\frac{1}{2}$",), "First.")
 
 
 class TestMalformedRows:

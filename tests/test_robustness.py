@@ -215,12 +215,17 @@ def test_a_second_signal_ends_a_process_blocked_in_a_native_call(tmp_path):
     assert "SIGTERM again: stopping now" in err
 
 
-def test_prompts_are_consumed_once_per_epoch():
+def test_prompts_are_consumed_once_per_epoch_and_the_incomplete_batch_is_dropped():
     prompts = list(range(10))
     sampler = PromptSampler(prompts, per_step=4, seed=3)
-    drawn = [p for step in range(5) for p in sampler.batch(step)]  # two epochs of 10
-    assert sorted(drawn[:10]) == prompts and sorted(drawn[10:20]) == prompts
+    assert sampler.steps_per_epoch == 2  # 8 of the 10 prompts per epoch, as verl's drop_last
+    epochs = [[p for step in (2 * e, 2 * e + 1) for p in sampler.batch(step)] for e in range(3)]
+    for drawn in epochs:
+        assert len(set(drawn)) == 8 and set(drawn) <= set(prompts)
+    assert epochs[0] != epochs[1]  # another shuffle per epoch
     assert sampler.batch(3) == PromptSampler(prompts, per_step=4, seed=3).batch(3)  # a function of (seed, step)
+    with pytest.raises(ValueError, match=r"3 training prompts are fewer than train\.prompts_per_step=4"):
+        PromptSampler(prompts[:3], per_step=4, seed=0).check_fills_a_step()
 
 
 def test_latest_checkpoint_and_pruning(tmp_path):
@@ -303,7 +308,7 @@ def test_bad_rows_and_long_prompts_are_skipped_or_rejected_by_config(tmp_path):
     ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = [*TINY, f"data.source={path}", "sft.steps=0"]
+    common = [*TINY, f"data.source={path}", "sft.steps=0", "train.prompts_per_step=1", "train.ppo_mini_batch_prompts=1"]
     trainer = Trainer(load_config(None, [*common, "data.skip_bad_rows=true"]), tmp_path / "skip")
     assert len(trainer.parts.train_prompts) == 1
     counts = trainer.parts.data_counts

@@ -5,12 +5,17 @@ from __future__ import annotations
 import random
 import re
 import threading
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer.budgets import ANSWER_OPENER, TRUNCATION_MARK, Delimiters
-from trainer.data import INSTRUCTION, build_prompts, load_problems
+from trainer.checkpoint import save_checkpoint
+from trainer.components import build
+from trainer.config import load_config
+from trainer.data import INSTRUCTION, build_prompts, format_prompt, load_problems
+from trainer.models import load_model
 from trainer.synthetic import (
     ArithmeticProblem,
     generate_problem,
@@ -20,7 +25,9 @@ from trainer.synthetic import (
     teacher_summary,
     teacher_thinking,
 )
-from trainer.tokenizer import EOS, build_tokenizer, save_tokenizer
+from trainer.tokenizer import EOS, build_tokenizer, byte_level_spelling, save_tokenizer
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
 
 PROBLEM = ArithmeticProblem(start=37, steps=(("add", 15), ("multiply", 3), ("subtract", 60)))
 
@@ -79,6 +86,27 @@ class TestTask:
         with pytest.raises(ValueError, match="num_problems"):
             generate_rows(-1)
 
+    def test_excluded_problems_are_never_drawn(self):
+        # One step, modulus 2, operand 1, multiplier 2: the whole space is 2 starts x 3 operations.
+        small = dict(min_steps=1, max_steps=1, modulus=2, max_operand=1, max_multiplier=2)
+        space = {f"Start at {start}. {operation} What is the result modulo 2?" for start in (0, 1)
+                 for operation in ("Add 1.", "Subtract 1.", "Multiply by 2.")}  # fmt: skip
+        assert {row["problem"] for row in generate_rows(200, seed=0, **small)} == space
+        kept = "Start at 1. Multiply by 2. What is the result modulo 2?"
+        rows = generate_rows(20, seed=0, exclude=space - {kept}, **small)
+        assert [row["problem"] for row in rows] == [kept] * 20 and {row["answer"] for row in rows} == {"0"}
+        with pytest.raises(ValueError, match="excluded problems for 0 of the 3 asked"):
+            generate_rows(3, seed=0, exclude=space, **small)
+
+    def test_the_demo_evaluates_on_problems_it_never_trains_on(self, tmp_path):
+        """``make train``'s held-out problems: 24 of 256 were training problems before they were
+        drawn apart (the demo's 2-step chains of modulus 10 are a space of 6760 problems)."""
+        parts = build(load_config(DEMO_CONFIG, ["train.steps=0", "logging.progress=false"]), tmp_path)
+        train = {prompt.problem.problem for prompt in parts.train_prompts}
+        held_out = [prompt.problem.problem for prompt in parts.eval_sets["eval"]]
+        assert len(train) > 10_000 and len(held_out) == 256
+        assert [problem for problem in held_out if problem in train] == []
+
 
 class TestVerifier:
     def test_reward_rule(self):
@@ -136,6 +164,35 @@ class TestTokenizer:
         text = generate_rows(1, seed=0)[0]["solution"]
         assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
         assert loaded.eos_token_id == tokenizer.eos_token_id and loaded.chat_template == tokenizer.chat_template
+
+    def test_byte_level_spelling(self):
+        assert [byte_level_spelling(character) for character in " \nA~"] == ["\u0120", "\u010a", "A", "~"]
+
+    def test_a_checkpoint_loads_through_auto_tokenizer_and_round_trips(self, tmp_path, monkeypatch):
+        """A demo checkpoint written as the trainer writes it (a Qwen2 model): plain ``AutoTokenizer``
+        (which returns ``Qwen2Tokenizer`` for it) encodes the demo's texts to the training ids and
+        decodes them back to the same text."""
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        config = load_config(DEMO_CONFIG, [])
+        tokenizer = build_tokenizer()
+        model = load_model(config.model, tokenizer, "cpu")
+        loaded = AutoTokenizer.from_pretrained(str(save_checkpoint(tmp_path / "sft", model, tokenizer, config, step=0)))
+        assert loaded.decode(loaded.encode("Start at 7. Multiply by 3.", add_special_tokens=False)) == (
+            "Start at 7. Multiply by 3."
+        )
+        s = config.data.synthetic
+        rows = generate_rows(50, seed=s.seed, min_steps=s.min_steps, max_steps=s.max_steps, modulus=s.modulus,
+                             max_operand=s.max_operand, max_multiplier=s.max_multiplier,
+                             check_probs=tuple(s.check_probs))  # fmt: skip
+        texts = [format_prompt(row["problem"], tokenizer) + row["solution"] + EOS for row in rows]
+        texts.append("7 * 3 = 1\ncheck: 7" + TRUNCATION_MARK + ANSWER_OPENER + "\\boxed{1}" + EOS)
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert loaded.encode(text, add_special_tokens=False) == ids
+            assert loaded.decode(ids) == text
+        assert (loaded.eos_token_id, loaded.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert loaded.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                          add_generation_prompt=True) == "<|user|>\nx\n<|assistant|>\n<think>\n"  # fmt: skip
 
     def test_prompts_from_synthetic_rows(self, tmp_path):
         problems, _ = load_problems(save_rows(generate_rows(8, seed=2), tmp_path / "data" / "synthetic.jsonl"))

@@ -201,14 +201,18 @@ def test_resume_continues_from_the_checkpoint(finished_run, tmp_path):
     assert steps == [3]
 
 
-def test_the_first_update_uses_the_current_logprobs_as_the_old_ones(tmp_path, monkeypatch):
-    """Only the trees of later updates are scored before the first update (it is on-policy), and
-    the step ends with the parameters of scoring every tree first."""
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_the_first_update_uses_the_current_logprobs_as_the_old_ones(tmp_path, monkeypatch, epochs):
+    """Only the trees outside the first update are scored before it (it is on-policy), and the step
+    ends with the parameters of scoring every tree first, with any number of PPO epochs (a later
+    epoch trains the first update's trees again, against the log-probs they had before it)."""
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)  # a reward with signal: the update is not empty
     monkeypatch.syspath_prepend(str(tmp_path))
     config = load_config(
-        None, [*TINY, "sft.steps=0", "logging.tensorboard=false", "rollout.reward=length_reward:reward"]
-    )
+        None,
+        [*TINY, "sft.steps=0", "logging.tensorboard=false", "rollout.reward=length_reward:reward",
+         f"train.ppo_epochs={epochs}"],
+    )  # fmt: skip
     scored_rows = []
     original = Learner._positions_logprobs
 
@@ -356,8 +360,7 @@ def test_rollout_dtype_gives_the_embedded_engine_a_bf16_copy_that_follows_the_le
     request = GenerationRequest((5, 6, 7), n=1, max_new_tokens=4, stop_token_ids=(), sampling=SamplingParams(),
                                 cache_output=True)  # fmt: skip
     engine.generate([request])
-    stored = next(iter(engine._stored.values()))
-    assert stored.keys[0].dtype == torch.bfloat16 and stored.values[0].dtype == torch.bfloat16
+    assert engine.cached_sequences == 1 and engine._pool.storage.dtype == torch.bfloat16  # its K/V blocks
     trainer.metrics.close()
 
     for name, overrides in (
@@ -510,3 +513,50 @@ def test_a_restart_in_the_same_folder_names_the_config_keys_it_changed(tmp_path,
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # one data record per start
     Trainer(load_config(None, base), tmp_path, resume="auto").metrics.close()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_train_epochs_sets_the_run_length_with_drop_last(tmp_path):
+    """train.epochs=2 over 10 prompts at 4 per step: 2 steps per epoch (the last 2 prompts of each
+    shuffle dropped, as verl's drop_last), 4 steps; within an epoch no prompt repeats, and the LR
+    schedule spans the 4 steps."""
+    config = load_config(None, [*TINY, "sft.steps=0", "data.synthetic.num_train=10", "train.steps=null",
+                                "train.epochs=2", "optim.schedule=linear", "logging.tensorboard=false"])  # fmt: skip
+    trainer = Trainer(config, tmp_path)
+    sampler = trainer.parts.sampler
+    assert trainer.parts.rl_steps == 4 and sampler.steps_per_epoch == 2
+    for epoch in range(2):
+        seen = [q.token_ids for step in (2 * epoch, 2 * epoch + 1) for q in sampler.batch(step)]
+        assert len(seen) == 8 and len({tuple(ids) for ids in seen}) == 8
+    # 4 steps x 2 updates: the linear decay reaches 0 at the last update.
+    updates = [trainer.parts.learner.scheduler.lr_lambdas[0](k) for k in range(8)]
+    assert updates[0] == 1.0 and updates[-1] == pytest.approx(1 / 8)
+    trainer.run(evaluate_start=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]  # fmt: skip
+    assert steps == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"3 training prompts are fewer than train\.prompts_per_step=4"):
+        Trainer(load_config(None, [*TINY, "sft.steps=0", "data.synthetic.num_train=3"]), tmp_path / "few")
+    # An SFT-only run (train.steps=0) needs no full batch.
+    Trainer(load_config(None, [*TINY, "train.steps=0", "data.synthetic.num_train=3"]), tmp_path / "sft").metrics.close()
+
+
+def test_periodic_evaluations_run_the_periodic_sets_and_samples(tmp_path):
+    """eval.periodic_sets and eval.periodic_samples_per_problem shape the step<N> evaluations (the
+    authors validate on AIME and AMC during training); the final one runs every set."""
+    from trainer.synthetic import generate_rows, save_rows
+
+    files = {name: save_rows(generate_rows(2, seed=seed, min_steps=1, max_steps=2, max_operand=9),
+                             tmp_path / f"{name}.jsonl") for name, seed in (("a", 11), ("b", 12))}  # fmt: skip
+    config = load_config(None, [*TINY, "sft.steps=0", "train.steps=2", "eval.every=1", "eval.samples_per_problem=1",
+                                f"data.eval_source={{a: {files['a']}, b: {files['b']}}}", "eval.periodic_sets=[b]",
+                                "eval.periodic_samples_per_problem=3", "logging.tensorboard=false"])  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.run(evaluate_start=False)
+    periodic = EvalResult.from_json(tmp_path / "run" / "eval" / "step1.json")
+    final = EvalResult.from_json(tmp_path / "run" / "eval" / "final.json")
+    assert set(periodic.sets) == {"b"} and periodic.samples_per_problem == 3 and periodic.num_problems == 2
+    assert set(final.sets) == {"a", "b"} and final.samples_per_problem == 1 and final.num_problems == 4
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval\.periodic_sets: \['c'\] is not allowed"):
+        load_config(None, [*TINY, f"data.eval_source={{a: {files['a']}}}", "eval.periodic_sets=[c]"])

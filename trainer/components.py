@@ -37,13 +37,24 @@ logger = logging.getLogger(__name__)
 
 
 class PromptSampler:
-    """``prompts_per_step`` prompts per step: a seeded shuffle per epoch, so step k's batch is a
-    function of (seed, k) and a resumed run draws what the interrupted one would have."""
+    """``prompts_per_step`` prompts per step: a seeded shuffle per epoch, cut into
+    ``steps_per_epoch`` batches with the incomplete last one dropped (verl's ``drop_last``), so
+    step k's batch is a function of (seed, k) and a resumed run draws what the interrupted one would
+    have."""
 
     def __init__(self, prompts: list[Prompt], per_step: int, seed: int) -> None:
         if not prompts:
             raise ValueError("no training prompts (check data.source, data.limit and data.max_prompt_tokens)")
         self.prompts, self.per_step, self.seed = prompts, per_step, seed
+        self.steps_per_epoch = len(prompts) // per_step
+
+    def check_fills_a_step(self) -> None:
+        """Refuse, before any work, a data set that cannot fill one step's batch."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.prompts)} training prompts are fewer than train.prompts_per_step={self.per_step}: "
+                "one step's batch would repeat prompts (lower train.prompts_per_step or add data)"
+            )
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.prompts)))
@@ -51,13 +62,9 @@ class PromptSampler:
         return order
 
     def batch(self, step: int) -> list[Prompt]:
-        out, orders = [], {}
-        for index in range(step * self.per_step, (step + 1) * self.per_step):
-            epoch, position = divmod(index, len(self.prompts))
-            if epoch not in orders:
-                orders[epoch] = self._order(epoch)
-            out.append(self.prompts[orders[epoch][position]])
-        return out
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)[index * self.per_step : (index + 1) * self.per_step]
+        return [self.prompts[i] for i in order]
 
 
 @dataclass
@@ -74,6 +81,7 @@ class RunParts:
     reward: object
     eos_token_ids: list[int]
     sampler: PromptSampler
+    rl_steps: int  # train.steps, or train.epochs passes of the sampler
     data_counts: dict
     context: Distributed = SINGLE_PROCESS
     # distributed, rank 0 (every rank with rollout.every_rank): unsharded weights for the engine and exports
@@ -88,15 +96,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prompt_limit(config: RunConfig, context: int, delimiters: Delimiters) -> int:
-    """The longest prompt that leaves room for b_max thinking tokens and one summary branch."""
-    if config.data.max_prompt_tokens is not None:
-        return config.data.max_prompt_tokens
+def prompt_limit(config: RunConfig, context: int, delimiters: Delimiters, server_tokens: int | None = None) -> int:
+    """The longest prompt that leaves room for b_max thinking tokens and one summary branch.
+
+    ``server_tokens``: the most prompt + new tokens the SGLang servers serve per request (their
+    context length less 2); a set ``data.max_prompt_tokens`` must leave that room too.
+    """
     branch = max(len(delimiters.truncated), len(delimiters.closed)) + config.rollout.summary_max_new_tokens
+    if config.data.max_prompt_tokens is not None:
+        room = None if server_tokens is None else server_tokens - config.method.b_max - branch
+        if room is not None and config.data.max_prompt_tokens > room:
+            raise ValueError(
+                f"data.max_prompt_tokens={config.data.max_prompt_tokens} leaves no room for method.b_max="
+                f"{config.method.b_max} and a summary branch of {branch} tokens in the {server_tokens} tokens the "
+                f"SGLang servers serve per request (their context length less 2): set it to at most {room}"
+            )
+        return config.data.max_prompt_tokens
+    if server_tokens is not None:
+        context = min(context, server_tokens)
     limit = context - config.method.b_max - branch
     if limit < 1:
         raise ValueError(
-            f"the model's context of {context} tokens holds no prompt next to method.b_max={config.method.b_max} and "
+            f"a context of {context} tokens holds no prompt next to method.b_max={config.method.b_max} and "
             f"a summary branch of {branch} tokens; lower method.b_max or rollout.summary_max_new_tokens"
         )
     return limit
@@ -126,11 +147,11 @@ def _prompts(
                        max_multiplier=s.max_multiplier)  # fmt: skip
         if s.check_probs is not None:
             options["check_probs"] = tuple(s.check_probs)
+        train_rows = generate_rows(s.num_train, seed=s.seed, **options) if d.source == "synthetic" else []
         if d.source == "synthetic":
-            sources["train"] = str(save_rows(generate_rows(s.num_train, seed=s.seed, **options),
-                                             run_dir / "data" / "train.jsonl"))  # fmt: skip
-        if synthetic_eval:  # the synthetic held-out problems
-            rows = generate_rows(s.num_eval, seed=s.seed + 1, **options)
+            sources["train"] = str(save_rows(train_rows, run_dir / "data" / "train.jsonl"))
+        if synthetic_eval:  # the synthetic held-out problems, none of them a training problem
+            rows = generate_rows(s.num_eval, seed=s.seed + 1, exclude={row["problem"] for row in train_rows}, **options)
             sources.update(dict.fromkeys(synthetic_eval, str(save_rows(rows, run_dir / "data" / "eval.jsonl"))))
     text = {} if d.instruction is None else {"instruction": d.instruction}
     sets, skipped = {}, {}
@@ -140,7 +161,7 @@ def _prompts(
             DataConfig(source=source, max_prompt_tokens=max_prompt_tokens, limit=d.limit if train else d.eval_limit,
                        skip_bad_rows=d.skip_bad_rows, split=d.split if train else d.eval_split,
                        columns=dict((d.columns if train else d.eval_columns) or {}),
-                       thinking_opener=d.thinking_opener, **text),
+                       thinking_opener=d.thinking_opener, grader=config.reward.grader, **text),
             tokenizer,
         )  # fmt: skip
         if loaded.too_long and not d.skip_long_prompts:
@@ -166,7 +187,9 @@ def make_engine(
     if r.engine == "embedded":
         seed = config.train.seed if seed is None else seed
         return EmbeddedEngine(model, tokenizer, max_batch_rows=r.max_batch_rows, seed=seed,
-                              eos_token_ids=eos, kv_budget_tokens=r.kv_budget_tokens)  # fmt: skip
+                              eos_token_ids=eos, kv_budget_tokens=r.kv_budget_tokens, kv_blocks=r.kv_blocks,
+                              kv_memory_fraction=r.kv_memory_fraction, block_size=r.block_size,
+                              sync_every=r.sync_every)  # fmt: skip
     if r.engine == "sglang":
         from trainer.rollout import SGLangEngine
 
@@ -175,6 +198,7 @@ def make_engine(
             backoff_s=r.retry_backoff_s, dp_size=r.dp_size, eos_token_ids=eos,
             sync_dtype=getattr(torch, r.weight_sync_dtype),
         )  # fmt: skip
+        engine.server_info()  # at start: refuses a rollout.dp_size other than the servers' --dp-size
         if r.weight_sync == "distributed":
             host, _, port = r.weight_sync_master.rpartition(":")
             engine.init_weight_transfer(host, int(port), ranks_per_server=r.server_tp_size)
@@ -216,8 +240,9 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
 
 
 def norm_length(config: RunConfig, delimiters: Delimiters) -> int:
-    """The ``token-sum-norm`` constant: one tree's padded response length, ``b_max`` + every branch at
-    its cap (longest inserted delimiter + summary cap); 10176 for R1-Distill-Qwen at b_max 8000, S=A=4."""
+    """The ``*-norm`` divisor per trace: ``loss.norm_length`` when set (the R1 configs set the authors'
+    10176), else one tree's longest response, ``b_max`` + every branch at its cap (longest inserted
+    delimiter + summary cap): 10016 for R1-Distill-Qwen at b_max 8000, S=A=4, and 8126 for GRPO."""
     if config.loss.norm_length is not None:
         return config.loss.norm_length
     m = config.method
@@ -238,7 +263,7 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         )
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, tokenizer, device, seed=config.train.seed)
-    if model_config.dtype != "float32" and config.train.steps > 0:
+    if model_config.dtype != "float32" and config.train.steps != 0:
         # AdamW moves a weight by about lr per step; bf16 resolves 2^-8 of its magnitude, so at
         # lr 1e-6 nearly every update of a bf16 weight rounds back to the weight.
         logger.warning(
@@ -248,7 +273,14 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
             model_config.dtype, model_config.dtype, config.optim.lr,
         )  # fmt: skip
     model_context = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
-    limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer))
+    server_tokens = None
+    if config.rollout.engine == "sglang":  # on every rank: each loads the prompts with this limit
+        from trainer.rollout.sglang_info import request_token_limit
+
+        r = config.rollout
+        server_tokens = request_token_limit(r.urls, timeout_s=r.request_timeout_s, max_retries=r.max_retries,
+                                            backoff_s=r.retry_backoff_s)  # fmt: skip
+    limit = prompt_limit(config, model_context, Delimiters.from_tokenizer(tokenizer), server_tokens)
     train_prompts, eval_sets, data_counts = _prompts(config, tokenizer, run_dir, limit)
     for name, prompts in eval_sets.items():  # every rank stops here, none waits in a collective
         if not prompts:
@@ -288,8 +320,12 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         if reference is not None:
             shard_policy(reference, param_dtype)
     t = config.train
+    sampler = PromptSampler(train_prompts, t.prompts_per_step, t.seed)
+    if t.steps != 0:
+        sampler.check_fills_a_step()
+    rl_steps = t.steps if t.steps is not None else t.epochs * sampler.steps_per_epoch
     updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.ppo_mini_batch_prompts)
-    optimizer, scheduler = make_optimizer(model, config.optim, total_steps=t.steps * updates_per_step)
+    optimizer, scheduler = make_optimizer(model, config.optim, total_steps=rl_steps * updates_per_step)
     learner = Learner(
         policy, optimizer, scheduler, config.loss,
         grad_clip=config.optim.grad_clip, norm_length=norm_length(config, Delimiters.from_tokenizer(tokenizer)),
@@ -307,9 +343,10 @@ def build(config: RunConfig, run_dir: Path, *, resume: str | Path | None = None)
         learner=learner,
         engine=engine,
         schedule=BudgetSchedule(m.b_max, m.num_slots, prior),
-        reward=get_reward(config.rollout.reward),
+        reward=get_reward(config.rollout.reward, grader=config.reward.grader, timeout_s=config.reward.timeout_s),
         eos_token_ids=eos_token_ids(model, tokenizer),
-        sampler=PromptSampler(train_prompts, t.prompts_per_step, t.seed),
+        sampler=sampler,
+        rl_steps=rl_steps,
         data_counts=data_counts,
         context=context,
         host_model=host_model,

@@ -16,6 +16,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -24,6 +25,7 @@ import yaml
 
 from anytime_kernels.advantages import SUMMARY_METHODS, VARIANCE_REDUCTIONS
 from trainer.budgets import PRIOR_PRESETS
+from trainer.rewards.math_reward import GRADERS
 
 PRESETS_PATH = Path(__file__).resolve().parent.parent / "configs" / "paper_presets.yaml"
 AGGREGATIONS = ("token-sum-norm", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -126,8 +128,19 @@ class RolloutConfig:
     summary_max_new_tokens: int = _help("summary cap (the authors: 128 - 10 = 118)", 118)
     max_batch_rows: int = _help("embedded engine: sampled rows decoded together", 64)
     kv_budget_tokens: int | None = _help(
-        "embedded engine: most tokens of cached traces kept for their forks (None: unbounded); past it, "
-        "forks first, then the least recently used", None)  # fmt: skip
+        "embedded engine: most tokens of cached traces kept for their forks (None: only the KV pool bounds "
+        "them); past it, forks first, then the least recently used", None)  # fmt: skip
+    kv_blocks: int | None = _help(
+        "embedded engine: blocks of rollout.block_size tokens in its paged KV pool (None: on CUDA "
+        "rollout.kv_memory_fraction of the free memory; on the CPU the pool grows as needed)", None)  # fmt: skip
+    kv_memory_fraction: float = _help(
+        "embedded engine on CUDA without rollout.kv_blocks: share of the GPU memory free at its first rollout "
+        "that the KV pool takes for good (as SGLang's --mem-fraction-static; the learner's optimizer state "
+        "comes later and needs the rest)", 0.4)  # fmt: skip
+    block_size: int = _help("embedded engine: tokens per KV block (forks share the full blocks of a prefix)", 16)
+    sync_every: int = _help(
+        "embedded engine: decode steps between two reads of the sampled tokens back to the host (rows finish, "
+        "leave and join the batch only then)", 16)  # fmt: skip
     dtype: str = _help(
         "embedded engine: dtype of its weight copy and K/V cache: auto (bfloat16 when the learner computes "
         "under bf16 autocast, as an SGLang server serves; else the weights' own), float32 or bfloat16", "auto")  # fmt: skip
@@ -151,9 +164,21 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardConfig:
+    grader: str = _help(
+        "how rollout.reward=math compares answers: math-verify (equal values in any form), or authors (the "
+        "authors' exact rule, to match their numbers: Hendrycks' MATH normalisation or their sympy check, the "
+        "last \\boxed of any spelling must be \\boxed{...}, rows without an answer load and score 0; it rejects "
+        "\\frac{2}{4} for \\frac{1}{2} and 1000 for 10^{3}; needs pylatexenc)", "math-verify")  # fmt: skip
+    timeout_s: float | None = _help(
+        "seconds one answer's comparison may run before it counts as wrong (None: the grader's own, 5 for "
+        "math-verify, 10 for authors as in their code)", None)  # fmt: skip
+
+
+@dataclass
 class OptimConfig:
     lr: float = _help("AdamW learning rate", 1e-6)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
+    weight_decay: float = _help("AdamW weight decay (the authors keep verl's 0.01; the R1 configs set it)", 0.0)
     beta1: float = _help("AdamW beta1", 0.9)
     beta2: float = _help("AdamW beta2", 0.999)
     eps: float = _help("AdamW epsilon", 1e-8)
@@ -171,8 +196,10 @@ class LossConfig:
         "token-sum-norm, token-mean, seq-mean-token-mean, seq-mean-token-sum-norm", "token-sum-norm"
     )
     norm_length: int | None = _help(
-        "token-sum-norm divisor per trace (None: b_max + S*A*(delimiter + summary cap))", None
-    )
+        "the *-norm divisor per trace: the mini-batch's token losses are summed and divided by traces x "
+        "this constant. The authors use verl's data.max_response_length: 10176 in every b_max 8000 run "
+        "(GRPO and A=1 ablations included; 18176 at 16000), which the R1 configs set. None: one tree's "
+        "longest response, b_max + S*A*(longest delimiter + summary cap)", None)  # fmt: skip
     kl_coef: float = _help("weight of the KL to a frozen reference policy (0: no reference)", 0.0)
     kl_estimator: str = _help("k1, k2 or k3", "k3")
     entropy_coef: float = _help("entropy bonus weight", 0.0)
@@ -180,7 +207,11 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _help("RL steps", 100)
+    steps: int | None = _help("RL steps (null: train.epochs sets them)", 100)
+    epochs: int | None = _help(
+        "passes over the training prompts instead of train.steps (which must then be null): floor(prompts / "
+        "prompts_per_step) steps per pass, the last incomplete batch dropped as verl's drop_last does (the "
+        "authors train one epoch: about 629 steps of 64 of DeepScaleR's ~40.3k problems)", None)  # fmt: skip
     prompts_per_step: int = _help("prompts sampled per RL step", 64)
     ppo_mini_batch_prompts: int = _help("prompts per optimizer step", 32)
     ppo_epochs: int = _help("passes over a step's rollouts", 1)
@@ -220,9 +251,17 @@ class EvalConfig:
     budgets: list[int] | None = _help("eval budgets (None: the method's support points)", None)
     prior: str | list[float] = _help("weights of the anytime score over the eval budgets", "uniform")
     temperature: float = _help("sampling temperature at evaluation", 0.6)
-    samples_per_problem: int = _help("thinking samples per problem", 4)
+    samples_per_problem: int = _help(
+        "thinking samples per problem (the authors' final evaluation: 8, rollout.n x val_kwargs.n = 8 x 1)", 8
+    )
     num_problems: int | None = _help("evaluate on the first N problems (None: all)", None)
     summary_max_new_tokens: int | None = _help("summary cap at evaluation (None: the rollout's)", None)
+    periodic_sets: list[str] | None = _help(
+        "named sets of data.eval_source that the periodic evaluations (eval.every) run on (None: all); the "
+        "authors validate on AIME and AMC during training and on every set at the end", None)  # fmt: skip
+    periodic_samples_per_problem: int | None = _help(
+        "thinking samples per problem of the periodic evaluations (None: eval.samples_per_problem); the "
+        "authors' training-time validation draws rollout.n x val_kwargs.n = 8 x 4 = 32", None)  # fmt: skip
 
 
 @dataclass
@@ -240,6 +279,7 @@ class RunConfig:
     data: DataConfig = _help("training and evaluation problems", factory=DataConfig)
     method: MethodConfig = _help("budgets and advantage switches", factory=MethodConfig)
     rollout: RolloutConfig = _help("sampling", factory=RolloutConfig)
+    reward: RewardConfig = _help("math answer grading", factory=RewardConfig)
     optim: OptimConfig = _help("optimizer", factory=OptimConfig)
     loss: LossConfig = _help("policy loss", factory=LossConfig)
     train: TrainConfig = _help("RL schedule", factory=TrainConfig)
@@ -273,7 +313,7 @@ def _coerce(key: str, value: Any, annotation) -> Any:
                 return _coerce(key, value, option)
             except ConfigError as error:
                 errors.append(str(error))
-        allowed = " or ".join(_type_name(option) for option in options)
+        allowed = " or ".join("null" if option is type(None) else _type_name(option) for option in options)
         raise ConfigError(f"{key}: {value!r} is not {allowed}")
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -398,6 +438,94 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return config
 
 
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _at_least(low):
+    return lambda value: value >= low
+
+
+def _below_one(value) -> bool:
+    return 0 <= value < 1
+
+
+# Settings with a bound of their own: dotted key -> (test of a set value, what is allowed). Unset
+# (null) optional settings pass. Bounds that involve other settings are checked in ``validate``.
+BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.max_prompt_tokens": (_at_least(1), ">= 1 tokens or null"),
+    "data.limit": (_at_least(1), ">= 1 problems or null"),
+    "data.eval_limit": (_at_least(1), ">= 1 problems or null"),
+    "data.synthetic.num_train": (_at_least(1), ">= 1"),
+    "data.synthetic.num_eval": (_at_least(1), ">= 1"),
+    "data.synthetic.min_steps": (_at_least(1), ">= 1"),
+    "data.synthetic.max_steps": (_at_least(1), ">= 1"),
+    "data.synthetic.modulus": (_at_least(2), ">= 2"),
+    "data.synthetic.max_operand": (_at_least(1), ">= 1"),
+    "data.synthetic.max_multiplier": (_at_least(2), ">= 2 (a multiplier of 1 changes nothing)"),
+    "data.synthetic.check_probs": (lambda probs: all(0 <= p <= 1 for p in probs), "probabilities in [0, 1]"),
+    "method.num_slots": (_at_least(1), ">= 1"),
+    "method.num_summaries": (_at_least(1), ">= 1"),
+    "rollout.dp_size": (_at_least(1), ">= 1"),
+    "rollout.request_timeout_s": (_positive, "> 0 seconds"),
+    "rollout.max_retries": (_at_least(0), ">= 0"),
+    "rollout.retry_backoff_s": (_at_least(0), ">= 0 seconds"),
+    "rollout.group_size": (_at_least(1), ">= 1"),
+    "rollout.temperature": (_positive, "> 0 (RL samples)"),
+    "rollout.top_p": (lambda p: 0 < p <= 1, "in (0, 1]"),
+    "rollout.summary_max_new_tokens": (_at_least(1), ">= 1"),
+    "rollout.max_batch_rows": (_at_least(1), ">= 1"),
+    "rollout.kv_budget_tokens": (_at_least(1), ">= 1 tokens or null"),
+    "rollout.kv_blocks": (_at_least(1), ">= 1 blocks or null"),
+    "rollout.kv_memory_fraction": (lambda f: 0 < f < 1, "in (0, 1)"),
+    "rollout.block_size": (_at_least(1), ">= 1 tokens"),
+    "rollout.sync_every": (_at_least(1), ">= 1 steps"),
+    "rollout.server_tp_size": (_at_least(1), ">= 1"),
+    "rollout.stream_window": (_at_least(0), ">= 0 prompts (0: all)"),
+    "optim.lr": (_positive, "> 0"),
+    "optim.weight_decay": (_at_least(0), ">= 0"),
+    "optim.beta1": (_below_one, "in [0, 1)"),
+    "optim.beta2": (_below_one, "in [0, 1)"),
+    "optim.eps": (_positive, "> 0"),
+    "optim.grad_clip": (_positive, "> 0 or null"),
+    "optim.warmup_steps": (_at_least(0), ">= 0"),
+    "loss.clip_low": (lambda eps: 0 < eps < 1, "in (0, 1)"),
+    "loss.clip_high": (_positive, "> 0"),
+    "loss.dual_clip": (lambda c: c > 1, "> 1 or null"),
+    "loss.norm_length": (_at_least(1), ">= 1 or null"),
+    "loss.kl_coef": (_at_least(0), ">= 0"),
+    "loss.entropy_coef": (_at_least(0), ">= 0"),
+    "train.steps": (_at_least(0), ">= 0 (or null with train.epochs)"),
+    "train.epochs": (_at_least(1), ">= 1 (or null with train.steps)"),
+    "train.prompts_per_step": (_at_least(1), ">= 1"),
+    "train.ppo_epochs": (_at_least(1), ">= 1"),
+    "train.micro_batch_tokens": (_at_least(1), ">= 1"),
+    "train.save_every": (_at_least(0), ">= 0 steps (0: only at the end)"),
+    "train.keep_checkpoints": (_at_least(1), ">= 1"),
+    "train.max_skipped_updates": (_at_least(1), ">= 1"),
+    "train.dist_timeout_minutes": (_positive, "> 0 minutes"),
+    "sft.steps": (_at_least(0), ">= 0"),
+    "sft.batch_size": (_at_least(1), ">= 1"),
+    "sft.lr": (_positive, "> 0"),
+    "sft.warmup_steps": (_at_least(0), ">= 0"),
+    "sft.weight_decay": (_at_least(0), ">= 0"),
+    "sft.beta2": (_below_one, "in [0, 1)"),
+    "eval.every": (_at_least(0), ">= 0 steps (0: only before and after RL)"),
+    "eval.temperature": (_at_least(0), ">= 0"),
+    "eval.samples_per_problem": (_at_least(1), ">= 1"),
+    "eval.num_problems": (_at_least(1), ">= 1 or null"),
+    "eval.summary_max_new_tokens": (_at_least(1), ">= 1 or null"),
+    "eval.periodic_samples_per_problem": (_at_least(1), ">= 1 or null"),
+}
+
+
+def _setting(config: RunConfig, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
@@ -407,34 +535,29 @@ def validate(config: RunConfig) -> None:
     """Value checks across sections (types were checked while loading)."""
     from trainer.attention import BACKEND_NAMES
 
-    m, r, o, lo, t, s, e = (config.method, config.rollout, config.optim, config.loss, config.train, config.sft,
-                             config.eval)  # fmt: skip
-    _check(m.num_slots >= 1, "method.num_slots", m.num_slots, ">= 1")
+    for key, (ok, allowed) in BOUNDS.items():
+        value = _setting(config, key)
+        _check(value is None or ok(value), key, value, allowed)  # None: an optional setting left unset
+    m, r, o, lo, t, e = config.method, config.rollout, config.optim, config.loss, config.train, config.eval
     _check(m.b_max >= m.num_slots, "method.b_max", m.b_max, f">= method.num_slots ({m.num_slots})")
-    _check(m.num_summaries >= 1, "method.num_summaries", m.num_summaries, ">= 1")
     if isinstance(m.prior, str):
         _check(m.prior in PRIOR_PRESETS, "method.prior", m.prior, f"one of {PRIOR_PRESETS} or a list of S weights")
     else:
         _check(len(m.prior) == m.num_slots and all(w >= 0 for w in m.prior) and sum(m.prior) > 0,
                "method.prior", m.prior, f"{m.num_slots} non-negative weights, not all zero")  # fmt: skip
+    eval_budgets = len(e.budgets) if e.budgets is not None else m.num_slots
+    if isinstance(e.prior, str):
+        _check(e.prior in PRIOR_PRESETS, "eval.prior", e.prior, f"one of {PRIOR_PRESETS} or a list of weights")
+    else:
+        _check(len(e.prior) == eval_budgets and all(w >= 0 for w in e.prior) and sum(e.prior) > 0, "eval.prior",
+               e.prior, f"{eval_budgets} non-negative weights (one per eval budget), not all zero")  # fmt: skip
     _check(m.variance_reduction in VARIANCE_REDUCTIONS, "method.variance_reduction", m.variance_reduction,
            f"one of {VARIANCE_REDUCTIONS}")  # fmt: skip
     _check(m.summary_method in SUMMARY_METHODS, "method.summary_method", m.summary_method, f"one of {SUMMARY_METHODS}")
     _check(r.engine in ENGINES, "rollout.engine", r.engine, f"one of {ENGINES}")
     _check(r.engine != "sglang" or bool(r.urls), "rollout.urls", r.urls, "at least one URL for engine sglang")
-    _check(r.group_size >= 1, "rollout.group_size", r.group_size, ">= 1")
-    _check(r.dp_size >= 1, "rollout.dp_size", r.dp_size, ">= 1")
-    _check(r.request_timeout_s > 0, "rollout.request_timeout_s", r.request_timeout_s, "> 0")
-    _check(r.max_retries >= 0 and r.retry_backoff_s >= 0, "rollout.max_retries", r.max_retries,
-           ">= 0 (and rollout.retry_backoff_s >= 0)")  # fmt: skip
-    _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0 (RL samples)")
-    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
-    _check(r.summary_max_new_tokens >= 1, "rollout.summary_max_new_tokens", r.summary_max_new_tokens, ">= 1")
-    _check(r.max_batch_rows >= 1, "rollout.max_batch_rows", r.max_batch_rows, ">= 1")
     _check(r.weight_sync_dtype in ("bfloat16", "float16", "float32"), "rollout.weight_sync_dtype",
            r.weight_sync_dtype, "bfloat16, float16 or float32")  # fmt: skip
-    _check(r.kv_budget_tokens is None or r.kv_budget_tokens >= 1, "rollout.kv_budget_tokens", r.kv_budget_tokens,
-           ">= 1 tokens or null")  # fmt: skip
     _check(r.dtype in ("auto", "float32", "bfloat16"), "rollout.dtype", r.dtype, "auto, float32 or bfloat16")
     _check(r.dtype == "auto" or r.engine == "embedded", "rollout.dtype", r.dtype,
            "auto unless rollout.engine is embedded (a server computes in its own --dtype; "
@@ -442,8 +565,6 @@ def validate(config: RunConfig) -> None:
     _check(r.weight_sync in ("disk", "distributed"), "rollout.weight_sync", r.weight_sync, "disk or distributed")
     _check(r.weight_sync == "disk" or r.weight_sync_master.rpartition(":")[2].isdigit(), "rollout.weight_sync_master",
            r.weight_sync_master, "host:port (weight_sync distributed)")  # fmt: skip
-    _check(r.server_tp_size >= 1, "rollout.server_tp_size", r.server_tp_size, ">= 1")
-    _check(r.stream_window >= 0, "rollout.stream_window", r.stream_window, ">= 0 prompts (0: all)")
     _check(not r.every_rank or r.engine == "embedded", "rollout.every_rank", r.every_rank,
            "false unless rollout.engine is embedded (SGLang servers serve every rank's requests already)")  # fmt: skip
     _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype, "float32 or bfloat16")
@@ -455,27 +576,16 @@ def validate(config: RunConfig) -> None:
            config.model.attention_backend, f"one of {BACKEND_NAMES}")  # fmt: skip
     _check(config.model.path is not None or config.model.config is not None or config.model.gguf_file is not None,
            "model.path", config.model.path, "a model folder, model.gguf_file, or model.config for a fresh model")  # fmt: skip
-    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
     _check(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", o.schedule, "constant, cosine or linear")
-    _check(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "> 0 or null")
-    _check(0 <= lo.clip_low < 1, "loss.clip_low", lo.clip_low, "in [0, 1)")
-    _check(lo.clip_high >= 0, "loss.clip_high", lo.clip_high, ">= 0")
-    _check(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", lo.dual_clip, "> 1 or null")
     _check(lo.aggregation in AGGREGATIONS, "loss.aggregation", lo.aggregation, f"one of {AGGREGATIONS}")
     _check(lo.kl_estimator in KL_ESTIMATORS, "loss.kl_estimator", lo.kl_estimator, f"one of {KL_ESTIMATORS}")
-    _check(lo.kl_coef >= 0, "loss.kl_coef", lo.kl_coef, ">= 0")
-    _check(lo.norm_length is None or lo.norm_length >= 1, "loss.norm_length", lo.norm_length, ">= 1 or null")
-    _check(t.steps >= 0, "train.steps", t.steps, ">= 0")
-    _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, ">= 1")
+    _check((t.steps is None) != (t.epochs is None), "train.steps", t.steps,
+           f"exactly one of train.steps and train.epochs (now {t.epochs!r}) to set the run's length; "
+           "set the other to null")  # fmt: skip
     _check(1 <= t.ppo_mini_batch_prompts <= t.prompts_per_step and t.prompts_per_step % t.ppo_mini_batch_prompts == 0,
            "train.ppo_mini_batch_prompts", t.ppo_mini_batch_prompts,
            f"a divisor of train.prompts_per_step ({t.prompts_per_step})")  # fmt: skip
-    _check(t.ppo_epochs >= 1, "train.ppo_epochs", t.ppo_epochs, ">= 1")
-    _check(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", t.micro_batch_tokens, ">= 1")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "auto, cpu or cuda")
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
-    _check(t.max_skipped_updates >= 1, "train.max_skipped_updates", t.max_skipped_updates, ">= 1")
-    _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "> 0 minutes")
     _check(set(t.stop_signals) <= {"SIGUSR1", "SIGUSR2", "SIGTERM"}, "train.stop_signals", t.stop_signals,
            "a list of SIGUSR1, SIGUSR2, SIGTERM")  # fmt: skip
     _check(t.fsdp_param_dtype in ("auto", "float32", "bfloat16"), "train.fsdp_param_dtype", t.fsdp_param_dtype,
@@ -490,20 +600,25 @@ def validate(config: RunConfig) -> None:
         mapping = getattr(config.data, key) or {}
         _check(set(mapping) <= {"problem", "answer", "solution"} and all(isinstance(v, str) for v in mapping.values()),
                f"data.{key}", mapping, "a mapping of problem/answer/solution to column names")  # fmt: skip
-    _check(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft", dataclasses.asdict(s),
-           "steps >= 0, batch_size >= 1, lr > 0")  # fmt: skip
-    _check(e.samples_per_problem >= 1, "eval.samples_per_problem", e.samples_per_problem, ">= 1")
-    _check(e.num_problems is None or e.num_problems >= 1, "eval.num_problems", e.num_problems, ">= 1 or null")
-    _check(e.temperature >= 0, "eval.temperature", e.temperature, ">= 0")
+    if e.periodic_sets is not None:
+        named = sorted(sets) if isinstance(sets, dict) else []
+        _check(bool(e.periodic_sets) and set(e.periodic_sets) <= set(named), "eval.periodic_sets", e.periodic_sets,
+               f"a non-empty list of the set names of data.eval_source ({named or 'not a mapping of sets'})")  # fmt: skip
     if e.budgets is not None:
         _check(len(e.budgets) >= 1 and all(0 < b <= m.b_max for b in e.budgets) and e.budgets == sorted(set(e.budgets)),
                "eval.budgets", e.budgets, f"increasing budgets in (0, method.b_max={m.b_max}]")  # fmt: skip
     d = config.data.synthetic
     _check(1 <= d.min_steps <= d.max_steps, "data.synthetic.min_steps", d.min_steps,
            f"1 <= min_steps <= max_steps ({d.max_steps})")  # fmt: skip
-    _check(d.modulus >= 2, "data.synthetic.modulus", d.modulus, ">= 2")
     _check(r.reward in REWARDS or ":" in r.reward or r.reward.isidentifier(), "rollout.reward", r.reward,
            f"one of {REWARDS}, a registered name or module:function")  # fmt: skip
+    g = config.reward
+    _check(g.grader in GRADERS, "reward.grader", g.grader, f"one of {GRADERS}")
+    _check(g.timeout_s is None or g.timeout_s > 0, "reward.timeout_s", g.timeout_s, "> 0 seconds or null")
+    _check(g.grader == "math-verify" or r.reward == "math", "reward.grader", g.grader,
+           f"math-verify unless rollout.reward is math (it is {r.reward!r})")  # fmt: skip
+    _check(g.timeout_s is None or r.reward == "math", "reward.timeout_s", g.timeout_s,
+           f"null unless rollout.reward is math (it is {r.reward!r})")  # fmt: skip
 
 
 def describe(cls=RunConfig, prefix: str = "") -> list[str]:

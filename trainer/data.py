@@ -10,7 +10,9 @@ Row layouts understood without configuration:
 Any other layout: ``columns`` maps ``problem``/``answer``/``solution`` to column names (a dotted
 name reaches into nested records, ``reward_model.ground_truth``). A malformed row (missing field,
 wrong type, empty answer) raises ``DataError`` naming the source and the row, or is skipped and
-counted with ``skip_bad_rows``.
+counted with ``skip_bad_rows``. For ``grader="authors"`` (``reward.grader``) answers are read as the
+authors' code reads them, and a row without one loads with ``answer == ()``: it scores 0 and stays
+in the batch, as in their trainer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.rewards.math_grading import normalize_ground_truth
+from trainer.rewards.math_reward import read_ground_truths
 from trainer.text_markers import INSTRUCTION, THINK_START
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class DataConfig:
     instruction: str = INSTRUCTION
     thinking_opener: str | None = "auto"
     limit: int | None = None
+    grader: str = "math-verify"
 
 
 def read_rows(source: str | Path, *, split: str = "train") -> list[dict]:
@@ -171,8 +174,9 @@ def _columns_for(row: Mapping, columns: Mapping[str, str]) -> dict[str, str]:
 
 
 def row_to_problem(
-    row: object, *, source: str, index: int, columns: Mapping[str, str] | None = None, instruction: str = INSTRUCTION
-) -> Problem:
+    row: object, *, source: str, index: int, columns: Mapping[str, str] | None = None, instruction: str = INSTRUCTION,
+    grader: str = "math-verify",
+) -> Problem:  # fmt: skip
     """One raw row as a ``Problem``; raises ``DataError`` naming ``source`` and the row ``index`` when malformed."""
     where = f"{source}: row {index}"
     if not isinstance(row, Mapping):
@@ -183,7 +187,7 @@ def row_to_problem(
         try:
             values[name] = _lookup(row, layout[name])
         except KeyError:
-            if name == "solution":
+            if name == "solution" or (name == "answer" and grader == "authors"):
                 values[name] = None
                 continue
             raise DataError(f"{where}: missing field {layout[name]!r} (for {name!r}); it has {sorted(row)}") from None
@@ -193,10 +197,13 @@ def row_to_problem(
             problem = _last_user_message(problem, instruction)
         if not isinstance(problem, str) or not problem.strip():
             raise ValueError(f"the problem {problem!r} is not a non-empty string")
-        answer = normalize_ground_truth(values["answer"])
+        answer = read_ground_truths(values["answer"], grader)
         solution = values["solution"]
+        if isinstance(solution, list) and solution and all(isinstance(text, str) for text in solution):
+            solution = solution[0]  # OlympiadBench lists reference solutions, each complete: the first
         if solution is not None and not isinstance(solution, str):
-            raise ValueError(f"the solution is a {type(solution).__name__}; expected a string or nothing")
+            raise ValueError(f"the solution is a {type(solution).__name__}; expected a string, a list of strings "
+                             "(the first is used) or nothing")  # fmt: skip
     except ValueError as error:
         raise DataError(f"{where}: {error}") from error
     return Problem(problem=problem.strip(), answer=answer, solution=solution, source=source, index=index)
@@ -209,6 +216,7 @@ def load_problems(
     columns: Mapping[str, str] | None = None,
     skip_bad_rows: bool = False,
     instruction: str = INSTRUCTION,
+    grader: str = "math-verify",
 ) -> tuple[list[Problem], int]:
     """Problems of a data source and the number of malformed rows skipped (always 0 unless ``skip_bad_rows``)."""
     unknown = set(columns or {}) - set(FIELDS)
@@ -218,7 +226,8 @@ def load_problems(
     problems, bad_rows = [], 0
     for index, row in enumerate(read_rows(source, split=split)):
         try:
-            problems.append(row_to_problem(row, source=name, index=index, columns=columns, instruction=instruction))
+            problems.append(row_to_problem(row, source=name, index=index, columns=columns, instruction=instruction,
+                                           grader=grader))  # fmt: skip
         except DataError as error:
             if not skip_bad_rows:
                 raise
@@ -226,6 +235,9 @@ def load_problems(
             logger.debug("skipping %s", error)
     if bad_rows:
         logger.warning("%s: skipped %d malformed rows of %d", name, bad_rows, bad_rows + len(problems))
+    unanswered = sum(not problem.answer for problem in problems)
+    if unanswered:
+        logger.warning("%s: %d rows have no answer; they load and score 0 (grader %s)", name, unanswered, grader)
     return problems, bad_rows
 
 
@@ -293,6 +305,7 @@ def load_prompts(config: DataConfig, tokenizer) -> PromptSet:
         columns=config.columns,
         skip_bad_rows=config.skip_bad_rows,
         instruction=config.instruction,
+        grader=config.grader,
     )
     if config.limit is not None:
         problems = problems[: config.limit]

@@ -2,9 +2,11 @@
 
 Per problem, ``samples_per_problem`` thinking traces are sampled once up to the largest budget at
 the eval temperature, cut at every budget, and one summary per (trace, budget) is sampled from
-the cut; the reward rule scores it. Accuracy at budget b is the mean score; the anytime score is
-``sum_b w_b * accuracy(b)`` (weights from the eval prior). Standard errors are over problems (the
-samples of one problem are averaged first).
+the cut; the reward rule scores it. Budgets whose cut is the same (a trace that closed its
+thinking before them) share their summaries, as the authors' evaluation does: the score of each is
+the mean over all summaries of that cut. Accuracy at budget b is the mean score; the anytime score
+is ``sum_b w_b * accuracy(b)`` (weights from the eval prior). Standard errors are over problems
+(the samples of one problem are averaged first).
 
 CLI (``anytime-eval``)::
 
@@ -114,9 +116,22 @@ def evaluate_samples(
         eos_token_ids=eos_token_ids,
         group_size=samples_per_problem,
     )
+    per_problem = pooled_cut_scores(scored.scores[:, :, 0].double(), rollouts.cut_lens)
     # [P, K, S]: problems, samples, budgets; averaged over samples first.
-    per_problem = scored.scores[:, :, 0].view(len(prompt_ids), samples_per_problem, -1).double().mean(dim=1)
+    per_problem = per_problem.view(len(prompt_ids), samples_per_problem, -1).mean(dim=1)
     return EvalSamples(per_problem, traces.thinking_lens, list(traces.finish))
+
+
+def pooled_cut_scores(scores: torch.Tensor, cut_lens: torch.Tensor) -> torch.Tensor:
+    """``[N, S]`` the score of every (trace, budget) as the mean over the summaries of its cut.
+
+    Args:
+        scores: ``[N, S]`` one summary's score per trace and budget slot.
+        cut_lens: ``[N, S]`` the thinking each slot keeps; slots of one trace with equal cuts share
+            one thinking prefix, and each gets the mean of their scores.
+    """
+    same_cut = (cut_lens[:, :, None] == cut_lens[:, None, :]).to(scores.dtype)  # [N, S, S]
+    return (same_cut * scores[:, None, :]).sum(dim=-1) / same_cut.sum(dim=-1)
 
 
 def eval_result(

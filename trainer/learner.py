@@ -123,8 +123,9 @@ class Learner:
         """The sampling policy's log-probs and the reference's (with a KL term).
 
         The first update is on-policy: its trees (``first_rows``) need no old log-probs, the
-        current ones are (detached), so only the trees of later updates are scored here, and
-        nothing with a single update.
+        current ones are (detached), so only the other trees are scored here, and nothing with a
+        single update. The first update's own pass fills its trees' entries (``_optimizer_step``):
+        with ``ppo_epochs > 1`` they are trained again after the policy moved.
         """
         if num_updates > 1:
             first = set(first_rows or ())
@@ -187,6 +188,10 @@ class Learner:
         ).to(device)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
+        # The on-policy pass's log-probs are the old ones of its trees for any later epoch; each rank
+        # fills the positions of its own share, and one all-reduce gives every rank all of them.
+        keep_old = on_policy and batch.old_logprobs is not None
+        on_policy_logprobs = torch.zeros(layout.num_tokens, device=device) if keep_old else None
         # FSDP averages gradients over ranks; the weights already normalise over the whole mini-batch.
         scale = float(self.context.world_size)
         for micro_batch, real in self._rank_micro_batches(self.policy, layout, rows):
@@ -195,6 +200,8 @@ class Learner:
             positions = result.positions.to(device)
             current = on_policy or batch.old_logprobs is None
             old = result.logprobs.detach() if current else batch.old_logprobs[positions]
+            if keep_old and real:
+                on_policy_logprobs[positions] = old
             terms = policy_loss(
                 result.logprobs,
                 old,
@@ -217,6 +224,10 @@ class Learner:
             for name, value in terms.sums.items():
                 sums[name] += value if real else torch.zeros_like(value)
         all_reduce_sum(total, self.context)
+        if keep_old:
+            all_reduce_sum(on_policy_logprobs, self.context)  # each position is filled on exactly one rank
+            index = trained.to(device)
+            batch.old_logprobs[index] = on_policy_logprobs[index]
         parameters = [p for p in self.policy.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm) if parameters else torch.zeros(())

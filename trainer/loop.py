@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -224,16 +225,17 @@ class Trainer:
         checkpoint and raises ``trainer.stopping.RunStopped`` (see that module).
         """
         c = self.config
-        steps = c.train.steps if max_steps is None else min(max_steps, c.train.steps)
+        total = self.parts.rl_steps
+        steps = total if max_steps is None else min(max_steps, total)
         sft_steps = c.sft.steps
-        if max_steps is not None and c.train.steps > 0:
-            sft_steps = max(1, round(c.sft.steps * steps / c.train.steps)) if c.sft.steps else 0
+        if max_steps is not None and total > 0:
+            sft_steps = max(1, round(c.sft.steps * steps / total)) if c.sft.steps else 0
         evaluations: dict[str, EvalResult] = {}
         start = time.perf_counter()
         if self.start_step > steps:
             raise ValueError(
                 f"the run resumed at RL step {self.start_step}, past its last step {steps} (train.steps="
-                f"{c.train.steps}"
+                f"{c.train.steps}, train.epochs={c.train.epochs}"
                 + (f", --max-steps {max_steps}" if max_steps is not None else "")
                 + "): nothing to do"
             )
@@ -261,10 +263,14 @@ class Trainer:
                 elif c.eval.every and self.start_step % c.eval.every == 0 and 0 < self.start_step < steps:
                     # The step's periodic evaluation follows its checkpoint: the run stopped (or crashed)
                     # before it finished, and it runs now, or it finished and is reused.
-                    # A finished run resumed for more steps: its final evaluation scored these weights.
+                    # A finished run resumed for more steps: its final evaluation scored these weights
+                    # (reused where the periodic evaluations run the same sets and samples).
                     name = f"step{self.start_step}"
                     source = "final" if self._resumed_from_own("final") else name
-                    self._evaluate_or_reuse(name, self.start_step, reuse=self._resumed_from_own(source), source=source)
+                    plans = [self._evaluation_plan(n) for n in (name, source)]
+                    same_plan = all((k, list(sets)) == (plans[0][0], list(plans[0][1])) for k, sets in plans)
+                    self._evaluate_or_reuse(name, self.start_step, reuse=self._resumed_from_own(source) and same_plan,
+                                            source=source)  # fmt: skip
                 self.display = Display(
                     steps - self.start_step, "RL", enabled=c.logging.progress and self.context.is_main
                 )
@@ -369,14 +375,15 @@ class Trainer:
         if not (self.context.is_main or self.every_rank):
             return None
         schedule = BudgetSchedule.from_budgets(c.eval.budgets or p.schedule.budgets, c.eval.prior)
+        samples_per_problem, eval_sets = self._evaluation_plan(name)
         results = {}
-        for set_name, all_prompts in p.eval_sets.items():
+        for set_name, all_prompts in eval_sets.items():
             # Not empty: build() refuses an empty set, the config an eval.num_problems below 1.
             prompts = all_prompts[: c.eval.num_problems] if c.eval.num_problems else all_prompts
             share = share_of(prompts, self.context) if self.every_rank else prompts
             if self.context.is_main:
                 what = f"eval {name}" + (f" {set_name}" if self.named_eval_sets else "")
-                logger.info("%s: %d problems x %d samples", what, len(prompts), c.eval.samples_per_problem)
+                logger.info("%s: %d problems x %d samples", what, len(prompts), samples_per_problem)
                 if self.display is not None:  # a periodic evaluation inside the RL bar
                     self.display.phase(what)
             samples = None
@@ -384,7 +391,7 @@ class Trainer:
                 samples = evaluate_samples(
                     p.engine, [q.token_ids for q in share], [q.answer for q in share], p.tokenizer, p.reward,
                     schedule=schedule, temperature=c.eval.temperature,
-                    samples_per_problem=c.eval.samples_per_problem,
+                    samples_per_problem=samples_per_problem,
                     summary_max_new_tokens=c.eval.summary_max_new_tokens or c.rollout.summary_max_new_tokens,
                     eos_token_ids=p.eos_token_ids, seed=c.train.seed + 1 + self.context.rank,  # rank 0 unless every_rank
                     window=c.rollout.stream_window,
@@ -393,7 +400,7 @@ class Trainer:
             parts = gather_to_main(samples, self.context) if self.every_rank else [samples]
             if parts is not None:  # ranks > 0 only sample
                 results[set_name] = eval_result([part for part in parts if part is not None], schedule,
-                                                c.eval.samples_per_problem, c.eval.temperature)  # fmt: skip
+                                                samples_per_problem, c.eval.temperature)  # fmt: skip
         if not self.context.is_main:
             return None
         if not self.named_eval_sets:
@@ -406,6 +413,16 @@ class Trainer:
         sets = "".join(f", {k} {v.anytime_score:.3f}" for k, v in results.items()) if self.named_eval_sets else ""
         logger.info("eval %s: anytime score %.3f +- %.3f%s", name, result.anytime_score, result.stderr, sets)
         return result
+
+    def _evaluation_plan(self, name: str) -> tuple[int, dict]:
+        """``(samples per problem, {set: prompts})`` of evaluation ``name``: a periodic one
+        (``step<N>``) runs on ``eval.periodic_sets`` with ``eval.periodic_samples_per_problem``, as
+        the authors validate during training; the others on every set."""
+        e, sets = self.config.eval, self.parts.eval_sets
+        if re.fullmatch(r"step\d+", name) is None:
+            return e.samples_per_problem, sets
+        chosen = {set_name: sets[set_name] for set_name in e.periodic_sets} if e.periodic_sets else sets
+        return e.periodic_samples_per_problem or e.samples_per_problem, chosen
 
     def save(self, name: str, step: int) -> Path:
         """A complete resumable checkpoint; keeps the newest ``train.keep_checkpoints`` periodic ones.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,20 +109,34 @@ def generate_rows(
     modulus: int = MODULUS,
     max_operand: int = 99,
     max_multiplier: int = 9,
+    exclude: Collection[str] = frozenset(),
 ) -> list[dict]:
     """Rows in the authors' data format: ``problem``, ``answer`` (a string) and ``solution``.
 
     ``solution`` is a teacher trace plus its summary (thinking, ``\\n\\n**Final Answer**\\n``, box),
-    its verbosity drawn from ``check_probs``: the SFT warm-up's target text.
+    its verbosity drawn from ``check_probs``: the SFT warm-up's target text. ``exclude``: problem
+    texts never to return (a held-out set excludes the training problems); a draw of one is
+    replaced by the next draw.
     """
     if num_problems < 0:
         raise ValueError(f"num_problems must be >= 0, got {num_problems}")
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(num_problems):
+    rng, excluded = random.Random(seed), frozenset(exclude)
+    rows, excluded_draws = [], 0
+    # Short chains of a small modulus are a small space; a draw limit turns an exhausted one into an error.
+    max_excluded_draws = 1000 + 100 * num_problems
+    while len(rows) < num_problems:
         problem = generate_problem(
             rng, min_steps, max_steps, modulus=modulus, max_operand=max_operand, max_multiplier=max_multiplier
         )
+        if problem.text in excluded:
+            excluded_draws += 1
+            if excluded_draws > max_excluded_draws:
+                raise ValueError(
+                    f"drew {excluded_draws} excluded problems for {len(rows)} of the {num_problems} asked: the "
+                    f"{len(excluded)} excluded problems cover nearly all problems of min_steps={min_steps}, "
+                    f"max_steps={max_steps}, modulus={modulus}; exclude fewer or widen the problem space"
+                )
+            continue
         thinking = teacher_thinking(problem, rng.choice(tuple(check_probs)), rng)
         solution = thinking + "\n\n**Final Answer**\n" + teacher_summary(problem.answer)
         rows.append({"problem": problem.text, "answer": str(problem.answer), "solution": solution})
