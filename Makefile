@@ -78,8 +78,10 @@ train: $(STAMP)
 	$(VENV)/bin/anytime-train --config configs/tiny-cpu.yaml --out $(OUT)
 
 # AR (BRPO) vs GRPO from one SFT checkpoint, 3 seeds each (about 43 min on 2 cores; QUICK=1: under 10).
+# TASK=graded: the graded task, GRPO, AR and the four ablations (estimated 50 min; QUICK=1: 10).
 compare: $(STAMP)
-	$(PY) benchmarks/bench_anytime_vs_grpo.py --out $(if $(OUT_COMPARE),$(OUT_COMPARE),bench_out) $(if $(QUICK),--quick,)
+	$(PY) benchmarks/bench_anytime_vs_grpo.py --out $(if $(OUT_COMPARE),$(OUT_COMPARE),bench_out) $(if $(QUICK),--quick,) \
+		$(if $(TASK),--task $(TASK),)
 
 # One RL step, ours against TRL's GRPOTrainer in GRPO and AR modes (installs the `bench` extra; about 4 min).
 e2e: $(STAMP)
@@ -97,7 +99,7 @@ bench: $(STAMP)
 	for script in benchmarks/bench_*.py; do $(PY) $$script --out bench_out || exit 1; done
 
 # Wheels the GPU machine lacks (no network there), for Python 3.12; gpu_check.sh installs them offline.
-GPU_WHEELS := pebble math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2 liger-kernel cut-cross-entropy
+GPU_WHEELS := pebble math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2 pylatexenc liger-kernel cut-cross-entropy
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
