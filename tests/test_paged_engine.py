@@ -255,8 +255,8 @@ def test_a_waiting_requests_prefix_outlives_older_sequences_in_the_lru_order():
         engine.generate([GenerationRequest(seq, n=1, max_new_tokens=2, stop_token_ids=(), sampling=GREEDY,
                                            cache_output=True)])  # fmt: skip
     assert engine.stored_tokens == sum(stored.values()) and engine.evicted_sequences == 0
-    longer = GenerationRequest(c + (1,), n=1, max_new_tokens=4, stop_token_ids=(), sampling=GREEDY, cache_output=True)
-    fork = GenerationRequest(a[:8] + (2, 3), n=1, max_new_tokens=2, stop_token_ids=(), sampling=GREEDY)
+    longer = GenerationRequest((*c, 1), n=1, max_new_tokens=4, stop_token_ids=(), sampling=GREEDY, cache_output=True)
+    fork = GenerationRequest((*a[:8], 2, 3), n=1, max_new_tokens=2, stop_token_ids=(), sampling=GREEDY)
     out = engine.generate([fork, longer])  # ``longer`` goes first (longest cached prefix) and is stored
     assert [o.cached_tokens[0] for o in out] == [8, len(c)]
     assert engine.evicted_sequences == 1 and engine._index.match(b)[1] < len(b) and engine._index.match(a)[1] == 10
