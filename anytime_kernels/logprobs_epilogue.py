@@ -71,6 +71,9 @@ def _configs() -> list[triton.Config]:
 
 # Tiles wider than this spill registers with the entropy sums or fp32 operands (``_prune_configs``).
 _WIDEST_SPILL_FREE_N = 128
+# Before triton 3.9 the bf16 gradient tile spills at 128 x 256 too (sm_90, triton 3.6: 255 registers and
+# a 176-byte stack, 224 with the entropy gradient; none under 3.9).
+_GRAD_TILE_SPILLS_WIDE = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -84,7 +87,8 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     config the autotuner may try to its spill limit.
     """
     arguments = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
-    wide_spills = arguments.get("HAS_ENTROPY", False) or arguments["hidden_ptr"].dtype == torch.float32
+    wide_spills = (arguments.get("HAS_ENTROPY", False) or arguments["hidden_ptr"].dtype == torch.float32
+                   or ("HAS_ENTROPY_GRAD" in arguments and _GRAD_TILE_SPILLS_WIDE))  # fmt: skip
     kept = [config for config in configs if not (wide_spills and config.kwargs["BLOCK_N"] > _WIDEST_SPILL_FREE_N)]
     return kept or configs
 
