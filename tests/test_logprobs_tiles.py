@@ -192,13 +192,17 @@ def _gpu_configs():
     ]
 
 
-def test_pruning_drops_the_wide_tile_where_it_spills():
+@pytest.mark.parametrize("grad_tile_spills", [False, True])
+def test_pruning_drops_the_wide_tile_where_it_spills(monkeypatch, grad_tile_spills):
     """The 128x256 config is kept for bf16 without the entropy sums and dropped with them or with fp32
-    operands (the compile test measures the spills); a list that would be empty is left whole."""
+    operands (the compile test measures the spills); the gradient kernel keeps it only where its
+    triton does not spill it (3.9, not 3.6); a list that would be empty is left whole."""
+    monkeypatch.setattr(logprobs_epilogue, "_GRAD_TILE_SPILLS_WIDE", grad_tile_spills)
     configs = _gpu_configs()
     bf16, fp32 = {"hidden_ptr": torch.zeros(1, dtype=torch.bfloat16)}, {"hidden_ptr": torch.zeros(1)}
     assert logprobs_epilogue._prune_configs(configs, bf16, HAS_ENTROPY=False) == configs
-    assert logprobs_epilogue._prune_configs(configs, bf16, HAS_ENTROPY_GRAD=True) == configs
+    grad_kept = configs[1:] if grad_tile_spills else configs
+    assert logprobs_epilogue._prune_configs(configs, bf16, HAS_ENTROPY_GRAD=True) == grad_kept
     assert logprobs_epilogue._prune_configs(configs, bf16, HAS_ENTROPY=True) == configs[1:]
     assert logprobs_epilogue._prune_configs(configs, fp32, HAS_ENTROPY_GRAD=False) == configs[1:]
     assert logprobs_epilogue._prune_configs(configs[:1], fp32, HAS_ENTROPY=True) == configs[:1]
