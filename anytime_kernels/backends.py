@@ -20,23 +20,37 @@ class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run on this machine, device or input; the message says what it needs."""
 
 
-def resolve_backend(op: str, backend: str, device: torch.device | str, supports: tuple[str, ...] = BACKENDS) -> str:
+def resolve_backend(
+    op: str,
+    backend: str,
+    device: torch.device | str,
+    supports: tuple[str, ...] = BACKENDS,
+    *,
+    names: tuple[str, ...] = BACKENDS,
+    host_order: tuple[str, ...] = ("cpp",),
+) -> str:
     """The concrete backend of ``op`` for tensors on ``device``.
 
     Args:
         op: the op's name, for messages.
-        backend: one of ``BACKENDS``.
+        backend: one of ``names``.
         device: where the op's tensors live.
         supports: the concrete backends the op has (a host-only op has no ``triton``).
+        names: the vocabulary ``backend`` is checked against (``auto`` first); the paged attention
+            ops add ``torch``.
+        host_order: what ``auto`` picks off CUDA, the first of these the op supports (the last one
+            when it supports none).
     """
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
-    if backend not in BACKENDS or (backend != "auto" and backend not in supports):
-        allowed = tuple(name for name in BACKENDS if name == "auto" or name in supports)
+    if backend not in names or (backend != "auto" and backend not in supports):
+        allowed = tuple(name for name in names if name == "auto" or name in supports)
         raise ValueError(f"{op}: backend must be one of {allowed}, got {backend!r}")
     device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and "triton" in supports else "cpp"
+        if device.type == "cuda" and "triton" in supports:
+            return "triton"
+        return next((name for name in host_order if name in supports), host_order[-1])
     if backend == "cpp" and device.type != "cpu":
         raise BackendUnavailableError(f"{op}: backend 'cpp' runs on CPU tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

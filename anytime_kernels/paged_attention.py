@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 
 from anytime_kernels._extension import ops
-from anytime_kernels.backends import BackendUnavailableError
+from anytime_kernels.backends import resolve_backend
 from anytime_kernels.paged_attention_reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
@@ -50,31 +49,15 @@ def resolve_paged_backend(
     supports: tuple[str, ...] = ("triton", "torch", "reference"),
     dtype: torch.dtype | None = None,
 ) -> str:
-    """The concrete backend of ``op`` for tensors on ``device``.
+    """The concrete backend of ``op`` for tensors on ``device`` (``backends.resolve_backend`` with ``torch``).
 
     ``supports`` lists the op's concrete backends; ``auto`` is triton on CUDA, else cpp where the op
     has it, else torch. float64 (the tests' exact models) runs on torch and reference only.
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"{op}: backend must be a string, got {type(backend).__name__}")
-    if backend not in PAGED_BACKENDS or (backend != "auto" and backend not in supports):
-        allowed = tuple(name for name in PAGED_BACKENDS if name == "auto" or name in supports)
-        raise ValueError(f"{op}: backend must be one of {allowed}, got {backend!r}")
-    if dtype == torch.float64:
-        if backend in ("triton", "cpp"):
-            raise ValueError(f"{op}: backend {backend!r} takes float32/bfloat16/float16; float64 runs on torch")
-        return "torch" if backend == "auto" else backend
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton"
-        return "cpp" if "cpp" in supports else "torch"
-    if backend == "cpp" and device.type != "cpu":
-        raise BackendUnavailableError(f"{op}: backend 'cpp' runs on CPU tensors, got tensors on {device}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise BackendUnavailableError(
-            f"{op}: backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
-        )
-    return backend
+    if dtype == torch.float64 and backend in ("triton", "cpp") and backend in supports:
+        raise ValueError(f"{op}: backend {backend!r} takes float32/bfloat16/float16; float64 runs on torch")
+    chosen = resolve_backend(op, backend, device, supports, names=PAGED_BACKENDS, host_order=("cpp", "torch"))
+    return "torch" if dtype == torch.float64 and chosen in ("triton", "cpp") else chosen
 
 
 def _check_tensor(op: str, name: str, value, dims: int, layout: str, dtypes: tuple[torch.dtype, ...]) -> None:

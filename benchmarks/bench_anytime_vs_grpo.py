@@ -55,17 +55,19 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 from common import _REPO_ROOT, Results, environment_line, parse_args
+from transformers.utils import logging as hf_logging
 
 from trainer.config import load_config
 from trainer.evaluate import EvalResult, plot_curves
 from trainer.loop import Trainer
+from trainer.metrics import Display
 
 # num_summaries is set for every method: the task configs set it (2) beside their preset, and a key
 # beside the preset wins over the preset's own, so `method.preset=grpo` alone would keep A=2.
@@ -163,6 +165,7 @@ def standard_error(values: list[float]) -> float:
 def run_method(config_path: str, overrides: list[str], run_dir: str, checkpoint: str, threads: int) -> str:
     """One RL run from the SFT checkpoint (in a worker process) -> the run folder."""
     torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # loading the checkpoint: the parent's bar counts the runs
     trainer = Trainer(load_config(config_path, overrides), run_dir, resume=checkpoint)
     trainer.run(evaluate_start=False)
     return run_dir
@@ -191,7 +194,8 @@ def main() -> None:
     results = Results(task.name, args.out)
     started = time.perf_counter()
 
-    sft = Trainer(load_config(task.config, [*common, f"sft.steps={sft_steps}", "train.steps=0"]), work / "sft")
+    sft_overrides = [*common, f"sft.steps={sft_steps}", "train.steps=0", "logging.progress=true"]  # its bar
+    sft = Trainer(load_config(task.config, sft_overrides), work / "sft")
     sft._sft(sft_steps)
     checkpoint = sft.save("sft", 0)
     curves = {"sft": sft.evaluate("sft", step=0)}
@@ -210,6 +214,11 @@ def main() -> None:
                 run_dir = work / f"{method}_seed{seed}"
                 jobs[method, seed] = pool.submit(run_method, str(task.config), overrides, str(run_dir),
                                                  str(checkpoint), max(1, cores // workers))  # fmt: skip
+        display = Display(len(jobs), f"RL runs ({rl_steps} steps + evaluation each)")
+        for job in as_completed(jobs.values()):
+            job.result()  # a failed run raises here, at once
+            display.advance(f"{time.perf_counter() - started:.0f} s since the start")
+        display.close()
         run_dirs = {key: Path(job.result()) for key, job in jobs.items()}
 
     finals: dict[str, list[EvalResult]] = {method: [] for method in methods}

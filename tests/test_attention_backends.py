@@ -20,6 +20,7 @@ import torch
 from test_policy_tree import random_rollouts, tiny_model
 
 from anytime_kernels import pack_response_trees
+from anytime_kernels.attention import dense_tree_mask
 from anytime_kernels.backends import BackendUnavailableError
 from trainer import attention
 from trainer.attention import BACKENDS, resolve_backend
@@ -233,3 +234,36 @@ def test_training_micro_batch_has_no_device_sync(backend):
         policy.logprobs(micro_batch).logprobs.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def attend_with_grads(backend, layout, q, k, v):
+    spec = attention.prepare_tree_attention(layout.seq_ids, layout.prefix_end, layout.branch_start, backend)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = BACKENDS[backend].attend(spec.state, *leaves, 0.3)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return spec.state, out, torch.autograd.grad((out * weights).sum(), leaves)
+
+
+def test_sdpa_tree_by_tree_equals_the_varlen_reference_forward_and_backward():
+    """Twelve trees packed: SDPA runs one padded row per tree (12 T^2 of work instead of L^2), and
+    its output and q/k/v gradients are the gather-plan reference's (K/V heads 2, query heads 4)."""
+    layout = pack_response_trees(*random_rollouts(seed=21, num_traces=12))
+    length = layout.seq_ids.numel()
+    q, k, v = torch.randn(1, 4, length, 8), torch.randn(1, 2, length, 8), torch.randn(1, 2, length, 8)
+    state, out, grads = attend_with_grads("sdpa", layout, q, k, v)
+    assert isinstance(state, attention.TreeBlocks) and state.index.shape[0] == 12
+    _, expected, expected_grads = attend_with_grads("reference_varlen", layout, q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_keeps_the_dense_mask_where_trees_are_not_one_run_each():
+    """Sixteen runs of 4 tokens alternating between two sequences: rows per run would be cheap but
+    wrong (a run would not see its sequence's earlier runs), so the dense mask is kept."""
+    seq_ids = torch.arange(16).repeat_interleave(4) % 2
+    starts = torch.zeros(64, dtype=torch.long)  # plain causal sequences: no prefix, one branch from 0
+    state = attention.prepare_tree_attention(seq_ids, starts, starts, "sdpa").state
+    assert not isinstance(state, attention.TreeBlocks)
+    torch.testing.assert_close(state[0, 0], dense_tree_mask(seq_ids, starts, starts))
+    assert bool(state[0, 0, 8, 0]) and not bool(state[0, 0, 8, 4])  # run 2 sees run 0, not run 1

@@ -15,7 +15,7 @@ import torch
 from anytime_kernels import pack_response_trees
 from anytime_kernels.attention import dense_tree_mask, flex_block_mask
 from anytime_kernels.backends import BackendUnavailableError
-from trainer.attention import prepare_tree_attention, resolve_backend
+from trainer.attention import TreeBlocks, prepare_tree_attention, resolve_backend
 from trainer.policy import TreePolicy, plan_micro_batches
 from trainer.tiny import tiny_causal_lm
 
@@ -86,9 +86,14 @@ def grads_of(model, loss):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("backend", ["sdpa", "reference_varlen"])
-def test_tree_logprobs_and_gradients_equal_per_branch_forwards(family, backend):
-    rollouts = random_rollouts(seed=1)
+@pytest.mark.parametrize("num_traces", [3, 12])
+def test_tree_logprobs_and_gradients_equal_per_branch_forwards(family, backend, num_traces):
+    """SDPA takes the dense mask for 3 trees and a batch of one row per tree for 12 (less work)."""
+    rollouts = random_rollouts(seed=1, num_traces=num_traces)
     layout = pack_response_trees(*rollouts)
+    if backend == "sdpa":
+        state = prepare_tree_attention(layout.seq_ids, layout.prefix_end, layout.branch_start, backend).state
+        assert isinstance(state, TreeBlocks) == (num_traces == 12)
     reference_model = tiny_model(family)
     tree_model = copy.deepcopy(reference_model)
     policy = TreePolicy(tree_model, attention_backend=backend, micro_batch_tokens=10_000)
@@ -243,17 +248,16 @@ def test_flex_block_mask_reproduces_the_dense_tree_rule_on_cpu():
     from torch.nn.attention.flex_attention import flex_attention
 
     layout = pack_response_trees(*random_rollouts(seed=7, num_traces=3))
-    spec = prepare_tree_attention(layout.seq_ids, layout.prefix_end, layout.branch_start, "sdpa")
     block_mask = flex_block_mask(layout.seq_ids, layout.prefix_end, layout.branch_start)
-    length, padded = spec.length, block_mask.shape[-2]
+    length, padded = layout.seq_ids.numel(), block_mask.shape[-2]
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, padded, 8) for _ in range(3))
     flex = flex_attention(q, k, v, block_mask=block_mask)[:, :, :length]
     dense = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, :length], k[:, :, :length], v[:, :, :length], attn_mask=spec.state
-    )
+        q[:, :, :length], k[:, :, :length], v[:, :, :length],
+        attn_mask=dense_tree_mask(layout.seq_ids, layout.prefix_end, layout.branch_start),
+    )  # fmt: skip
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
-    assert torch.equal(spec.state[0, 0], dense_tree_mask(layout.seq_ids, layout.prefix_end, layout.branch_start))
 
 
 def test_unavailable_backends_raise_clear_errors():

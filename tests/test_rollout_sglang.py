@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from fixtures import protocol
 from fixtures.tiny_policy import tiny_policy
 from safetensors.torch import load_file
 
@@ -20,21 +21,8 @@ GREEDY = SamplingParams(temperature=0)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def policy():
-    return tiny_policy(seed=5)
-
-
-@pytest.fixture
-def server(policy):
-    model, tokenizer = policy
-    with ProtocolServer(EmbeddedEngine(model, tokenizer), tokenizer) as running:
-        yield running
-
-
-def client(url, tokenizer, **kwargs):
-    options = {"timeout_s": 5.0, "connect_timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.01} | kwargs
-    return SGLangEngine(url, tokenizer, **options)
+# The tiny policy behind the protocol server (one per module), and a client with short waits.
+policy, server, client = protocol.policy, protocol.server, protocol.client
 
 
 def rollout(engine, tokenizer, group_size=2):

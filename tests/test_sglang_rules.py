@@ -9,10 +9,10 @@ import time
 
 import pytest
 import requests
-from fixtures.tiny_policy import tiny_policy
+from fixtures import protocol
 
 from trainer.budgets import BudgetSchedule, Delimiters
-from trainer.rollout import EmbeddedEngine, SamplingParams, SGLangEngine
+from trainer.rollout import EmbeddedEngine, SamplingParams
 from trainer.rollout.base import TRACE_PRIORITY
 from trainer.rollout.sglang_server import wait_until_ready
 from trainer.rollout.testing import ProtocolServer
@@ -22,21 +22,8 @@ GREEDY = SamplingParams(temperature=0)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def policy():
-    return tiny_policy(seed=5)
-
-
-@pytest.fixture
-def server(policy):
-    model, tokenizer = policy
-    with ProtocolServer(EmbeddedEngine(model, tokenizer), tokenizer) as running:
-        yield running
-
-
-def client(url, tokenizer, **kwargs):
-    options = {"timeout_s": 5.0, "connect_timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.01} | kwargs
-    return SGLangEngine(url, tokenizer, **options)
+# The tiny policy behind the protocol server (one per module), and a client with short waits.
+policy, server, client = protocol.policy, protocol.server, protocol.client
 
 
 def post(server, body):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers.utils import logging as hf_logging
 
 from trainer.config import RunConfig
 
@@ -61,6 +62,8 @@ def save_checkpoint(
     # The config names the dtype of the weights it is saved with (from_pretrained loads in it).
     exported = {t.dtype for t in (state_dict or {}).values() if t.is_floating_point()}
     model.config._attn_implementation = "sdpa"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per checkpoint would cut into the run's own
     try:
         model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
         if len(exported) == 1 and exported != {model.dtype}:
@@ -68,6 +71,8 @@ def save_checkpoint(
             model.config.save_pretrained(partial)
     finally:
         model.config._attn_implementation, model.config.dtype = implementation, dtype
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(partial)
     (partial / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if rng_state is not None:
