@@ -51,7 +51,7 @@ CPU = [
     "rollout.summary_max_new_tokens=12",
     "train.prompts_per_step=32",
     "train.ppo_mini_batch_prompts=16",
-    "train.micro_batch_tokens=4096",  # as configs/tiny-cpu.yaml (TRL forwards a mini-batch at once)
+    "train.micro_batch_tokens=512",
     "train.device=cpu",
 ]
 CUDA = [
