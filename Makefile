@@ -78,7 +78,7 @@ train: $(STAMP)
 	$(VENV)/bin/anytime-train --config configs/tiny-cpu.yaml --out $(OUT)
 
 # AR (BRPO) vs GRPO from one SFT checkpoint, 3 seeds each (about 43 min on 2 cores; QUICK=1: under 10).
-# TASK=graded: the graded task, GRPO, AR and the four ablations (51 min at dd8088b; QUICK=1: 11 min
+# TASK=graded: the graded task, GRPO, AR and the four ablations (41 min at a47aa8f; QUICK=1: 11 min
 # at 8170958, a smoke run: 16 RL steps do not separate the methods).
 compare: $(STAMP)
 	$(PY) benchmarks/bench_anytime_vs_grpo.py --out $(if $(OUT_COMPARE),$(OUT_COMPARE),bench_out) $(if $(QUICK),--quick,) \
