@@ -97,15 +97,14 @@ def _prepare_sdpa(seq_ids, prefix_end, branch_start, device):
     if length == 0:
         return _prepare_dense(seq_ids, prefix_end, branch_start, device)
     seq = seq_ids.cpu()
-    starts = [0, *((seq[1:] != seq[:-1]).nonzero().flatten() + 1).tolist()] if length > 1 else [0]
+    starts = [0, *((seq[1:] != seq[:-1]).nonzero().flatten() + 1).tolist()]
     ends = [*starts[1:], length]
     longest = max(end - start for start, end in zip(starts, ends, strict=True))
     contiguous = len(starts) == int(seq.unique().numel())  # one run per tree (a packed layout's order)
     if not contiguous or _BLOCKS_MIN_SAVING * len(starts) * longest * longest > length * length:
         return _prepare_dense(seq_ids, prefix_end, branch_start, device)
-    offsets = torch.arange(longest)
-    starts_t, ends_t = torch.tensor(starts)[:, None], torch.tensor(ends)[:, None]
-    index = torch.where(starts_t + offsets < ends_t, starts_t + offsets, length)  # [n, T]
+    positions = torch.tensor(starts)[:, None] + torch.arange(longest)
+    index = torch.where(positions < torch.tensor(ends)[:, None], positions, length)  # [n, T]
     mask_mod = mask_mod_from_offsets(seq, prefix_end.cpu(), branch_start.cpu(), padded_len=length + 1)
     mask = mask_mod(0, 0, index[:, :, None], index[:, None, :])[:, None]
     valid = (index.flatten() < length).nonzero().flatten()
